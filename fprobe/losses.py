@@ -1,0 +1,74 @@
+"""Group-relative advantages and the GRPO-family policy-gradient losses (TRL's ``loss_type``).
+
+Every loss is −Σ_i c_i Σ_k A_i · clip-ratio_ik with per-row weights c_i fixed by the *whole*
+update batch, so that micro-batch losses add up to the full-batch loss exactly:
+
+- ``dr_grpo``:             c_i = 1 / (B · L_max)   (L_max the configured maximum response length)
+- ``token_mean`` (bnpo, dapo): c_i = 1 / Σ_j T_j
+- ``seq_mean_token_mean`` (grpo): c_i = 1 / (B · T_i)
+
+On policy the ratio r_ik = exp(ℓ_ik − sg(ℓ_ik)) is 1, so the loss's gradient is −Σ c_i A_i ∇S_i
+and the clip range only enters the objective's value, as in PPO/GRPO's single first step.
+"""
+
+from typing import Literal
+
+import torch
+
+from .rollouts import Rollouts
+
+LossType = Literal["dr_grpo", "token_mean", "seq_mean_token_mean"]
+LOSS_TYPES = ("dr_grpo", "token_mean", "seq_mean_token_mean")
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    scale: Literal["group", "batch", "none"] = "group",
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """A_i = r_i − mean_{group(i)} r, divided by std_{group(i)} r + eps (``scale="group"``), by the
+    batch's std + eps (``"batch"``), or not at all (``"none"``); stds unbiased, as TRL's."""
+    rewards = rewards.double()
+    _, group_index = torch.unique(group_ids, return_inverse=True)
+    n_groups = int(group_index.max()) + 1
+    counts = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, group_index, torch.ones_like(rewards))
+    means = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, group_index, rewards) / counts
+    centred = rewards - means[group_index]
+    if scale == "none":
+        return centred
+    if scale == "batch":
+        return centred / (rewards.std() + eps)
+    if scale != "group":
+        raise ValueError(f"unknown advantage scale {scale!r}: use 'group', 'batch' or 'none'")
+    squares = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, group_index, centred**2)
+    stds = (squares / (counts - 1).clamp(min=1)).sqrt()
+    return centred / (stds[group_index] + eps)
+
+
+def row_weights(batch: Rollouts, loss_type: LossType) -> torch.Tensor:
+    """c_i of the loss (see the module docstring), computed on the whole update batch, float64."""
+    lengths = batch.lengths.double()
+    n = len(batch)
+    if loss_type == "dr_grpo":
+        max_len = batch.max_response_length or int(batch.lengths.max())
+        return torch.full((n,), 1.0 / (n * max_len), dtype=torch.float64)
+    if loss_type == "token_mean":
+        return torch.full((n,), 1.0 / float(lengths.sum()), dtype=torch.float64)
+    if loss_type == "seq_mean_token_mean":
+        return 1.0 / (n * lengths)
+    raise ValueError(f"unknown loss {loss_type!r}: use one of {LOSS_TYPES}")
+
+
+def sequence_losses(logp: torch.Tensor, batch: Rollouts, weights: torch.Tensor, clip: float = 0.2) -> torch.Tensor:
+    """Per-row loss L_i = −c_i Σ_k min(r_ik A_i, clip(r_ik, 1−ε, 1+ε) A_i), r_ik = exp(ℓ_ik − sg(ℓ_ik)).
+
+    ``logp`` is [B, L] float64 (zero off the response mask); the batch loss is Σ_i L_i.
+    """
+    if batch.advantages is None:
+        raise ValueError("the update batch has no advantages: pass advantages= (see fprobe.group_advantages)")
+    mask = batch.response_mask.to(logp.device)
+    adv = batch.advantages.to(device=logp.device, dtype=torch.float64)[:, None]
+    ratio = torch.exp(logp - logp.detach())
+    objective = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip, 1 + clip) * adv)
+    return -weights.to(logp.device) * (objective * mask).sum(-1)

@@ -1,0 +1,201 @@
+"""Pure optimizers over name-keyed trees, bit-equal to ``torch.optim.AdamW`` / ``torch.optim.SGD``.
+
+An optimizer is an ``Optimizer(init, update)`` pair in optax's shape, with one difference:
+``update(grads, state, params, lr=None) -> (new_params, new_state)`` returns the new parameters
+themselves, computed in torch's own order of operations (its single-tensor path), because that is
+what bit-equality with torch requires; Δθ = new_params − params is then exactly what the model sees.
+Nothing is mutated. Hyperparameters may differ per parameter (torch param groups); ``lr``
+overrides the learning rate of this one update, scaling every group's rate alike.
+"""
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import NamedTuple
+
+import torch
+
+from . import tree
+
+Hyper = dict[str, float]
+
+
+class AdamWState(NamedTuple):
+    step: dict[str, int]
+    exp_avg: tree.Params
+    exp_avg_sq: tree.Params
+
+
+class SGDState(NamedTuple):
+    momentum_buffer: tree.Params
+
+
+class Optimizer(NamedTuple):
+    """``init(params) -> state``; ``update(grads, state, params, lr=None) -> (new_params, state)``.
+
+    ``lr`` is the base learning rate; ``hyper(name)`` the hyperparameters of one parameter.
+    """
+
+    name: str
+    init: Callable
+    update: Callable
+    lr: float
+    hyper: Callable[[str], Hyper]
+
+
+def _hyper_lookup(defaults: Hyper, groups: Mapping[str, Hyper] | None) -> Callable[[str], Hyper]:
+    groups = dict(groups or {})
+    return lambda name: {**defaults, **groups.get(name, {})}
+
+
+def _lr_for(hyper: Hyper, base_lr: float, lr: float | None) -> float:
+    """This parameter's rate for one update: its group's rate, rescaled alike when ``lr`` overrides the base."""
+    if lr is None or hyper["lr"] == base_lr:
+        return hyper["lr"] if lr is None else lr
+    return hyper["lr"] * lr / base_lr if base_lr else lr
+
+
+def adamw(
+    lr: float = 1e-5,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+    groups: Mapping[str, Hyper] | None = None,
+) -> Optimizer:
+    """AdamW as ``torch.optim.AdamW`` (single-tensor path), in torch's order:
+    θ ← θ(1 − ηλ);  m ← lerp(m, g, 1−β₁);  v ← β₂v + (1−β₂)g²;
+    θ ← θ − (η/(1−β₁ᵗ)) · m / (√v / √(1−β₂ᵗ) + ε).
+    ``groups`` maps names to per-parameter overrides of lr, beta1, beta2, eps, weight_decay."""
+    hyper = _hyper_lookup(dict(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay), groups)
+
+    def init(params: tree.Params) -> AdamWState:
+        return AdamWState({name: 0 for name in params}, tree.zeros_like(params), tree.zeros_like(params))
+
+    def update(grads, state: AdamWState, params, lr_override: float | None = None):
+        new_params, exp_avg, exp_avg_sq, steps = {}, {}, {}, {}
+        for name, p in params.items():
+            h = hyper(name)
+            g, step = grads[name], state.step[name] + 1
+            rate = _lr_for(h, lr, lr_override)
+            if h["weight_decay"] != 0:
+                p = p * (1 - rate * h["weight_decay"])
+            m = torch.lerp(state.exp_avg[name], g, 1 - h["beta1"])
+            v = (state.exp_avg_sq[name] * h["beta2"]).addcmul(g, g, value=1 - h["beta2"])
+            step_size = rate / (1 - h["beta1"] ** float(step))
+            denom = (v.sqrt() / (1 - h["beta2"] ** float(step)) ** 0.5).add(h["eps"])
+            new_params[name] = torch.addcdiv(p, m, denom, value=-step_size)
+            exp_avg[name], exp_avg_sq[name], steps[name] = m, v, step
+        return new_params, AdamWState(steps, exp_avg, exp_avg_sq)
+
+    return Optimizer("adamw", init, update, lr, hyper)
+
+
+def sgd(
+    lr: float = 1e-3,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    groups: Mapping[str, Hyper] | None = None,
+) -> Optimizer:
+    """SGD as ``torch.optim.SGD``: d = g + λθ;  b ← d (first step) or μb + (1−τ)d;
+    d ← d + μb (Nesterov) or b;  θ ← θ − η d."""
+    hyper = _hyper_lookup(
+        dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=float(nesterov)), groups
+    )
+
+    def init(params: tree.Params) -> SGDState:
+        return SGDState({})
+
+    def update(grads, state: SGDState, params, lr_override: float | None = None):
+        new_params, buffers = {}, dict(state.momentum_buffer)
+        for name, p in params.items():
+            h = hyper(name)
+            d = grads[name]
+            if h["weight_decay"] != 0:
+                d = d.add(p, alpha=h["weight_decay"])
+            if h["momentum"] != 0:
+                previous = buffers.get(name)
+                buf = d.clone() if previous is None else (previous * h["momentum"]).add(d, alpha=1 - h["dampening"])
+                buffers[name] = buf
+                d = d.add(buf, alpha=h["momentum"]) if h["nesterov"] else buf
+            new_params[name] = p.add(d, alpha=-_lr_for(h, lr, lr_override))
+        return new_params, SGDState(buffers)
+
+    return Optimizer("sgd", init, update, lr, hyper)
+
+
+def clip_by_global_norm(grads: tree.Params, max_norm: float) -> tuple[tree.Params, float]:
+    """As ``torch.nn.utils.clip_grad_norm_``: coef = min(1, max_norm / (‖g‖ + 1e-6)); returns (coef·g, coef)."""
+    norms = [torch.linalg.vector_norm(g, 2.0) for g in grads.values()]
+    total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    return tree.tree_map(lambda g: g * coef.to(g.dtype), grads), float(coef)
+
+
+_ADAM_KEYS = ("lr", "betas", "eps", "weight_decay")
+_SGD_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
+
+
+def _group_hyper(group: Mapping, kind: str) -> Hyper:
+    unsupported = [k for k in ("amsgrad", "maximize") if group.get(k)]
+    if kind == "adam" and not group.get("decoupled_weight_decay", True) and group["weight_decay"]:
+        unsupported.append("coupled weight decay (torch.optim.Adam)")
+    if unsupported:
+        raise ValueError(f"torch optimizer option(s) {unsupported} are not supported by fprobe.optim")
+    if kind == "adam":
+        return dict(
+            lr=float(group["lr"]), beta1=float(group["betas"][0]), beta2=float(group["betas"][1]),
+            eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
+        )
+    return {k: float(group[k]) for k in _SGD_KEYS}
+
+
+def from_torch(
+    state_dict: Mapping,
+    param_names: Iterable[str],
+    params: tree.Params,
+) -> tuple[Optimizer, AdamWState | SGDState]:
+    """Functional optimizer and state from a ``torch.optim.AdamW``/``Adam``/``SGD`` ``state_dict``.
+
+    ``param_names`` lists the parameter names in the order the optimizer holds them (its param
+    groups, in order); ``params`` is the trainable tree that will be probed. Hyperparameters come
+    from each param group; tensors are copied, so later steps of the torch optimizer change nothing.
+    """
+    names = list(param_names)
+    groups = state_dict["param_groups"]
+    first = groups[0]
+    kind = "adam" if "betas" in first else "sgd" if "momentum" in first else None
+    if kind is None:
+        raise ValueError(f"unsupported optimizer state: param group keys {sorted(first)} are neither Adam's nor SGD's")
+    index_to_name = {}
+    per_name = {}
+    for group in groups:
+        hyper = _group_hyper(group, kind)
+        for index in group["params"]:
+            if index >= len(names):
+                raise ValueError(f"optimizer state has parameter index {index}, but only {len(names)} names were given")
+            index_to_name[index] = names[index]
+            per_name[names[index]] = hyper
+    tree.check_like(params, per_name, "optimizer parameters")
+    state = {index_to_name[i]: s for i, s in state_dict["state"].items()}
+    if kind == "adam":
+        opt = adamw(lr=per_name[names[0]]["lr"], groups=per_name)
+        zero = opt.init(params)
+        return opt, AdamWState(
+            {n: int(state[n]["step"]) if n in state else 0 for n in params},
+            {n: state[n]["exp_avg"].detach().clone() if n in state else zero.exp_avg[n] for n in params},
+            {n: state[n]["exp_avg_sq"].detach().clone() if n in state else zero.exp_avg_sq[n] for n in params},
+        )
+    opt = sgd(lr=per_name[names[0]]["lr"], groups=per_name)
+    return opt, SGDState(
+        {n: state[n]["momentum_buffer"].detach().clone() for n in params if state.get(n, {}).get("momentum_buffer") is not None}
+    )
+
+
+def from_torch_optimizer(optimizer: torch.optim.Optimizer, named_parameters: Iterable[tuple[str, torch.Tensor]], params: tree.Params):
+    """``from_torch`` for a live torch optimizer and the model's ``named_parameters()``."""
+    name_of = {id(p): name for name, p in named_parameters}
+    ordered = [p for group in optimizer.param_groups for p in group["params"]]
+    unknown = [i for i, p in enumerate(ordered) if id(p) not in name_of]
+    if unknown:
+        raise ValueError(f"optimizer parameters at positions {unknown} are not among the model's named parameters")
+    return from_torch(optimizer.state_dict(), [name_of[id(p)] for p in ordered], params)

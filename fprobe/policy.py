@@ -1,0 +1,181 @@
+"""A transformers causal LM (optionally with a PEFT LoRA adapter) as a pure function of its parameters.
+
+``policy.apply(params, input_ids, attention_mask) -> logits`` runs the model through
+``torch.func.functional_call``: the trainable parameters come from ``params`` (a name-keyed
+tree, names as in ``model.named_parameters()``), frozen weights and buffers stay inside the model.
+"""
+
+import contextlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.func import functional_call
+
+from . import attention, tree
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that follow the attention mask (cumsum − 1), so left padding shifts nothing."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def active_dropout(model: torch.nn.Module) -> list[str]:
+    """Names of dropout modules that would act in the model's current mode."""
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0
+    ]
+
+
+def check_no_dropout(model: torch.nn.Module) -> None:
+    names = active_dropout(model)
+    if names:
+        raise ValueError(
+            f"the model is in train mode with active dropout ({names[0]!r} and {len(names) - 1} more): "
+            "fprobe needs a deterministic policy; call model.eval()"
+        )
+
+
+@contextlib.contextmanager
+def input_require_grads_hooks_suspended(model: torch.nn.Module):
+    """Detach PEFT/transformers' ``enable_input_require_grads`` hooks (they call
+    ``requires_grad_`` inside forward, which breaks ``jvp``) and put them back afterwards."""
+    suspended = []
+    for module in model.modules():
+        for handle in getattr(module, "_require_grads_hooks", None) or []:
+            hooks = handle.hooks_dict_ref()
+            if hooks is not None and handle.id in hooks:
+                suspended.append((hooks, handle.id, hooks.pop(handle.id)))
+    try:
+        yield
+    finally:
+        for hooks, key, hook in suspended:
+            hooks[key] = hook
+
+
+@contextlib.contextmanager
+def exact_float32_matmul(device: torch.device):
+    """On CUDA, float32 means float32: TF32 matmuls off inside, the user's setting restored after."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = saved
+
+
+def use_fprobe_attention(model: torch.nn.Module) -> None:
+    """Switch the model (or a PEFT model's base) to fprobe's forward-AD-safe attention."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not hasattr(base, "set_attn_implementation"):
+        raise TypeError(f"{type(base).__name__} is not a transformers model: fprobe needs a transformers causal LM")
+    if base.config._attn_implementation != attention.NAME:
+        if not base._can_set_attn_implementation():
+            raise TypeError(
+                f"{type(base).__name__} does not route attention through transformers' AttentionInterface, "
+                "so fprobe cannot give it a forward-mode-differentiable attention"
+            )
+        base.set_attn_implementation(attention.register())
+
+
+def lora_config(lora):
+    """A ``peft.LoraConfig`` from a LoraConfig, a dict of its fields, or ``(r, alpha, targets)``."""
+    from peft import LoraConfig
+
+    if isinstance(lora, LoraConfig):
+        return lora
+    if isinstance(lora, Mapping):
+        return LoraConfig(task_type="CAUSAL_LM", **lora)
+    r, alpha, targets = lora
+    return LoraConfig(task_type="CAUSAL_LM", r=int(r), lora_alpha=float(alpha), target_modules=list(targets), lora_dropout=0.0)
+
+
+@dataclass(frozen=True, eq=False)
+class Policy:
+    """π_θ(· | prefix) = softmax(logits / temperature) of a transformers causal LM.
+
+    ``Policy(model)`` wraps an already built model; ``Policy.from_pretrained`` loads one.
+    The model is switched to fprobe's attention and must be in eval mode (no dropout).
+    """
+
+    model: torch.nn.Module
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        use_fprobe_attention(self.model)
+        check_no_dropout(self.model)
+        if not self.params:
+            raise ValueError("the model has no trainable parameters (requires_grad=True): nothing to probe")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        lora=None,
+        adapter: str | Path | None = None,
+        temperature: float = 1.0,
+        trust_remote_code: bool = False,
+    ) -> "Policy":
+        """Load a causal LM offline with fprobe's attention; optionally add a new LoRA adapter
+        (``lora``: LoraConfig, dict, or (r, alpha, target_modules)) or load a trained one (``adapter``)."""
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(name_or_path),
+                dtype=dtype,
+                attn_implementation=attention.register(),
+                trust_remote_code=trust_remote_code,
+                use_safetensors=None,
+            )
+        except OSError as e:
+            raise FileNotFoundError(
+                f"cannot load model {str(name_or_path)!r}: not a local folder and not in the local cache "
+                f"(fprobe does not download at run time): {e}"
+            ) from e
+        model = model.to(device).eval()
+        if lora is not None and adapter is not None:
+            raise ValueError("give either lora (a new adapter) or adapter (a trained one), not both")
+        if lora is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, lora_config(lora)).eval()
+        if adapter is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True).eval()
+        return cls(model, temperature=temperature)
+
+    @property
+    def params(self) -> tree.Params:
+        """The trainable parameters (requires_grad), detached, by name; tied weights appear once."""
+        return {name: p.detach() for name, p in self.model.named_parameters() if p.requires_grad}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def apply(self, params: Mapping, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits [B, L, V] of the model at ``params``, divided by the temperature."""
+        check_no_dropout(self.model)
+        attention_mask = attention_mask.to(self.device)
+        kwargs = dict(
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        )
+        with input_require_grads_hooks_suspended(self.model), exact_float32_matmul(self.device):
+            out = functional_call(self.model, dict(params), (input_ids.to(self.device),), kwargs)
+        logits = out.logits
+        return logits if self.temperature == 1.0 else logits / self.temperature

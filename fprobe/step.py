@@ -1,0 +1,118 @@
+"""One policy-gradient step as a pure function: (params, opt_state, U) -> (new params, new state, Δθ)."""
+
+from dataclasses import dataclass
+
+import optree
+import torch
+
+from . import losses, tree
+from .optim import Optimizer, clip_by_global_norm
+from .rollouts import Rollouts
+from .tokens import token_stats
+
+
+@dataclass(frozen=True, eq=False)
+class Step:
+    """The result of one optimizer update. ``delta`` = ``params`` − old params, exactly as the model
+    sees it; ``update_lost`` is the fraction ‖intended − applied‖/‖intended‖ of the update that the
+    parameter dtype rounded away (None for float32/float64 parameters)."""
+
+    params: tree.Params
+    opt_state: object
+    delta: tree.Params
+    delta_l2: float
+    lr: float
+    loss: float
+    grad_norm: float
+    clip_coef: float = 1.0
+    update_lost: float | None = None
+
+
+def loss_and_grad(
+    policy, params: tree.Params, U: Rollouts, loss: losses.LossType = "dr_grpo", micro_batch: int | None = None, clip: float = 0.2
+) -> tuple[float, tree.Params]:
+    """(Σ_i L_i, ∇_θ Σ_i L_i) over U, gradients summed over micro-batches (the normaliser is U's)."""
+    weights = losses.row_weights(U, loss)
+    primals = tree.detach(params)
+    total, grads, start = 0.0, None, 0
+    for mb in U.micro_batches(micro_batch):
+        w = weights[start : start + len(mb)]
+        start += len(mb)
+
+        def batch_loss(p, mb=mb, w=w):
+            return losses.sequence_losses(token_stats(policy, p, mb).logp, mb, w, clip).sum()
+
+        value, pullback = torch.func.vjp(batch_loss, primals)
+        (g,) = pullback(torch.ones_like(value))
+        total += float(value)
+        grads = g if grads is None else tree.add(grads, g)
+    return total, grads
+
+
+def rl_step(
+    policy,
+    params: tree.Params,
+    optimizer: Optimizer,
+    opt_state,
+    U: Rollouts,
+    *,
+    lr: float | None = None,
+    loss: losses.LossType = "dr_grpo",
+    clip: float = 0.2,
+    max_grad_norm: float | None = None,
+    micro_batch: int | None = None,
+) -> Step:
+    """Exactly one optimizer update on the update batch U. Pure: mutates neither its inputs nor the model.
+
+    ``lr`` overrides the optimizer's learning rate for this step only.
+    """
+    params = tree.check_like(policy.params, params, "params")
+    value, grads = loss_and_grad(policy, params, U, loss, micro_batch, clip)
+    if not torch.isfinite(torch.tensor(value)):
+        raise FloatingPointError(f"the {loss} loss on the update batch is not finite ({value})")
+    tree.check_finite(grads, "the gradient")
+    grad_norm = float(tree.norm(grads))
+    clip_coef = 1.0
+    if max_grad_norm is not None:
+        grads, clip_coef = clip_by_global_norm(grads, max_grad_norm)
+    new_params, new_state, lost = apply_update(optimizer, grads, opt_state, params, lr)
+    tree.check_finite(new_params, "the updated value")
+    delta = tree.sub(new_params, params)
+    return Step(
+        params=new_params,
+        opt_state=new_state,
+        delta=delta,
+        delta_l2=float(tree.norm(delta)),
+        lr=optimizer.lr if lr is None else lr,
+        loss=value,
+        grad_norm=grad_norm,
+        clip_coef=clip_coef,
+        update_lost=lost,
+    )
+
+
+def _cast_tensors(state, dtype_of):
+    """Every tensor leaf of a name-keyed optimizer state cast to ``dtype_of(name)``."""
+    return optree.tree_map_with_path(
+        lambda path, x: x.to(dtype_of(path[-1])) if isinstance(x, torch.Tensor) else x, state
+    )
+
+
+def apply_update(optimizer: Optimizer, grads, opt_state, params, lr):
+    """The one optimizer update → (new params, new state, fraction of the update lost to rounding).
+
+    Float32/float64 parameters are updated in their own dtype (bit-equal to torch.optim). Lower
+    precision parameters (bf16, fp16) are updated in float64 and rounded once to their dtype; the
+    lost fraction is ‖Δθ_float64 − Δθ_applied‖ / ‖Δθ_float64‖ (None for float32/float64).
+    """
+    if all(p.dtype in (torch.float32, torch.float64) for p in params.values()):
+        new_params, new_state = optimizer.update(grads, opt_state, params, lr)
+        return new_params, new_state, None
+    wide = lambda t: _cast_tensors(t, lambda name: torch.float64)
+    narrow = lambda t: _cast_tensors(t, lambda name: params[name].dtype)
+    new64, state64 = optimizer.update(wide(grads), wide(opt_state), wide(params), lr)
+    new_params = narrow(new64)
+    intended = tree.sub(new64, wide(params))
+    applied = tree.sub(wide(new_params), wide(params))
+    size = float(tree.norm(intended))
+    return new_params, narrow(state64), float(tree.norm(tree.sub(intended, applied))) / size if size else 0.0

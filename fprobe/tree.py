@@ -1,0 +1,100 @@
+"""Name-keyed parameter pytrees: ``dict[str, Tensor]`` with names as in ``named_parameters()``.
+
+Every tree is built by ``optree.tree_map`` over a reference tree, so primal and tangent trees
+that cross the ``torch.func`` boundary share structure and key order.
+"""
+
+from collections.abc import Mapping
+
+import optree
+import torch
+
+Params = dict[str, torch.Tensor]
+
+
+def tree_map(fn, tree: Params, *rest: Params) -> Params:
+    """``fn`` applied leaf-wise; the result keeps ``tree``'s key order."""
+    return optree.tree_map(fn, tree, *rest)
+
+
+def check_like(reference: Mapping, tree: Mapping, what: str = "tree") -> Params:
+    """``tree`` as a plain dict in ``reference``'s key order, after checking names and shapes.
+
+    Raises ``ValueError`` listing the missing and unexpected names, or the first shape mismatch.
+    """
+    missing = [k for k in reference if k not in tree]
+    unexpected = [k for k in tree if k not in reference]
+    if missing or unexpected:
+        raise ValueError(
+            f"{what}: names do not match the parameters; "
+            f"missing {missing[:8]}{'...' if len(missing) > 8 else ''} ({len(missing)}), "
+            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''} ({len(unexpected)})"
+        )
+    for name, ref in reference.items():
+        if tuple(tree[name].shape) != tuple(ref.shape):
+            raise ValueError(f"{what}[{name!r}] has shape {tuple(tree[name].shape)}, the parameter has {tuple(ref.shape)}")
+    return {name: tree[name] for name in reference}
+
+
+def first_nonfinite(tree: Mapping) -> str | None:
+    """Name of the first leaf holding a NaN or Inf, or None."""
+    return next((name for name, x in tree.items() if not bool(torch.isfinite(x).all())), None)
+
+
+def check_finite(tree: Mapping, what: str) -> None:
+    """Raise ``FloatingPointError`` naming the first parameter whose ``what`` is not finite."""
+    name = first_nonfinite(tree)
+    if name is not None:
+        raise FloatingPointError(f"{what} of parameter {name!r} is not finite (NaN or Inf)")
+
+
+def add(a: Params, b: Params) -> Params:
+    return tree_map(torch.add, a, b)
+
+
+def sub(a: Params, b: Params) -> Params:
+    return tree_map(torch.sub, a, b)
+
+
+def scale(a: Params, s: float) -> Params:
+    return tree_map(lambda x: x * s, a)
+
+
+def axpy(alpha: float, x: Params, y: Params) -> Params:
+    """α·x + y."""
+    return tree_map(lambda xi, yi: torch.add(yi, xi, alpha=alpha), x, y)
+
+
+def zeros_like(a: Params) -> Params:
+    return tree_map(torch.zeros_like, a)
+
+
+def cast(a: Params, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Params:
+    return tree_map(lambda x: x.to(device=device, dtype=dtype), a)
+
+
+def detach(a: Mapping) -> Params:
+    return {name: x.detach() for name, x in a.items()}
+
+
+def vdot(a: Params, b: Params) -> torch.Tensor:
+    """⟨a, b⟩ accumulated in float64."""
+    leaves = optree.tree_leaves(tree_map(lambda x, y: torch.vdot(x.double().flatten(), y.double().flatten()), a, b))
+    return torch.stack(leaves).sum() if leaves else torch.zeros((), dtype=torch.float64)
+
+
+def leaf_norms(a: Params) -> Params:
+    """‖a_name‖₂ per leaf, in float64."""
+    return tree_map(lambda x: torch.linalg.vector_norm(x.double()), a)
+
+
+def norm(a: Params) -> torch.Tensor:
+    """Global L2 norm √Σ‖a_name‖², in float64."""
+    leaves = optree.tree_leaves(leaf_norms(a))
+    return torch.linalg.vector_norm(torch.stack(leaves)) if leaves else torch.zeros((), dtype=torch.float64)
+
+
+def top_k(a: Params, k: int = 10) -> list[tuple[str, float]]:
+    """The k names with the largest ‖a_name‖₂, largest first."""
+    norms = {name: float(v) for name, v in leaf_norms(a).items()}
+    return sorted(norms.items(), key=lambda kv: kv[1], reverse=True)[:k]
