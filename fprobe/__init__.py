@@ -3,8 +3,13 @@
 from . import optim, tree
 from .losses import group_advantages
 from .policy import Policy
+from .probe import EntropyChange, LowESSWarning, ProbeResult, entropy_change, probe
 from .rollouts import Rollouts
 from .step import Step, rl_step
+from .sweep import SweepResult
 from .tokens import TokenStats, token_stats
 
-__all__ = ["Policy", "Rollouts", "Step", "TokenStats", "group_advantages", "optim", "rl_step", "token_stats", "tree"]
+__all__ = [
+    "EntropyChange", "LowESSWarning", "Policy", "ProbeResult", "Rollouts", "Step", "SweepResult", "TokenStats",
+    "entropy_change", "group_advantages", "optim", "probe", "rl_step", "token_stats", "tree",
+]

@@ -70,6 +70,25 @@ def exact_float32_matmul(device: torch.device):
         torch.backends.cuda.matmul.fp32_precision = saved
 
 
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """LayerNorm from primitive ops. torch's fused ``native_layer_norm`` has a wrong forward-over-forward
+    derivative (jvp of jvp treats its saved mean and 1/σ as constants), which would corrupt δH₂."""
+    dims = tuple(range(-len(normalized_shape), 0))
+    centred = x - x.mean(dims, keepdim=True)
+    y = centred * torch.rsqrt(centred.pow(2).mean(dims, keepdim=True) + eps)
+    y = y if weight is None else y * weight
+    return y if bias is None else y + bias
+
+
+class PrimitiveLayerNorm(torch.overrides.TorchFunctionMode):
+    """Inside this mode ``F.layer_norm`` runs as ``layer_norm`` above."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.layer_norm:
+            return layer_norm(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
 def use_fprobe_attention(model: torch.nn.Module) -> None:
     """Switch the model (or a PEFT model's base) to fprobe's forward-AD-safe attention."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -175,7 +194,7 @@ class Policy:
             position_ids=position_ids_from_mask(attention_mask),
             use_cache=False,
         )
-        with input_require_grads_hooks_suspended(self.model), exact_float32_matmul(self.device):
+        with input_require_grads_hooks_suspended(self.model), exact_float32_matmul(self.device), PrimitiveLayerNorm():
             out = functional_call(self.model, dict(params), (input_ids.to(self.device),), kwargs)
         logits = out.logits
         return logits if self.temperature == 1.0 else logits / self.temperature

@@ -1,20 +1,20 @@
 """One policy-gradient step as a pure function: (params, opt_state, U) -> (new params, new state, Δθ)."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import optree
 import torch
 
-from . import losses, tree
+from . import losses, passes, tree
 from .optim import Optimizer, clip_by_global_norm
 from .rollouts import Rollouts
-from .tokens import token_stats
+from .tokens import TokenStats
 
 
 @dataclass(frozen=True, eq=False)
 class Step:
     """The result of one optimizer update. ``delta`` = ``params`` − old params, exactly as the model
-    sees it; ``update_lost`` is the fraction ‖intended − applied‖/‖intended‖ of the update that the
+    sees it; ``logp`` holds U's token log-probs at the old parameters; ``update_lost`` is the fraction ‖intended − applied‖/‖intended‖ of the update that the
     parameter dtype rounded away (None for float32/float64 parameters)."""
 
     params: tree.Params
@@ -26,27 +26,19 @@ class Step:
     grad_norm: float
     clip_coef: float = 1.0
     update_lost: float | None = None
+    logp: torch.Tensor | None = field(default=None, repr=False)
 
 
 def loss_and_grad(
     policy, params: tree.Params, U: Rollouts, loss: losses.LossType = "dr_grpo", micro_batch: int | None = None, clip: float = 0.2
-) -> tuple[float, tree.Params]:
-    """(Σ_i L_i, ∇_θ Σ_i L_i) over U, gradients summed over micro-batches (the normaliser is U's)."""
+) -> tuple[float, tree.Params, TokenStats]:
+    """(Σ_i L_i, ∇_θ Σ_i L_i, U's token statistics at θ₀), summed over micro-batches with U's normaliser."""
     weights = losses.row_weights(U, loss)
-    primals = tree.detach(params)
-    total, grads, start = 0.0, None, 0
-    for mb in U.micro_batches(micro_batch):
-        w = weights[start : start + len(mb)]
-        start += len(mb)
 
-        def batch_loss(p, mb=mb, w=w):
-            return losses.sequence_losses(token_stats(policy, p, mb).logp, mb, w, clip).sum()
+    def batch_loss(stats: TokenStats, mb: Rollouts, rows: slice) -> torch.Tensor:
+        return losses.sequence_losses(stats.logp, mb, weights[rows], clip).sum()
 
-        value, pullback = torch.func.vjp(batch_loss, primals)
-        (g,) = pullback(torch.ones_like(value))
-        total += float(value)
-        grads = g if grads is None else tree.add(grads, g)
-    return total, grads
+    return passes.gradient(policy, params, U, batch_loss, micro_batch)
 
 
 def rl_step(
@@ -67,7 +59,7 @@ def rl_step(
     ``lr`` overrides the optimizer's learning rate for this step only.
     """
     params = tree.check_like(policy.params, params, "params")
-    value, grads = loss_and_grad(policy, params, U, loss, micro_batch, clip)
+    value, grads, stats = loss_and_grad(policy, params, U, loss, micro_batch, clip)
     if not torch.isfinite(torch.tensor(value)):
         raise FloatingPointError(f"the {loss} loss on the update batch is not finite ({value})")
     tree.check_finite(grads, "the gradient")
@@ -88,6 +80,7 @@ def rl_step(
         grad_norm=grad_norm,
         clip_coef=clip_coef,
         update_lost=lost,
+        logp=stats.logp,
     )
 
 

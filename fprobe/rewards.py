@@ -1,0 +1,149 @@
+"""Rewards: any callable ``(prompt: str, response: str, example: dict) -> float``.
+
+Built-ins are registered by name (``"numeric"``, ``"toy"``); ``resolve_reward`` also accepts a
+callable or ``"module:function"``, and ``score`` applies a reward to a batch of rows.
+"""
+
+import importlib
+import math
+import re
+from collections.abc import Callable, Sequence
+from decimal import Decimal, InvalidOperation
+
+from fprobe import toy
+
+Reward = Callable[[str, str, dict], float]
+
+_NUMBER = re.compile(r"(?<![\d.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+_BOXED = "\\boxed{"
+_GSM8K_MARKER = "####"
+
+
+def last_boxed_content(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` (nested braces allowed); None if absent or unclosed."""
+    start = text.rfind(_BOXED)
+    if start < 0:
+        return None
+    depth = 0
+    for i in range(start + len(_BOXED) - 1, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[start + len(_BOXED) : i]
+    return None
+
+
+def parse_number(text: str) -> Decimal | None:
+    """``text`` as an exact decimal, thousands commas, ``$`` and spaces ignored; None if not a number."""
+    cleaned = text.replace(",", "").replace("$", "").strip()
+    try:
+        value = Decimal(cleaned)
+    except InvalidOperation:
+        return None
+    return value if value.is_finite() else None
+
+
+def extract_answer(response: str) -> Decimal | None:
+    """The number a response gives as its answer, or None.
+
+    Looks in the last ``\\boxed{...}`` (an unclosed one gives None), else after the last
+    ``####`` (taking the first number there), else takes the last number anywhere in the response.
+    """
+    if _BOXED in response:
+        region, pick = last_boxed_content(response), 0
+        if region is None:
+            return None
+    elif _GSM8K_MARKER in response:
+        region, pick = response.rsplit(_GSM8K_MARKER, 1)[1], 0
+    else:
+        region, pick = response, -1
+    numbers = _NUMBER.findall(region)
+    return parse_number(numbers[pick]) if numbers else None
+
+
+def expected_number(answer) -> Decimal | None:
+    """``example["answer"]`` (int, float or numeric string) as an exact decimal, or None."""
+    if isinstance(answer, bool):
+        return None
+    if isinstance(answer, int):
+        return Decimal(answer)
+    if isinstance(answer, float):
+        return Decimal(repr(answer)) if math.isfinite(answer) else None
+    if isinstance(answer, str):
+        return parse_number(answer)
+    return None
+
+
+def numeric_match(prompt: str, response: str, example: dict) -> float:
+    """1.0 if the response's answer equals ``example["answer"]`` numerically, else 0.0; never raises."""
+    try:
+        expected = expected_number(example.get("answer"))
+        given = extract_answer(response) if isinstance(response, str) else None
+    except (AttributeError, TypeError, ValueError):
+        return 0.0
+    if expected is None or given is None:
+        return 0.0
+    return 1.0 if given == expected else 0.0
+
+
+BUILTIN_REWARDS: dict[str, Reward] = {"numeric": numeric_match, "toy": toy.verify}
+
+
+def import_reward(spec: str) -> Reward:
+    """Import ``"module:function"``; only ever called because the user named it."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"reward {spec!r}: expected 'module:function'")
+    try:
+        target = importlib.import_module(module_name)
+    except Exception as error:
+        raise ValueError(f"reward {spec!r}: cannot import module {module_name!r}: {error}") from error
+    try:
+        for name in attribute.split("."):
+            target = getattr(target, name)
+    except AttributeError as error:
+        raise ValueError(f"reward {spec!r}: module {module_name!r} has no {attribute!r}") from error
+    if not callable(target):
+        raise ValueError(f"reward {spec!r}: {attribute!r} is not callable")
+    return target
+
+
+def resolve_reward(spec: str | Reward) -> Reward:
+    """A reward from a callable (returned as is), a built-in name, or ``"module:function"``."""
+    if callable(spec):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"reward must be a callable or a string, got {type(spec).__name__}")
+    if spec in BUILTIN_REWARDS:
+        return BUILTIN_REWARDS[spec]
+    if ":" in spec:
+        return import_reward(spec)
+    known = ", ".join(sorted(BUILTIN_REWARDS))
+    raise ValueError(f"unknown reward {spec!r}; known rewards: {known}, or 'module:function'")
+
+
+def reward_name(reward: Reward) -> str:
+    """A readable name for error messages: ``module.qualname`` where available."""
+    name = getattr(reward, "__qualname__", None) or getattr(reward, "__name__", None)
+    module = getattr(reward, "__module__", None)
+    if name is None:
+        return repr(reward)
+    return f"{module}.{name}" if module else name
+
+
+def score(reward: Reward, prompts: Sequence[str], responses: Sequence[str], examples: Sequence[dict]) -> list[float]:
+    """``reward`` applied row by row; a raise or a non-finite value is a ValueError naming the row."""
+    if not len(prompts) == len(responses) == len(examples):
+        raise ValueError(
+            f"score needs one prompt, response and example per row, got "
+            f"{len(prompts)} prompts, {len(responses)} responses, {len(examples)} examples"
+        )
+    rewards = []
+    for row, (prompt, response, example) in enumerate(zip(prompts, responses, examples)):
+        try:
+            value = float(reward(prompt, response, example))
+        except Exception as error:
+            raise ValueError(f"reward {reward_name(reward)} failed on row {row}: {error!r}") from error
+        if not math.isfinite(value):
+            raise ValueError(f"reward {reward_name(reward)} returned {value} on row {row}")
+        rewards.append(value)
+    return rewards

@@ -1,0 +1,102 @@
+"""Learning-rate sweep from one step: Δθ(η) = (η/η₀) Δθ(η₀), exact for AdamW and SGD given the gradient
+and optimizer state (decoupled weight decay included), so K rates cost one gradient and K forward passes."""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import results, tree
+
+
+@dataclass(frozen=True, repr=False)
+class SweepResult:
+    """Per learning rate η: ΔH_true, δH₁ = (η/η₀) δH₁(η₀), δH₁+δH₂ (δH₂ scales as (η/η₀)²), ratio, ESS.
+
+    ``slope``/``r2``: the log–log fit of |ΔH_true| against η (slope 1 in the linear regime);
+    ``eta_10`` = 0.1·η₀·|δH₁/δH₂|, where the second-order term reaches a tenth of the first.
+    """
+
+    lrs: list
+    delta_h_true: list
+    delta_h1: list
+    delta_h12: list | None
+    ratio: list
+    ess_fraction: list
+    ess_low: list
+    slope: float
+    r2: float
+    eta_10: float | None
+    lr0: float
+
+    def records(self) -> list[dict]:
+        keys = ["lrs", "delta_h_true", "delta_h1", "delta_h12", "ratio", "ess_fraction", "ess_low"]
+        columns = {k: getattr(self, k) or [None] * len(self.lrs) for k in keys}
+        return [{("lr" if k == "lrs" else k): columns[k][i] for k in keys} for i in range(len(self.lrs))]
+
+    def __repr__(self) -> str:
+        head = f"{'lr':>11} {'ΔH_true':>13} {'δH₁':>13} {'δH₁+δH₂':>13} {'ratio':>9} {'ESS frac':>9}"
+        fmt = lambda v, w: f"{'—':>{w}}" if v is None else f"{v:>{w}.4g}"
+        lines = [
+            f"{fmt(r['lr'], 11)} {fmt(r['delta_h_true'], 13)} {fmt(r['delta_h1'], 13)} {fmt(r['delta_h12'], 13)} "
+            f"{fmt(r['ratio'], 9)} {fmt(r['ess_fraction'], 9)}{'  LOW ESS' if r['ess_low'] else ''}"
+            for r in self.records()
+        ]
+        tail = f"log-log slope of |ΔH_true| vs lr: {self.slope:.4f} (R² {self.r2:.4f})"
+        if self.eta_10 is not None:
+            tail += f"; linear-regime radius η₁₀ = {self.eta_10:.3g}"
+        return "\n".join(["SweepResult", head, *lines, tail])
+
+    def to_dict(self) -> dict:
+        return results.to_dict(self)
+
+    def to_json(self, **kwargs) -> str:
+        return results.to_json(self, **kwargs)
+
+    def plot(self, path=None):
+        """ΔH_true against η with the δH₁ (and δH₁+δH₂) predictions, on linear and log–log axes;
+        low-ESS points are circled in red. Returns the figure; saves it when ``path`` is given."""
+        from .plots import plot_sweep
+
+        return plot_sweep(self, path)
+
+
+def loglog_fit(x: list[float], y: list[float]) -> tuple[float, float]:
+    """Least-squares slope and R² of log|y| against log x over the points with x > 0 and y ≠ 0."""
+    pairs = [(math.log(a), math.log(abs(b))) for a, b in zip(x, y) if a > 0 and b != 0]
+    if len(pairs) < 2:
+        return float("nan"), float("nan")
+    X = torch.tensor([p[0] for p in pairs], dtype=torch.float64)
+    Y = torch.tensor([p[1] for p in pairs], dtype=torch.float64)
+    xc, yc = X - X.mean(), Y - Y.mean()
+    slope = float((xc * yc).sum() / (xc * xc).sum())
+    residual = yc - slope * xc
+    total = float((yc * yc).sum())
+    return slope, 1.0 - float((residual * residual).sum()) / total if total else 1.0
+
+
+def sweep(change, lrs, progress: bool = False) -> SweepResult:
+    """Evaluate ``change`` (an EntropyChange/ProbeResult) at each learning rate in ``lrs``."""
+    from .probe import snis_at, warn_if_low_ess
+
+    lr0 = change.lr_used
+    if lr0 == 0:
+        raise ValueError("the probe's learning rate is 0, so its Δθ = 0 cannot be rescaled to other learning rates")
+    ctx = change.context
+    lrs = [float(lr) for lr in lrs]
+    true, first, both, ratio, ess, low = [], [], [], [], [], []
+    for lr in lrs:
+        s = lr / lr0
+        est = snis_at(ctx, tree.axpy(s, change.delta_named, ctx.params), progress)
+        dh = float(est.value) - change.h_orig
+        d1 = s * change.delta_h1
+        true.append(dh)
+        first.append(d1)
+        if change.delta_h2 is not None:
+            both.append(d1 + s * s * change.delta_h2)
+        ratio.append(dh / d1 if d1 else float("nan"))
+        ess.append(float(est.ess_fraction))
+        low.append(warn_if_low_ess(ess[-1], ctx.settings.ess_threshold, f"at lr={lr:g}"))
+    slope, r2 = loglog_fit(lrs, true)
+    eta_10 = 0.1 * lr0 * abs(change.delta_h1 / change.delta_h2) if change.delta_h2 else None
+    return SweepResult(lrs, true, first, both if change.delta_h2 is not None else None, ratio, ess, low, slope, r2, eta_10, lr0)
