@@ -106,15 +106,20 @@ class EntropyChange:
 @dataclass(frozen=True, repr=False)
 class ProbeResult(EntropyChange):
     """``EntropyChange`` of one RL step, with the step's loss, gradient norm and Cui et al.'s
-    covariance baseline −η Cov(log π, A) over U's tokens."""
+    covariance baseline −η Cov(log π, A) over U's tokens. ``opt_state`` is the state the step started
+    from; ``step.opt_state`` the state after it."""
 
     loss: float = 0.0
     grad_norm: float = 0.0
     clip_coef: float = 1.0
     update_lost: float | None = None
     cov_baseline: float = 0.0
+    loss_type: str = "dr_grpo"
+    clip: float = 0.2
     step: Step = field(default=None, repr=False)
     U: Rollouts = field(default=None, repr=False)
+    optimizer: Optimizer = field(default=None, repr=False)
+    opt_state: object = field(default=None, repr=False)
 
     def rows(self) -> list[tuple[str, object]]:
         extra = [("covariance baseline", self.cov_baseline), ("loss", self.loss), ("‖g‖₂", self.grad_norm)]
@@ -271,6 +276,10 @@ def probe(
         clip_coef=step.clip_coef,
         update_lost=step.update_lost,
         cov_baseline=estimators.covariance_baseline(step.logp, U.response_mask, U.advantages, step.lr),
+        loss_type=loss,
+        clip=clip,
         step=step,
         U=U,
+        optimizer=optimizer,
+        opt_state=opt_state,
     )
