@@ -1,0 +1,76 @@
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from fprobe.prompts import apply_chat_template, load_prompts
+from fprobe.toy import DEFAULT_MODEL_PATH
+
+
+def write_lines(tmp_path, lines):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_load_jsonl_keeps_extra_fields_and_skips_blank_lines(tmp_path):
+    path = write_lines(
+        tmp_path,
+        [json.dumps({"prompt": "1+1=", "answer": "2", "id": 7}), "", "   ", json.dumps({"prompt": "hi"})],
+    )
+    assert load_prompts(path) == [{"prompt": "1+1=", "answer": "2", "id": 7}, {"prompt": "hi"}]
+    assert load_prompts(str(path)) == load_prompts(path)
+
+
+def test_load_list_of_strings_and_dicts_copies_records():
+    record = {"prompt": "b", "answer": 3}
+    loaded = load_prompts(["a", record])
+    assert loaded == [{"prompt": "a"}, {"prompt": "b", "answer": 3}]
+    loaded[1]["answer"] = 4
+    assert record["answer"] == 3
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    path = write_lines(tmp_path, [json.dumps({"prompt": "a"}), "", '{"prompt": "b",'])
+    with pytest.raises(ValueError, match=rf"{path.name}:3: malformed JSON"):
+        load_prompts(path)
+
+
+def test_record_without_prompt_names_the_line(tmp_path):
+    path = write_lines(tmp_path, [json.dumps({"prompt": "a"}), json.dumps({"question": "b"})])
+    with pytest.raises(ValueError, match=r":2: record has no 'prompt'"):
+        load_prompts(path)
+
+
+def test_non_object_line_and_non_string_prompt(tmp_path):
+    with pytest.raises(ValueError, match=r":1: expected an object"):
+        load_prompts(write_lines(tmp_path, ['"just a string"']))
+    with pytest.raises(ValueError, match="item 0.*not a string"):
+        load_prompts([{"prompt": 5}])
+
+
+def test_empty_sources(tmp_path):
+    with pytest.raises(ValueError, match="no prompts in"):
+        load_prompts(write_lines(tmp_path, ["", " "]))
+    with pytest.raises(ValueError, match="no prompts in"):
+        load_prompts([])
+
+
+def test_missing_file_names_the_path(tmp_path):
+    missing = tmp_path / "absent.jsonl"
+    with pytest.raises(FileNotFoundError, match="absent.jsonl"):
+        load_prompts(missing)
+
+
+def test_apply_chat_template():
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL_PATH)
+    with pytest.raises(ValueError, match="no chat template"):
+        apply_chat_template(tokenizer, ["1+2="])
+    tokenizer.chat_template = (
+        "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}[assistant]{% endif %}"
+    )
+    assert apply_chat_template(tokenizer, ["1+2=", {"prompt": "3+4="}]) == [
+        "[user]1+2=[assistant]",
+        "[user]3+4=[assistant]",
+    ]

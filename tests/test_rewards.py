@@ -1,0 +1,112 @@
+import math
+
+import pytest
+
+from fprobe import toy
+from fprobe.rewards import numeric_match, resolve_reward, score
+
+
+def always_half(prompt, response, example):
+    return 0.5
+
+
+def fails_on_b(prompt, response, example):
+    if response == "b":
+        raise RuntimeError("cannot score b")
+    return 1.0
+
+
+@pytest.mark.parametrize(
+    ("response", "answer", "expected"),
+    [
+        ("The answer is \\boxed{42}.", "42", 1.0),
+        ("first \\boxed{7}, then \\boxed{42}", 42, 1.0),
+        ("\\boxed{\\text{about } 42} and later 99", 42, 1.0),
+        ("\\boxed{41}", 42, 0.0),
+        ("work... 3 + 4 = 7\n#### 42", "42", 1.0),
+        ("#### 1\n more text\n#### 42 apples", 42, 1.0),
+        ("I think 12, no, 42", 42, 1.0),
+        ("42 was wrong, it is 43", 42, 0.0),
+        ("it drops to -5 degrees", -5, 1.0),
+        ("from 2023-5", 5, 1.0),
+        ("#### 0.25", 0.25, 1.0),
+        ("#### 0.250", "0.25", 1.0),
+        ("#### 2.5", 2, 0.0),
+        ("#### 1,234,567", "1,234,567", 1.0),
+        ("total $1,234.50", 1234.5, 1.0),
+        ("the numbers 3, 4, 5", 5, 1.0),
+        ("#### 7", 7.0, 1.0),
+    ],
+)
+def test_numeric_match_cases(response, answer, expected):
+    assert numeric_match("q", response, {"answer": answer}) == expected
+
+
+@pytest.mark.parametrize(
+    ("response", "example"),
+    [
+        ("no number here", {"answer": "1"}),
+        ("", {"answer": "1"}),
+        ("\\boxed{42", {"answer": "42"}),
+        ("\\boxed{}", {"answer": "0"}),
+        ("#### ", {"answer": "0"}),
+        ("42", {}),
+        ("42", {"answer": None}),
+        ("42", {"answer": "forty-two"}),
+        ("42", {"answer": float("nan")}),
+        ("1", {"answer": True}),
+        (None, {"answer": "1"}),
+        ("42", None),
+    ],
+)
+def test_numeric_match_malformed_scores_zero(response, example):
+    assert numeric_match("q", response, example) == 0.0
+
+
+def test_resolve_reward_builtin_names():
+    assert resolve_reward("numeric") is numeric_match
+    assert resolve_reward("toy") is toy.verify
+
+
+def test_resolve_reward_passes_callables_through():
+    assert resolve_reward(always_half) is always_half
+
+
+def test_resolve_reward_imports_module_function():
+    assert resolve_reward(f"{__name__}:always_half")("p", "r", {}) == 0.5
+    assert resolve_reward("fprobe.toy:verify") is toy.verify
+
+
+def test_resolve_reward_unknown_name_lists_known():
+    with pytest.raises(ValueError, match=r"'nope'.*numeric.*toy"):
+        resolve_reward("nope")
+
+
+def test_resolve_reward_import_errors_are_value_errors():
+    with pytest.raises(ValueError, match="no_such_module_xyz") as info:
+        resolve_reward("no_such_module_xyz:f")
+    assert isinstance(info.value.__cause__, ImportError)
+    with pytest.raises(ValueError, match="no_such_function"):
+        resolve_reward("fprobe.toy:no_such_function")
+    with pytest.raises(ValueError, match="not callable"):
+        resolve_reward("fprobe.toy:DEFAULT_DIGITS")
+
+
+def test_score_rows():
+    assert score(resolve_reward("numeric"), ["a", "b"], ["1", "x"], [{"answer": 1}, {"answer": 2}]) == [1.0, 0.0]
+
+
+def test_score_names_the_failing_row_and_reward():
+    with pytest.raises(ValueError, match=r"fails_on_b.*row 1") as info:
+        score(fails_on_b, ["p"] * 3, ["a", "b", "c"], [{}] * 3)
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+def test_score_rejects_non_finite_rewards():
+    with pytest.raises(ValueError, match="row 0"):
+        score(lambda p, r, e: math.nan, ["p"], ["r"], [{}])
+
+
+def test_score_rejects_mismatched_lengths():
+    with pytest.raises(ValueError, match="2 prompts, 1 responses"):
+        score(always_half, ["p", "q"], ["r"], [{}])
