@@ -1,0 +1,224 @@
+"""ΔH_true, δH₁, δH₂ and the sweep on a tiny float64 GPT-2 after a real AdamW step."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import fprobe
+from fprobe import passes, tree
+from conftest import make_batch
+
+
+@pytest.fixture(scope="module")
+def setup(model_dir):
+    policy = fprobe.Policy.from_pretrained(model_dir("gpt2"), dtype=torch.float64)
+    E = make_batch(n=10, width=12, seed=11, with_advantages=False)
+    U = make_batch(n=8, width=12, seed=12)
+    return policy, E, U
+
+
+def plain_entropy(policy, params, E, normalize="token", entropy="rb", params0=None):
+    """Ĥ at ``params`` by a loop over sequences, weights relative to ``params0`` (default: θ₀ = params)."""
+    stats = fprobe.token_stats(policy, params, E)
+    stats0 = fprobe.token_stats(policy, params if params0 is None else params0, E)
+    num = den = 0.0
+    for i in range(len(E)):
+        m = E.response_mask[i]
+        S, S0 = float(stats.logp[i][m].sum()), float(stats0.logp[i][m].sum())
+        H = float(stats.entropy[i][m].sum()) if entropy == "rb" else -S
+        w = math.exp(S - S0)
+        num += w * H
+        den += w * (float(m.sum()) if normalize == "token" else 1.0)
+    return num / den
+
+
+def adamw_probe(setup, lr, **kw):
+    policy, E, U = setup
+    return fprobe.probe(policy, E, U, fprobe.optim.adamw(lr=1e-3, weight_decay=0.01), lr=lr, **kw)
+
+
+@pytest.mark.parametrize("normalize,entropy", [("token", "rb"), ("seq", "naive")])
+def test_delta_h_true_matches_a_plain_loop(setup, normalize, entropy):
+    policy, E, _ = setup
+    res = adamw_probe(setup, 1e-3, normalize=normalize, entropy=entropy)
+    params = policy.params
+    h0 = plain_entropy(policy, params, E, normalize, entropy)
+    h1 = plain_entropy(policy, tree.add(params, res.delta_named), E, normalize, entropy, params0=params)
+    assert res.h_orig == pytest.approx(h0, rel=1e-13)
+    assert res.delta_h_true == pytest.approx(h1 - h0, rel=1e-9, abs=1e-13 * abs(h0))
+
+
+@pytest.mark.parametrize("estimator", ["snis", "togo"])
+def test_jvp_and_gradient_dot_agree(setup, estimator):
+    jvp = adamw_probe(setup, 1e-4, estimator=estimator)
+    grad = adamw_probe(setup, 1e-4, estimator=estimator, method="grad")
+    assert grad.delta_h1 == pytest.approx(jvp.delta_h1, rel=1e-9)
+
+
+def test_delta_h1_matches_central_finite_difference(setup):
+    policy, E, _ = setup
+    res = adamw_probe(setup, 1e-3)
+    params, delta = policy.params, res.delta_named
+    eps = 1e-3
+    plus = plain_entropy(policy, tree.axpy(eps, delta, params), E, params0=params)
+    minus = plain_entropy(policy, tree.axpy(-eps, delta, params), E, params0=params)
+    assert res.delta_h1 == pytest.approx((plus - minus) / (2 * eps), rel=1e-6)
+
+
+def test_zero_learning_rate_changes_nothing(setup):
+    res = adamw_probe(setup, 0.0)
+    assert res.delta_h_true == 0.0
+    assert res.delta_h1 == 0.0
+    assert res.ess == len(setup[1])
+    assert res.delta_l2 == 0.0
+
+
+def test_delta_h1_is_linear_in_the_learning_rate(setup):
+    base = adamw_probe(setup, 1e-4).delta_h1
+    for scale in (0.5, 3.0, 10.0):
+        assert adamw_probe(setup, scale * 1e-4).delta_h1 == pytest.approx(scale * base, rel=1e-9)
+
+
+def test_ratio_tends_to_one_and_remainders_shrink_by_order(setup):
+    results = {lr: adamw_probe(setup, lr, second_order=True) for lr in (1e-4, 1e-5, 1e-6, 1e-7)}
+    assert abs(results[1e-7].ratio - 1) < 1e-3
+    first = {lr: abs(r.delta_h_true - r.delta_h1) for lr, r in results.items()}
+    second = {lr: abs(r.delta_h_true - r.delta_h1 - r.delta_h2) for lr, r in results.items()}
+    for big, small in ((1e-4, 1e-5), (1e-5, 1e-6)):
+        assert 60 < first[big] / first[small] < 160, first
+    assert 500 < second[1e-4] / second[1e-5] < 2000, second
+
+
+def test_micro_batch_size_does_not_change_results(setup):
+    whole = adamw_probe(setup, 1e-3, second_order=True, micro_batch=None)
+    for size in (1, 3):
+        part = adamw_probe(setup, 1e-3, second_order=True, micro_batch=size)
+        for field in ("delta_h_true", "delta_h1", "delta_h2", "ess"):
+            assert getattr(part, field) == pytest.approx(getattr(whole, field), rel=1e-12), field
+
+
+def test_sweep_equals_separate_probes_with_one_gradient(setup, monkeypatch):
+    res = adamw_probe(setup, 1e-4, second_order=True)
+    calls = []
+    original = passes.gradient
+    monkeypatch.setattr(passes, "gradient", lambda *a, **k: calls.append(1) or original(*a, **k))
+    lrs = [1e-7, 1e-6, 1e-5]
+    sweep = res.sweep(lrs)
+    assert calls == []
+    monkeypatch.undo()
+    for lr, dh, d1, d12 in zip(lrs, sweep.delta_h_true, sweep.delta_h1, sweep.delta_h12):
+        separate = adamw_probe(setup, lr, second_order=True)
+        assert dh == pytest.approx(separate.delta_h_true, rel=1e-7)
+        assert d1 == pytest.approx(separate.delta_h1, rel=1e-9)
+        assert d12 == pytest.approx(separate.delta_h1 + separate.delta_h2, rel=1e-9)
+    assert sweep.slope == pytest.approx(1.0, abs=0.02) and sweep.r2 > 0.999
+    assert sweep.eta_10 == pytest.approx(0.1 * 1e-4 * abs(res.delta_h1 / res.delta_h2))
+
+
+def test_sweep_loglog_fit_against_numpy_free_least_squares():
+    xs = [1e-4, 1e-3, 1e-2]
+    ys = [2e-6, 2e-4, 2e-2]
+    slope, r2 = fprobe.sweep.loglog_fit(xs, ys)
+    assert slope == pytest.approx(2.0, rel=1e-12)
+    assert r2 == pytest.approx(1.0, rel=1e-12)
+
+
+def test_exactly_one_update_and_nothing_mutated(setup):
+    policy, E, U = setup
+    before = {k: v.clone() for k, v in policy.model.state_dict().items()}
+    opt = fprobe.optim.adamw(lr=1e-3)
+    calls = []
+    counting = opt._replace(update=lambda *a, **k: calls.append(1) or opt.update(*a, **k))
+    state = opt.init(policy.params)
+    state_before = tree.tree_map(torch.clone, state.exp_avg), dict(state.step)
+    ids = E.input_ids.clone()
+    fprobe.probe(policy, E, U, counting, state, second_order=True).sweep([1e-4, 1e-3])
+    assert len(calls) == 1
+    assert all(torch.equal(before[k], v) for k, v in policy.model.state_dict().items())
+    assert torch.equal(E.input_ids, ids)
+    assert all(torch.equal(state.exp_avg[k], v) for k, v in state_before[0].items())
+    assert state.step == state_before[1]
+
+
+def test_large_step_flags_low_ess(setup):
+    with pytest.warns(fprobe.LowESSWarning, match="ESS fraction"):
+        res = adamw_probe(setup, 3.0)
+    assert res.ess_low and res.ess_fraction < 0.5
+    assert "LOW ESS" in repr(res)
+
+
+def test_small_step_does_not_warn(setup):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fprobe.LowESSWarning)
+        assert not adamw_probe(setup, 1e-5).ess_low
+
+
+def test_nonfinite_delta_is_rejected_naming_the_parameter(setup):
+    policy, E, _ = setup
+    delta = tree.zeros_like(policy.params)
+    name = list(delta)[3]
+    delta[name] = delta[name].clone().fill_(float("inf"))
+    with pytest.raises(FloatingPointError, match=name):
+        fprobe.entropy_change(policy, E, delta)
+
+
+def test_delta_with_wrong_names_is_rejected(setup):
+    policy, E, _ = setup
+    delta = tree.zeros_like(policy.params)
+    delta["not.a.parameter"] = delta.pop(next(iter(delta)))
+    with pytest.raises(ValueError, match="not.a.parameter"):
+        fprobe.entropy_change(policy, E, delta)
+
+
+def test_entropy_change_of_a_checkpoint_difference(setup):
+    """Any Δθ works, e.g. the difference of two parameter sets; lr=None means scale 1."""
+    policy, E, _ = setup
+    g = torch.Generator().manual_seed(0)
+    delta = tree.tree_map(lambda p: 1e-4 * torch.randn(p.shape, generator=g, dtype=p.dtype), policy.params)
+    chg = fprobe.entropy_change(policy, E, delta, second_order=True)
+    h1 = plain_entropy(policy, tree.add(policy.params, delta), E, params0=policy.params)
+    assert chg.delta_h_true == pytest.approx(h1 - chg.h_orig, rel=1e-8)
+    assert chg.lr_used == 1.0
+    assert chg.sweep([0.5, 1.0]).delta_h_true[1] == pytest.approx(chg.delta_h_true, rel=1e-12)
+
+
+def test_result_converts_to_json_and_prints(setup):
+    import json
+
+    res = adamw_probe(setup, 1e-4)
+    data = json.loads(res.to_json())
+    assert data["delta_h1"] == res.delta_h1 and data["lr_used"] == 1e-4
+    assert "delta_named" not in data and "context" not in data
+    text = repr(res)
+    for label in ("ΔH_true", "δH₁", "ESS fraction", "‖Δθ‖₂", "covariance baseline"):
+        assert label in text
+
+
+def test_covariance_baseline_uses_the_steps_log_probs(setup):
+    policy, _, U = setup
+    res = adamw_probe(setup, 1e-4)
+    logp = fprobe.token_stats(policy, policy.params, U).logp
+    want = fprobe.estimators.covariance_baseline(logp, U.response_mask, U.advantages, 1e-4)
+    assert res.cov_baseline == pytest.approx(want, rel=1e-12)
+
+
+def test_sweep_plot_writes_a_png(setup, tmp_path):
+    res = adamw_probe(setup, 1e-4, second_order=True)
+    fig = res.sweep([1e-5, 1e-4, 1e-3]).plot(tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").stat().st_size > 1000
+    assert len(fig.axes) == 2
+
+
+@settings(max_examples=8, deadline=None)
+@given(lr=st.floats(1e-6, 1e-3), micro=st.integers(1, 10), seed=st.integers(0, 100))
+def test_property_jvp_equals_gradient_dot(model_dir, lr, micro, seed):
+    policy = fprobe.Policy.from_pretrained(model_dir("gpt2"), dtype=torch.float64)
+    E = make_batch(n=5, width=10, seed=seed, with_advantages=False)
+    U = make_batch(n=4, width=10, seed=seed + 1)
+    opt = fprobe.optim.sgd(lr=lr, momentum=0.9)
+    a = fprobe.probe(policy, E, U, opt, micro_batch=micro)
+    b = fprobe.probe(policy, E, U, opt, micro_batch=micro, method="grad")
+    assert b.delta_h1 == pytest.approx(a.delta_h1, rel=1e-9, abs=1e-18)
