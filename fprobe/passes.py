@@ -1,13 +1,14 @@
 """Micro-batched passes of a policy over a batch: forward, forward-mode (jvp, jvp of jvp) and
-reverse-mode (vjp of a linear functional of the token statistics). Each returns [n, L] tensors
-for the whole batch, so peak memory is set by the micro-batch, not by the batch."""
+reverse-mode (vjp of a functional of the token statistics). Each returns [n, L] tensors for the
+whole batch, so peak memory is set by the micro-batch, not by the batch. Under torch.distributed
+each rank runs its block of rows; statistics are gathered and gradients all-reduced here."""
 
 from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
-from . import tree
+from . import distributed, tree
 from .rollouts import Rollouts
 from .tokens import TokenStats, token_stats
 
@@ -27,13 +28,23 @@ def _progress(items, desc: str, show: bool):
 
 
 def _cat(parts: list[TokenStats]) -> TokenStats:
-    return TokenStats(*(torch.cat(field) for field in zip(*parts)))
+    """Concatenate micro-batch statistics, then every rank's rows in order."""
+    return TokenStats(*(distributed.gather_rows(torch.cat(field)) for field in zip(*parts)))
+
+
+def _local(batch: Rollouts) -> tuple[Rollouts, int]:
+    """This rank's rows of ``batch`` and the global index of its first row."""
+    rows = distributed.local_rows(len(batch))
+    if rows.start == rows.stop:
+        raise ValueError(f"a batch of {len(batch)} rows cannot be shared by {distributed.world()[1]} processes")
+    return (batch if rows == slice(0, len(batch)) else batch.select(rows)), rows.start
 
 
 def forward(policy, params, batch: Rollouts, micro_batch=DEFAULT_MICRO_BATCH, progress=False) -> TokenStats:
     """(ℓ, h) at ``params``, no graph kept."""
+    local, _ = _local(batch)
     with torch.no_grad():
-        return _cat([token_stats(policy, params, mb) for mb in _progress(batch.micro_batches(micro_batch), "forward", progress)])
+        return _cat([token_stats(policy, params, mb) for mb in _progress(local.micro_batches(micro_batch), "forward", progress)])
 
 
 def jet(policy, params, delta, batch: Rollouts, order: int = 1, micro_batch=DEFAULT_MICRO_BATCH, progress=False) -> StatsJet:
@@ -41,9 +52,10 @@ def jet(policy, params, delta, batch: Rollouts, order: int = 1, micro_batch=DEFA
     if order not in (1, 2):
         raise ValueError(f"order must be 1 or 2, got {order}")
     primals, tangents = tree.detach(params), tree.detach(delta)
+    local, _ = _local(batch)
     parts = []
     with torch.no_grad():
-        for mb in _progress(batch.micro_batches(micro_batch), "jvp", progress):
+        for mb in _progress(local.micro_batches(micro_batch), "jvp", progress):
             stats = lambda p, mb=mb: token_stats(policy, p, mb)
             first = lambda p: torch.func.jvp(stats, (p,), (tangents,))
             if order == 1:
@@ -59,8 +71,9 @@ def gradient(policy, params, batch: Rollouts, functional, micro_batch=DEFAULT_MI
     micro-batches (``rows`` is the micro-batch's slice of the batch), gradients by ``torch.func.vjp``;
     ``stats`` are the detached token statistics at ``params``."""
     primals = tree.detach(params)
-    total, grads, parts, start = 0.0, None, [], 0
-    for mb in _progress(batch.micro_batches(micro_batch), "vjp", progress):
+    local, start = _local(batch)
+    total, grads, parts = 0.0, None, []
+    for mb in _progress(local.micro_batches(micro_batch), "vjp", progress):
         rows = slice(start, start + len(mb))
         start += len(mb)
 
@@ -73,7 +86,8 @@ def gradient(policy, params, batch: Rollouts, functional, micro_batch=DEFAULT_MI
         total += float(value)
         grads = g if grads is None else tree.add(grads, g)
         parts.append(TokenStats(*(x.detach() for x in stats)))
-    return total, grads, _cat(parts)
+    device = next(iter(primals.values())).device
+    return distributed.all_reduce_sum(total, device), distributed.all_reduce_tree(grads), _cat(parts)
 
 
 def linear_functional(alpha: torch.Tensor, beta: torch.Tensor):

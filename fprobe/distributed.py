@@ -1,0 +1,95 @@
+"""Data parallelism on ``torch.distributed`` (launched with ``torchrun``; gloo on CPU, nccl on GPU).
+
+Every rank holds the same parameters, optimizer state and *global* batches E and U; each pass
+works on the rank's contiguous block of rows (``shard``), then per-row statistics are gathered in
+row order and gradients are all-reduced (one flat bucket per dtype). Everything downstream — the
+loss normaliser, SNIS sums, jvp contractions, δH₂, the sweep, the decomposition — then sees the
+global batch and equals the single-process result up to the order of floating-point sums.
+Without an initialised process group (or with one process) every function here is the identity.
+"""
+
+import datetime
+import os
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from . import tree
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without an initialised process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    return world()[0] == 0
+
+
+def shard_bounds(n: int, rank: int, size: int) -> tuple[int, int]:
+    """Rows [start, stop) of ``rank``: contiguous blocks, the first n mod size ranks one row longer."""
+    base, extra = divmod(n, size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+def local_rows(n: int) -> slice:
+    """This rank's slice of a global batch of n rows."""
+    return slice(*shard_bounds(n, *world()))
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's [n_r, ...] block in rank order (uneven blocks allowed)."""
+    rank, size = world()
+    if size == 1:
+        return x
+    counts = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(size)]
+    dist.all_gather(counts, torch.tensor([x.shape[0]], device=x.device))
+    longest = int(max(c.item() for c in counts))
+    padded = torch.zeros((longest, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x
+    blocks = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(blocks, padded)
+    return torch.cat([b[: int(c.item())] for b, c in zip(blocks, counts)])
+
+
+def all_reduce_tree(grads: tree.Params) -> tree.Params:
+    """Σ over ranks of a name-keyed tree, as one flat all-reduce per dtype."""
+    if world()[1] == 1:
+        return grads
+    out = dict(grads)
+    for dtype in {g.dtype for g in grads.values()}:
+        names = [n for n, g in grads.items() if g.dtype == dtype]
+        flat = torch.cat([grads[n].reshape(-1) for n in names])
+        dist.all_reduce(flat)
+        for n, piece in zip(names, flat.split([grads[n].numel() for n in names])):
+            out[n] = piece.view_as(grads[n])
+    return out
+
+
+def all_reduce_sum(value: float, device) -> float:
+    if world()[1] == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t)
+
+
+def init_from_env(timeout_s: float = 300.0) -> bool:
+    """Initialise the process group when launched by ``torchrun`` (WORLD_SIZE > 1): nccl on CUDA, gloo
+    otherwise, with a timeout so that a failed rank makes the others exit instead of hanging."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return dist.is_initialized()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return True
+
+
+def run_on_main(fn: Callable, *args, **kwargs):
+    """``fn`` on rank 0 only (printing, writing files); None elsewhere."""
+    return fn(*args, **kwargs) if is_main() else None

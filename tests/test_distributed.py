@@ -1,0 +1,77 @@
+"""Data-parallel probing on the gloo backend equals the single-process probe on the same global batch."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKER = Path(__file__).parent / "workers" / "distributed_probe.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(model_dir, out_dir, mode, world_size):
+    """Start one worker process per rank, as torchrun would, on the loopback interface."""
+    port = str(free_port())
+    procs = []
+    for rank in range(world_size):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), model_dir, str(out_dir), mode], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def wait(procs, timeout=240):
+    return [(p.wait(timeout=timeout), p.stdout.read()) for p in procs]
+
+
+@pytest.fixture(scope="module")
+def runs(model_dir, tmp_path_factory):
+    """Rank files of a 1-process and a 2-process run on the same global batches (7 and 5 rows: uneven)."""
+    single, double = tmp_path_factory.mktemp("single"), tmp_path_factory.mktemp("double")
+    procs = launch(model_dir("gpt2"), single, "probe", 1) + launch(model_dir("gpt2"), double, "probe", 2)
+    for code, out in wait(procs):
+        assert code == 0, out
+    load = lambda d, r: torch.load(d / f"rank{r}.pt", weights_only=True)
+    return load(single, 0), [load(double, r) for r in range(2)]
+
+
+def close(a, b, rel=1e-12):
+    return abs(a - b) <= rel * max(abs(a), abs(b)) + 1e-300
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_process(runs):
+    one, ranks = runs
+    for r in ranks:
+        assert r["size"] == 2 and r["updates"] == 1
+        for name, want in one["numbers"].items():
+            assert close(r["numbers"][name], want), (name, r["numbers"][name], want)
+        for got, want in zip(r["sweep"], one["sweep"]):
+            assert close(got, want)
+        for name, p in one["params"].items():
+            torch.testing.assert_close(r["params"][name], p, rtol=1e-12, atol=1e-15)
+            torch.testing.assert_close(r["delta"][name], one["delta"][name], rtol=1e-10, atol=1e-15)
+        torch.testing.assert_close(r["per_sequence"], one["per_sequence"], rtol=1e-10, atol=1e-17)
+        torch.testing.assert_close(r["per_token"], one["per_token"], rtol=1e-10, atol=1e-17)
+    for name in one["params"]:
+        assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), name
+
+
+@pytest.mark.slow
+def test_a_failing_rank_stops_every_rank(model_dir, tmp_path):
+    start = time.monotonic()
+    results = wait(launch(model_dir("gpt2"), tmp_path, "fail", 2), timeout=120)
+    assert all(code != 0 for code, _ in results), results
+    assert "rank 1 fails on purpose" in results[1][1]
+    assert time.monotonic() - start < 120
