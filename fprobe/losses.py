@@ -60,15 +60,26 @@ def row_weights(batch: Rollouts, loss_type: LossType) -> torch.Tensor:
     raise ValueError(f"unknown loss {loss_type!r}: use one of {LOSS_TYPES}")
 
 
-def sequence_losses(logp: torch.Tensor, batch: Rollouts, weights: torch.Tensor, clip: float = 0.2) -> torch.Tensor:
-    """Per-row loss L_i = −c_i Σ_k min(r_ik A_i, clip(r_ik, 1−ε, 1+ε) A_i), r_ik = exp(ℓ_ik − sg(ℓ_ik)).
-
-    ``logp`` is [B, L] float64 (zero off the response mask); the batch loss is Σ_i L_i.
-    """
+def token_objectives(logp: torch.Tensor, batch: Rollouts, clip: float = 0.2) -> torch.Tensor:
+    """Per-token clipped objective min(r_ik A_i, clip(r_ik, 1−ε, 1+ε) A_i), r_ik = exp(ℓ_ik − sg(ℓ_ik)),
+    [B, L], zero off the response mask (before the row weights c_i and the sign of the loss)."""
     if batch.advantages is None:
         raise ValueError("the update batch has no advantages: pass advantages= (see fprobe.group_advantages)")
     mask = batch.response_mask.to(logp.device)
     adv = batch.advantages.to(device=logp.device, dtype=torch.float64)[:, None]
     ratio = torch.exp(logp - logp.detach())
     objective = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip, 1 + clip) * adv)
-    return -weights.to(logp.device) * (objective * mask).sum(-1)
+    return objective * mask
+
+
+def token_losses(logp: torch.Tensor, batch: Rollouts, weights: torch.Tensor, clip: float = 0.2) -> torch.Tensor:
+    """Per-token loss L_ik = −c_i · ``token_objectives``_ik, [B, L]; Σ_k L_ik = L_i of ``sequence_losses``."""
+    return -weights.to(logp.device)[:, None] * token_objectives(logp, batch, clip)
+
+
+def sequence_losses(logp: torch.Tensor, batch: Rollouts, weights: torch.Tensor, clip: float = 0.2) -> torch.Tensor:
+    """Per-row loss L_i = −c_i Σ_k min(r_ik A_i, clip(r_ik, 1−ε, 1+ε) A_i), r_ik = exp(ℓ_ik − sg(ℓ_ik)).
+
+    ``logp`` is [B, L] float64 (zero off the response mask); the batch loss is Σ_i L_i.
+    """
+    return -weights.to(logp.device) * token_objectives(logp, batch, clip).sum(-1)

@@ -1,0 +1,312 @@
+"""Exact decomposition of δH₁ over the update batch's sequences and tokens (DESIGN §1).
+
+Which samples of U drive the entropy change? For the optimizers fprobe implements, one update is
+affine in the (clipped) full-batch gradient g = c · Σ_j ∇L_j, given the state it starts from:
+
+    Δθ = gain ⊙ g + momentum + decay                                                      (1)
+
+- AdamW (torch's formulas, t the new step count of the parameter, v_t the new second moment):
+  Δθ = −ηλθ − (η/(1−β₁ᵗ)) P ⊙ (β₁ m_{t−1} + (1−β₁) g),   P = 1 / (√v_t / √(1−β₂ᵗ) + ε),
+  so gain = −η(1−β₁)/(1−β₁ᵗ) · P, momentum = −ηβ₁/(1−β₁ᵗ) · P ⊙ m_{t−1}, decay = −ηλθ.
+  P is *taken from the step itself* (v_t contains g², so Δθ is not linear in g; it is exactly
+  affine in g once P is fixed, which is all the decomposition needs).
+- SGD (d = g + λθ; buffer b): no momentum: Δθ = −η d; first step with momentum: the buffer is d,
+  Δθ = −η(1+μ)d (Nesterov) or −ηd; with a buffer: −η(μb + (1−τ)d), Nesterov −η(μ²b + (1+μ(1−τ))d).
+  gain is the factor of g, momentum the b term, decay the λθ term (coupled weight decay).
+
+With u = ∇Ĥ(θ₀) on E (so that ⟨u, Δθ⟩ = δH₁) this gives, exactly,
+
+    δH₁ = ⟨u, momentum⟩ + ⟨u, decay⟩ + Σ_j δH_j,   δH_j = c · ⟨gain ⊙ u, ∇L_j⟩,          (2)
+
+and, with L_j = Σ_k L_jk (``losses.token_losses``) and ℓ̇_jk = ⟨∇ℓ_jk, gain ⊙ u⟩,
+δH_jk = c · (∂L_jk/∂ℓ_jk) ℓ̇_jk, which on policy (ratio 1) is c · (−c_j A_j) · ℓ̇_jk; Σ_k δH_jk = δH_j.
+Rows with A_j = 0 contribute exactly zero.
+
+Cost: one reverse-mode pass (vjp) on E for u, and one forward-mode pass (jvp) on U along gain ⊙ u
+for ℓ̇ of every token at once; the rest is tensor algebra on [B, L] and parameter-sized trees.
+No per-sample gradient is ever materialised. Parameter-sized float64 temporaries are made one
+parameter at a time.
+"""
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from . import losses, passes, results, tree
+from .optim import Optimizer, _lr_for
+
+# ---------------------------------------------------------------------------------------------
+# The update as an affine function of the gradient.
+
+
+class UpdateParts(NamedTuple):
+    """Δθ = gain ⊙ g + momentum + decay (float64 trees keyed like the parameters), g the clipped gradient."""
+
+    gain: tree.Params
+    momentum: tree.Params
+    decay: tree.Params
+
+
+def _override(optimizer: Optimizer, lr: float | None) -> float | None:
+    """The step's ``lr`` as ``optimizer.update`` received it (None when it is the optimizer's own rate)."""
+    return None if lr is None or lr == optimizer.lr else lr
+
+
+def _parts_of(optimizer: Optimizer, opt_state, new_state, params, lr: float | None):
+    """Yield (name, gain, momentum, decay) per parameter, in float64: gain a float or tensor,
+    momentum and decay a tensor or None (zero). ``opt_state`` is the state before the step,
+    ``new_state`` after it, ``lr`` the step's override of the learning rate (None: none)."""
+    lr = _override(optimizer, lr)
+    for name, p in params.items():
+        h = optimizer.hyper(name)
+        rate = _lr_for(h, optimizer.lr, lr)
+        if optimizer.name == "adamw":
+            t = int(new_state.step[name])
+            if t != int(opt_state.step[name]) + 1:
+                raise ValueError(
+                    f"optimizer states do not belong to one step: parameter {name!r} went from step "
+                    f"{int(opt_state.step[name])} to {t}"
+                )
+            beta1, beta2 = h["beta1"], h["beta2"]
+            step_size = rate / (1 - beta1 ** float(t))
+            v = new_state.exp_avg_sq[name].double()
+            precond = 1.0 / (v.sqrt() / (1 - beta2 ** float(t)) ** 0.5).add(h["eps"])
+            gain = precond * (-step_size * (1 - beta1))
+            m_old = opt_state.exp_avg[name]
+            momentum = None if not bool(m_old.any()) else precond * m_old.double() * (-step_size * beta1)
+            decay = p.double() * (-rate * h["weight_decay"]) if h["weight_decay"] != 0 else None
+        elif optimizer.name == "sgd":
+            mu, tau, nesterov = h["momentum"], h["dampening"], bool(h["nesterov"])
+            buffer = opt_state.momentum_buffer.get(name) if mu != 0 else None
+            if mu == 0:
+                coef, momentum = 1.0, None
+            elif buffer is None:
+                coef, momentum = (1.0 + mu if nesterov else 1.0), None
+            else:
+                coef = 1.0 + mu * (1 - tau) if nesterov else 1 - tau
+                momentum = buffer.double() * (-rate * (mu * mu if nesterov else mu))
+            gain = -rate * coef
+            decay = p.double() * (-rate * coef * h["weight_decay"]) if h["weight_decay"] != 0 else None
+        else:
+            raise NotImplementedError(f"no decomposition for optimizer {optimizer.name!r} (only 'adamw' and 'sgd')")
+        yield name, gain, momentum, decay
+
+
+def update_parts(optimizer: Optimizer, opt_state, new_state, params: tree.Params, lr: float | None = None) -> UpdateParts:
+    """The step (params, opt_state) → new_state, written as Δθ = gain ⊙ g + momentum + decay (float64).
+
+    ``g`` is the (clipped) gradient the optimizer received; ``lr`` the step's learning-rate override
+    (``Step.lr`` may be passed: it is ignored when it equals ``optimizer.lr``). Per-parameter rates
+    follow ``fprobe.optim._lr_for`` exactly as the step did.
+    """
+    gain, momentum, decay = {}, {}, {}
+    for name, gn, mom, dec in _parts_of(optimizer, opt_state, new_state, params, lr):
+        zero = lambda: torch.zeros_like(params[name], dtype=torch.float64)
+        gain[name] = gn if isinstance(gn, torch.Tensor) else torch.full_like(params[name], gn, dtype=torch.float64)
+        momentum[name] = zero() if mom is None else mom
+        decay[name] = zero() if dec is None else dec
+    return UpdateParts(gain, momentum, decay)
+
+
+# ---------------------------------------------------------------------------------------------
+# The decomposition.
+
+RESIDUAL_WARNING = 1e-3
+
+
+class DecompositionWarning(UserWarning):
+    """The parts of δH₁ do not add up to it (low-precision parameters: bf16, fp16)."""
+
+
+@dataclass(frozen=True, eq=False)
+class Contributions:
+    """δH₁ of one RL step = ``momentum`` + ``decay`` + Σ_j ``per_sequence``[j], exactly (up to rounding).
+
+    ``per_sequence`` [B] is aligned with U's rows; ``per_token`` [B, L] float64 (zero off
+    ``response_mask``) sums over each row to ``per_sequence``. Row metadata: ``group_ids``,
+    ``rewards``, ``advantages``, ``lengths`` (response tokens) and ``mean_logp`` (mean token
+    log-prob at θ₀), the quantities of Cui et al.'s covariance picture. ``residual`` = δH₁ −
+    (momentum + decay + Σ per_sequence); ``delta_h1_grad`` = ⟨∇Ĥ, Δθ⟩ is the same δH₁ by the
+    gradient, a cross-check independent of the optimizer algebra.
+
+    Cost: one vjp on E (∇Ĥ) and one jvp on U (along gain ⊙ ∇Ĥ), no per-sample gradients.
+    """
+
+    delta_h1: float
+    momentum: float
+    decay: float
+    per_sequence: torch.Tensor
+    per_token: torch.Tensor
+    response_mask: torch.Tensor
+    group_ids: torch.Tensor | None
+    rewards: torch.Tensor | None
+    advantages: torch.Tensor
+    lengths: torch.Tensor
+    mean_logp: torch.Tensor
+    residual: float
+    delta_h1_grad: float
+    clip_coef: float
+    optimizer: str
+    lr: float
+    timings: dict = field(default_factory=dict)
+    token_ids: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def sequences(self) -> float:
+        """Σ_j δH_j."""
+        return float(self.per_sequence.sum())
+
+    @property
+    def total(self) -> float:
+        """momentum + decay + Σ_j δH_j (equals δH₁ up to ``residual``)."""
+        return self.momentum + self.decay + self.sequences
+
+    @property
+    def relative_residual(self) -> float:
+        return abs(self.residual) / abs(self.delta_h1) if self.delta_h1 else abs(self.residual)
+
+    def columns(self) -> dict[str, list]:
+        """One list per field, one entry per row of U (``pandas.DataFrame(c.columns())``)."""
+        n = len(self.per_sequence)
+        plain = lambda x: [None] * n if x is None else x.tolist()
+        return {
+            "row": list(range(n)),
+            "group": plain(self.group_ids),
+            "reward": plain(self.rewards),
+            "advantage": plain(self.advantages),
+            "length": plain(self.lengths),
+            "mean_logp": plain(self.mean_logp),
+            "delta_h": plain(self.per_sequence),
+        }
+
+    def records(self) -> list[dict]:
+        """One dict per row of U: row, group, reward, advantage, length, mean_logp, delta_h (δH_j)."""
+        cols = self.columns()
+        return [dict(zip(cols, values)) for values in zip(*cols.values())]
+
+    def to_dict(self) -> dict:
+        return results.to_dict(self)
+
+    def top(self, k: int = 5) -> list[dict]:
+        """The k records with the largest |δH_j|, largest first."""
+        order = torch.argsort(self.per_sequence.abs(), descending=True, stable=True)[:k].tolist()
+        recs = self.records()
+        return [recs[i] for i in order]
+
+    def __repr__(self) -> str:
+        parts = results.table(
+            f"Contributions ({self.optimizer}, lr {results.format_number(self.lr)}, clip coef {results.format_number(self.clip_coef)})",
+            [
+                ("δH₁", self.delta_h1),
+                ("  momentum", self.momentum),
+                ("  weight decay", self.decay),
+                (f"  Σ sequences ({len(self.per_sequence)})", self.sequences),
+                ("sum of parts", self.total),
+                ("residual", self.residual),
+                ("relative residual", self.relative_residual),
+            ],
+        )
+        fmt = lambda v, w: f"{'—':>{w}}" if v is None else f"{v:>{w}.4g}"
+        head = f"{'row':>4} {'group':>5} {'reward':>8} {'advantage':>10} {'T':>4} {'mean logp':>10} {'δH_j':>12}"
+        lines = [
+            f"{r['row']:>4} {'—' if r['group'] is None else r['group']:>5} {fmt(r['reward'], 8)} {fmt(r['advantage'], 10)} "
+            f"{r['length']:>4} {fmt(r['mean_logp'], 10)} {fmt(r['delta_h'], 12)}"
+            for r in self.top(5)
+        ]
+        return "\n".join([parts, "top rows by |δH_j|:", head, *lines])
+
+    def _repr_html_(self) -> str:
+        return f"<pre>{self!r}</pre>"
+
+    def plot(self, path=None):
+        """δH_j against the advantage A_j and against the mean token log-prob (scatter, one point per row)."""
+        from .plots import plot_contributions
+
+        return plot_contributions(self, path)
+
+    def plot_tokens(self, row: int, path=None, labels=None):
+        """Heat-strip of row ``row``'s per-token contributions δH_jk over its response; ``labels`` are
+        optional token strings (one per response token) or a tokenizer with ``decode``."""
+        from .plots import plot_token_contributions
+
+        return plot_token_contributions(self, row, path, labels)
+
+
+def decompose(result, *, micro_batch: int | None = None, progress: bool = False) -> Contributions:
+    """Exact per-sequence and per-token parts of a ``ProbeResult``'s δH₁ (see the module docstring).
+
+    Cost: one vjp of Ĥ's linear functional on E (u = ∇Ĥ, the same functional whose contraction with
+    the jvp tangents gives δH₁) and one jvp of U's token log-probs along gain ⊙ u; no per-sample
+    gradient is materialised. ``micro_batch`` defaults to the probe's.
+    """
+    step, ctx, U, optimizer = result.step, result.context, result.U, result.optimizer
+    if step is None or U is None or optimizer is None or result.opt_state is None:
+        raise ValueError("decompose needs a ProbeResult from fprobe.probe (its step, U, optimizer and starting state)")
+    if U.advantages is None:
+        raise ValueError("the update batch has no advantages")
+    micro_batch = ctx.settings.micro_batch if micro_batch is None else micro_batch
+    policy, params = ctx.policy, ctx.params
+    timings = {}
+
+    start = time.perf_counter()
+    _, grad_h, _ = passes.gradient(policy, params, ctx.E, passes.linear_functional(ctx.alpha, ctx.beta), micro_batch, progress)
+    timings["vjp_E"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    tangent, momentum, decay = {}, torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    for name, gain, mom, dec in _parts_of(optimizer, result.opt_state, step.opt_state, params, step.lr):
+        u = grad_h[name].double()
+        tangent[name] = (u * gain).to(params[name].dtype)
+        if mom is not None:
+            momentum = momentum + torch.vdot(u.flatten(), mom.flatten())
+        if dec is not None:
+            decay = decay + torch.vdot(u.flatten(), dec.flatten())
+    delta_h1_grad = float(tree.vdot(grad_h, step.delta))
+    del grad_h
+    timings["parts"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    jet = passes.jet(policy, params, tangent, U, order=1, micro_batch=micro_batch, progress=progress)
+    timings["jvp_U"] = time.perf_counter() - start
+
+    mask = U.response_mask.to(jet.tangent.logp.device)
+    logp0 = (step.logp if step.logp is not None else jet.value.logp).to(jet.tangent.logp.device)
+    weights = losses.row_weights(U, result.loss_type)
+    token_loss = lambda logp: losses.token_losses(logp, U, weights, result.clip)
+    _, loss_dot = torch.func.jvp(token_loss, (logp0,), (jet.tangent.logp,))
+    per_token = (loss_dot * step.clip_coef).double() * mask
+    per_sequence = per_token.sum(-1)
+    momentum, decay = float(momentum), float(decay)
+    lengths = U.lengths
+    contributions = Contributions(
+        delta_h1=float(result.delta_h1),
+        momentum=momentum,
+        decay=decay,
+        per_sequence=per_sequence.cpu(),
+        per_token=per_token.cpu(),
+        response_mask=U.response_mask.cpu(),
+        group_ids=None if U.group_ids is None else U.group_ids.cpu(),
+        rewards=None if U.rewards is None else U.rewards.double().cpu(),
+        advantages=U.advantages.double().cpu(),
+        lengths=lengths.cpu(),
+        mean_logp=((logp0 * mask).sum(-1) / lengths.to(mask.device)).double().cpu(),
+        residual=float(result.delta_h1) - (momentum + decay + float(per_sequence.sum())),
+        delta_h1_grad=delta_h1_grad,
+        clip_coef=float(step.clip_coef),
+        optimizer=optimizer.name,
+        lr=float(step.lr),
+        timings=timings,
+        token_ids=U.input_ids.cpu(),
+    )
+    if contributions.relative_residual > RESIDUAL_WARNING:
+        dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in params.values()})
+        warnings.warn(
+            f"the parts of δH₁ miss it by {contributions.relative_residual:.2g} of its size (parameters in {', '.join(dtypes)}): "
+            "the passes are not precise enough for an exact decomposition; use a float64 (or float32) policy",
+            DecompositionWarning,
+            stacklevel=2,
+        )
+    return contributions
