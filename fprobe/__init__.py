@@ -1,10 +1,12 @@
 """fprobe: what one RL step does to a language model's entropy — ΔH_true by SNIS, δH₁ by jvp."""
 
-from . import optim, tree
+from . import decompose, optim, tree
+from .decompose import Contributions
 from .losses import group_advantages
 from .policy import Policy
 from .probe import EntropyChange, LowESSWarning, ProbeResult, entropy_change, probe
 from .rollouts import Rollouts
+from .sampling import sample
 from .step import Step, rl_step
 from .sweep import SweepResult
 from .tokens import TokenStats, token_stats
@@ -12,4 +14,5 @@ from .tokens import TokenStats, token_stats
 __all__ = [
     "EntropyChange", "LowESSWarning", "Policy", "ProbeResult", "Rollouts", "Step", "SweepResult", "TokenStats",
     "entropy_change", "group_advantages", "optim", "probe", "rl_step", "token_stats", "tree",
+    "sample", "Contributions", "decompose",
 ]

@@ -1,0 +1,223 @@
+"""The ``fprobe`` command line: the no-argument run against the Python API, resuming an interrupted
+multi-checkpoint run, sweeps, optimizer states, and one-line errors that leave earlier records intact."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+
+import fprobe
+from fprobe import cli, toy
+
+SMALL = ["--n-eval", "4", "--n-update-prompts", "2", "--group-size", "2", "--max-new-tokens", "4"]
+REWARDS = "fprobe_cli_test_rewards"
+# One OpenMP thread per subprocess: on a loaded 2-core machine two spinning threads per process cost
+# more than they give for models this small (the numbers do not depend on it).
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The same single intra-op thread in this process (results are the same with any number)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def save_checkpoint(path: Path, seed: int) -> Path:
+    """A tiny GPT-2 over the toy tokenizer's 17 tokens, saved with that tokenizer."""
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=17, n_positions=64, bos_token_id=2, eos_token_id=1)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(toy.DEFAULT_MODEL_PATH / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> Path:
+    """A training run's folder of three checkpoints (natural order 5, 10, 20)."""
+    root = tmp_path_factory.mktemp("run")
+    for seed, step in enumerate((20, 5, 10)):
+        save_checkpoint(root / f"checkpoint-{step}", seed)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reward_dir(tmp_path_factory) -> Path:
+    """A module of test rewards, importable as ``fprobe_cli_test_rewards:<name>``."""
+    root = tmp_path_factory.mktemp("rewards")
+    (root / f"{REWARDS}.py").write_text(
+        "import time\n\n"
+        "def parity(prompt, response, example):\n    return float(sum(map(ord, response)) % 2)\n\n"
+        "def slow(prompt, response, example):\n    time.sleep(0.25)\n    return parity(prompt, response, example)\n\n"
+        "def explode(prompt, response, example):\n    raise RuntimeError('reward server unreachable')\n"
+    )
+    return root
+
+
+@pytest.fixture
+def rewards_importable(reward_dir, monkeypatch):
+    monkeypatch.syspath_prepend(str(reward_dir))
+
+
+def run_cli(*argv, env=SUBPROCESS_ENV, cwd=None, **kw):
+    return subprocess.Popen([*argv], env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+@pytest.mark.slow
+def test_probe_without_arguments_matches_the_python_api(tmp_path):
+    """``python -m fprobe probe`` (and the ``fprobe`` console script) with no options: the built-in toy
+    policy, end to end in under a minute, JSON equal to the library's numbers on the same seed."""
+    module_out, script_dir = tmp_path / "m" / "results.json", tmp_path / "s"
+    script_dir.mkdir()
+    script = Path(sys.executable).parent / "fprobe"
+    start = time.monotonic()
+    module_run = run_cli(sys.executable, "-m", "fprobe", "probe", "--out", str(module_out))
+    script_run = run_cli(str(script), "probe", "--quiet", cwd=script_dir) if script.exists() else None
+    stdout, stderr = module_run.communicate(timeout=180)
+    wall = time.monotonic() - start
+    assert module_run.returncode == 0, stderr
+    assert wall < 60, f"python -m fprobe probe took {wall:.0f} s"
+    for needle in ("ΔH_true", "δH₁", "ΔH_true / δH₁", "ESS fraction", "‖Δθ‖₂", "time jvp"):
+        assert needle in stdout
+    record = json.loads(module_out.read_text())
+
+    args = cli.resolve_defaults(cli.build_parser().parse_args(["probe"]))
+    policy = fprobe.Policy.from_pretrained(toy.DEFAULT_MODEL_PATH, dtype=torch.float64, temperature=args.temperature)
+    tokenizer = AutoTokenizer.from_pretrained(toy.DEFAULT_MODEL_PATH)
+    E, U = fprobe.sample(
+        policy, tokenizer, toy.make_prompts(cli.TOY_POOL_SIZE, args.seed), n_eval=args.n_eval,
+        n_update_prompts=args.n_update_prompts, group_size=args.group_size, reward=toy.verify,
+        max_new_tokens=policy.model.generation_config.max_new_tokens, seed=args.seed,
+    )
+    expected = fprobe.probe(policy, E, U, fprobe.optim.adamw(lr=cli.DEFAULT_LR))
+    for name in ("delta_h_true", "delta_h1", "h_orig", "ess_fraction", "delta_l2"):
+        assert record["result"][name] == pytest.approx(getattr(expected, name), rel=1e-12, abs=0), name
+    assert 0.99 < record["result"]["ratio"] < 1.01, "the default learning rate should sit in the linear regime"
+    assert record["sampling"]["mean_reward"] == pytest.approx(float(U.rewards.mean()), abs=0)
+
+    if script_run is not None:
+        _, stderr = script_run.communicate(timeout=180)
+        assert script_run.returncode == 0, stderr
+        script_record = json.loads((script_dir / "results.json").read_text())
+        assert script_record["result"]["delta_h1"] == record["result"]["delta_h1"]
+
+
+def test_interrupted_multi_checkpoint_run_resumes_with_every_record_once(
+    tmp_path, checkpoints, reward_dir, rewards_importable
+):
+    out = tmp_path / "run.jsonl"
+    argv = ["probe", "--model", str(checkpoints), "--reward", f"{REWARDS}:slow", *SMALL, "--out", str(out), "--quiet"]
+    proc = run_cli(sys.executable, "-m", "fprobe", *argv, env={**SUBPROCESS_ENV, "PYTHONPATH": str(reward_dir)})
+    deadline = time.monotonic() + 120
+    while not (out.exists() and out.read_text().endswith("\n")):
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "no record within 120 s"
+        time.sleep(0.05)
+    proc.kill()
+    proc.communicate()
+    interrupted = out.read_text()
+    assert 1 <= interrupted.count("\n") < 3, "the run should have been killed between checkpoints"
+
+    assert cli.main(argv) == 0
+    resumed = out.read_text()
+    assert resumed.startswith(interrupted), "earlier records are kept byte for byte"
+    records = [json.loads(line) for line in resumed.splitlines()]
+    expected = [str((checkpoints / f"checkpoint-{step}").resolve()) for step in (5, 10, 20)]
+    assert [r["model"] for r in records] == expected
+    assert all(r["key"]["model"] == r["model"] and r["key"]["reward"] == f"{REWARDS}:slow" for r in records)
+
+    assert cli.main(argv) == 0
+    assert out.read_text() == resumed, "a complete run is skipped entirely"
+
+
+def test_sweep_with_lora_writes_table_and_plot(tmp_path, checkpoints, rewards_importable):
+    out = tmp_path / "sweep.json"
+    model = str(checkpoints / "checkpoint-5")
+    argv = [
+        "sweep", "--model", model, "--lora", "2,4,c_attn", "--reward", f"{REWARDS}:parity", *SMALL, "--group-size", "4",
+        "--lrs", "1e-5,1e-4,1e-3", "--out", str(out), "--quiet",
+    ]
+    assert cli.main(argv) == 0
+    record = json.loads(out.read_text())
+    assert record["sweep"]["lrs"] == [1e-5, 1e-4, 1e-3] and len(record["sweep"]["delta_h_true"]) == 3
+    assert record["result"]["grad_norm"] > 0 and record["result"]["delta_h1"] != 0
+    assert all("lora_" in name for name, _ in record["result"]["top_params"])
+    assert (tmp_path / "sweep.png").stat().st_size > 0 and record["plot"] == str(tmp_path / "sweep.png")
+
+
+def test_optimizer_state_is_read_from_each_checkpoint(tmp_path):
+    """A torch AdamW state saved beside the checkpoint sets the learning rate and the moments of the step."""
+    checkpoint = save_checkpoint(tmp_path / "checkpoint-1", seed=3)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.0)
+    ids = torch.tensor([[2, 5, 6, 7, 8, 1]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    torch.save(optimizer.state_dict(), checkpoint / "optimizer.pt")
+    out = tmp_path / "r.json"
+    argv = ["probe", "--model", str(checkpoint), "--optimizer-state", "optimizer.pt", *SMALL, "--out", str(out)]
+    assert cli.main(argv) == 0
+    result = json.loads(out.read_text())["result"]
+    assert result["lr_used"] == 3e-4 and result["delta_l2"] > 0
+
+
+EARLIER = json.dumps({"key": {"model": "an earlier checkpoint"}, "result": {"delta_h_true": 1.5}}) + "\n"
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing model", "not found"),
+        ("empty prompt file", "no prompts in"),
+        ("malformed prompt line", "prompts.jsonl:2: malformed JSON"),
+        ("malformed results line", "run.jsonl:2: malformed JSON"),
+        ("unknown reward", "unknown reward 'nonsense'"),
+        ("reward that raises", "reward server unreachable"),
+    ],
+)
+def test_bad_input_is_one_error_line_and_leaves_earlier_records(
+    case, message, tmp_path, checkpoints, rewards_importable, capsys
+):
+    out = tmp_path / "run.jsonl"
+    out.write_text(EARLIER + ("{truncated\n" if case == "malformed results line" else ""))
+    before = out.read_text()
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": \n' if case == "malformed prompt line" else "")
+    options = {
+        "missing model": ["--model", str(tmp_path / "no-such-model")],
+        "empty prompt file": ["--prompts", str(prompts)],
+        "malformed prompt line": ["--prompts", str(prompts)],
+        "malformed results line": [],
+        "unknown reward": ["--reward", "nonsense"],
+        "reward that raises": ["--reward", f"{REWARDS}:explode"],
+    }[case]
+    argv = ["probe", "--model", str(checkpoints / "checkpoint-5"), *SMALL, "--out", str(out), "--quiet", *options]
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fprobe: error: ") and message in lines[0], captured.err
+    assert "Traceback" not in captured.err + captured.out
+    assert out.read_text() == before
+
+
+def test_lora_and_learning_rate_options_parse():
+    assert cli.parse_lora("8,16,q_proj+v_proj") == (8, 16.0, ["q_proj", "v_proj"])
+    assert cli.parse_lora("4,8,c_attn:c_proj") == (4, 8.0, ["c_attn", "c_proj"])
+    assert cli.parse_lrs("1e-6, 1e-5") == [1e-6, 1e-5]
+
+def test_usage_error_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["probe", "--lora", "8,q_proj"])
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("fprobe probe: error: argument --lora: expected r,alpha,targets")
