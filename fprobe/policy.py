@@ -80,13 +80,47 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     return y if bias is None else y + bias
 
 
-class PrimitiveLayerNorm(torch.overrides.TorchFunctionMode):
-    """Inside this mode ``F.layer_norm`` runs as ``layer_norm`` above."""
+def _float32_target(func, args, kwargs) -> bool:
+    """Whether ``func(*args, **kwargs)`` casts a float64 tensor down to float32."""
+    if not (args and isinstance(args[0], torch.Tensor) and args[0].dtype == torch.float64):
+        return False
+    if func is torch.Tensor.float:
+        return True
+    if func in (torch.Tensor.to, torch.Tensor.type):
+        dtypes = [a for a in (*args[1:], kwargs.get("dtype")) if isinstance(a, torch.dtype)]
+        return dtypes == [torch.float32]
+    return False
+
+
+def _as_float64(args, kwargs):
+    swap = lambda a: torch.float64 if a is torch.float32 else a
+    return tuple(swap(a) for a in args), {k: swap(v) for k, v in kwargs.items()}
+
+
+def silu(x, inplace=False):
+    """x·σ(x) from primitive ops: torch's SiLU jvp calls ``silu_backward``, which has no forward-mode
+    derivative, so forward-over-forward (δH₂) through ``F.silu`` fails."""
+    return x * torch.sigmoid(x)
+
+
+PRIMITIVE = {torch.nn.functional.layer_norm: layer_norm, torch.nn.functional.silu: silu}
+
+
+class Float64Model(torch.overrides.TorchFunctionMode):
+    """Inside fprobe's calls: ``F.layer_norm`` and ``F.silu`` run from primitive ops (``PRIMITIVE``:
+    correct second-order forward-mode derivatives), and a float64 model stays
+    float64 — casts of float64 tensors to float32 (as in Llama/Qwen RMSNorm, which would otherwise put
+    a float32 floor of ~1e-8 under ΔH) keep float64. Float32 and bf16 models are unaffected."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is torch.nn.functional.layer_norm:
-            return layer_norm(*args, **(kwargs or {}))
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if func in PRIMITIVE:
+            return PRIMITIVE[func](*args, **kwargs)
+        if func is torch.Tensor.float and _float32_target(func, args, kwargs):
+            return args[0]
+        if _float32_target(func, args, kwargs):
+            args, kwargs = _as_float64(args, kwargs)
+        return func(*args, **kwargs)
 
 
 def use_fprobe_attention(model: torch.nn.Module) -> None:
@@ -194,7 +228,7 @@ class Policy:
             position_ids=position_ids_from_mask(attention_mask),
             use_cache=False,
         )
-        with input_require_grads_hooks_suspended(self.model), exact_float32_matmul(self.device), PrimitiveLayerNorm():
+        with input_require_grads_hooks_suspended(self.model), exact_float32_matmul(self.device), Float64Model():
             out = functional_call(self.model, dict(params), (input_ids.to(self.device),), kwargs)
         logits = out.logits
         return logits if self.temperature == 1.0 else logits / self.temperature
