@@ -26,7 +26,6 @@ from .losses import LOSS_TYPES
 from .policy import Policy
 from .probe import probe
 from .sampling import sample
-from .step import _cast_tensors
 
 DEFAULT_LR = 1e-6
 DEFAULT_N_EVAL = 64
@@ -265,9 +264,7 @@ def optimizer_and_state(args: argparse.Namespace, model: str, policy: Policy):
         return optim.adamw(lr=DEFAULT_LR), None
     path = optimizer_state_file(args.optimizer_state, model)
     state_dict = torch.load(path, map_location=policy.device, weights_only=True)
-    params = policy.params
-    opt, state = optim.from_torch(state_dict, list(params), params)
-    return opt, _cast_tensors(state, lambda name: params[name].dtype)
+    return optim.from_torch(state_dict, list(policy.params), policy.params)
 
 
 def plot_path(args: argparse.Namespace, index: int, jsonl: bool) -> Path | None:

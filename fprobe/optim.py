@@ -158,12 +158,14 @@ def from_torch(
 
     ``param_names`` lists the parameter names in the order the optimizer holds them (its param
     groups, in order); ``params`` is the trainable tree that will be probed. Hyperparameters come
-    from each param group; tensors are copied, so later steps of the torch optimizer change nothing.
+    from each param group; tensors are copied (to each parameter's device and dtype), so later steps of
+    the torch optimizer change nothing.
     """
     names = list(param_names)
     groups = state_dict["param_groups"]
     first = groups[0]
-    kind = "adam" if "betas" in first else "sgd" if "momentum" in first else None
+    # amsgrad only in Adam/AdamW groups, nesterov only in SGD's (NAdam/RAdam/Adamax have betas, RMSprop momentum)
+    kind = "adam" if "amsgrad" in first else "sgd" if "nesterov" in first else None
     if kind is None:
         raise ValueError(f"unsupported optimizer state: param group keys {sorted(first)} are neither Adam's nor SGD's")
     index_to_name = {}
@@ -175,19 +177,20 @@ def from_torch(
                 raise ValueError(f"optimizer state has parameter index {index}, but only {len(names)} names were given")
             index_to_name[index] = names[index]
             per_name[names[index]] = hyper
-    tree.check_like(params, per_name, "optimizer parameters")
+    tree.check_names(params, per_name, "optimizer parameters")
     state = {index_to_name[i]: s for i, s in state_dict["state"].items()}
+    copy = lambda name, key: state[name][key].detach().to(params[name].device, params[name].dtype, copy=True)
     if kind == "adam":
         opt = adamw(lr=per_name[names[0]]["lr"], groups=per_name)
         zero = opt.init(params)
         return opt, AdamWState(
             {n: int(state[n]["step"]) if n in state else 0 for n in params},
-            {n: state[n]["exp_avg"].detach().clone() if n in state else zero.exp_avg[n] for n in params},
-            {n: state[n]["exp_avg_sq"].detach().clone() if n in state else zero.exp_avg_sq[n] for n in params},
+            {n: copy(n, "exp_avg") if n in state else zero.exp_avg[n] for n in params},
+            {n: copy(n, "exp_avg_sq") if n in state else zero.exp_avg_sq[n] for n in params},
         )
     opt = sgd(lr=per_name[names[0]]["lr"], groups=per_name)
     return opt, SGDState(
-        {n: state[n]["momentum_buffer"].detach().clone() for n in params if state.get(n, {}).get("momentum_buffer") is not None}
+        {n: copy(n, "momentum_buffer") for n in params if state.get(n, {}).get("momentum_buffer") is not None}
     )
 
 

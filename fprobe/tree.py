@@ -17,11 +17,8 @@ def tree_map(fn, tree: Params, *rest: Params) -> Params:
     return optree.tree_map(fn, tree, *rest)
 
 
-def check_like(reference: Mapping, tree: Mapping, what: str = "tree") -> Params:
-    """``tree`` as a plain dict in ``reference``'s key order, after checking names and shapes.
-
-    Raises ``ValueError`` listing the missing and unexpected names, or the first shape mismatch.
-    """
+def check_names(reference: Mapping, tree: Mapping, what: str = "tree") -> None:
+    """Raise ``ValueError`` listing the names of ``reference`` missing from ``tree`` and the unexpected ones."""
     missing = [k for k in reference if k not in tree]
     unexpected = [k for k in tree if k not in reference]
     if missing or unexpected:
@@ -30,6 +27,12 @@ def check_like(reference: Mapping, tree: Mapping, what: str = "tree") -> Params:
             f"missing {missing[:8]}{'...' if len(missing) > 8 else ''} ({len(missing)}), "
             f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''} ({len(unexpected)})"
         )
+
+
+def check_like(reference: Mapping, tree: Mapping, what: str = "tree") -> Params:
+    """``tree`` as a plain dict in ``reference``'s key order, after checking names (``check_names``) and
+    shapes; raises ``ValueError`` naming the first shape mismatch."""
+    check_names(reference, tree, what)
     for name, ref in reference.items():
         if tuple(tree[name].shape) != tuple(ref.shape):
             raise ValueError(f"{what}[{name!r}] has shape {tuple(tree[name].shape)}, the parameter has {tuple(ref.shape)}")

@@ -2,6 +2,7 @@
 real from_pretrained path; hand-made batches with left padding and ragged responses."""
 
 import functools
+import os
 
 import pytest
 import torch
@@ -10,6 +11,10 @@ from transformers import GPT2Config, LlamaConfig, Qwen2Config
 import fprobe
 
 VOCAB = 61
+
+# Tiny models run fastest on one thread (two OpenMP threads contend on a 2-core machine); subprocesses inherit it.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 CONFIGS = {
     "gpt2": lambda: GPT2Config(
