@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import optim, passes, prompts, results, rewards, toy
+from . import distributed, optim, passes, prompts, results, rewards, toy
 from .losses import LOSS_TYPES
 from .policy import Policy
 from .probe import probe
@@ -38,7 +38,7 @@ SWEEP_FACTORS = (0.01, 0.1, 1.0, 10.0, 100.0)
 EXIT_ERROR = 2
 
 # Options that change how a record is computed, not what it is: left out of the resume key.
-EXECUTION_ONLY = ("model", "out", "plot", "quiet", "device", "micro_batch", "generation_batch")
+EXECUTION_ONLY = ("model", "out", "plot", "quiet", "device", "micro_batch", "generation_batch", "timeout")
 
 
 def parse_lora(text: str) -> tuple[int, float, list[str]]:
@@ -93,6 +93,7 @@ def common_options(parser: argparse.ArgumentParser) -> None:
     add("--generation-batch", type=int, default=DEFAULT_GENERATION_BATCH,
         help="rows per generate call (the samples do not depend on it)")
     add("--quiet", action="store_true", help="no progress bars, no tables")
+    add("--timeout", type=float, default=300.0, help="seconds a torchrun rank waits in a collective before failing")
 
 
 class Parser(argparse.ArgumentParser):
@@ -311,7 +312,7 @@ def probe_model(args, model: str, pool: list[dict], reward, key: dict, plot: Pat
     if args.command == "sweep" or plot is not None:
         sweep = result.sweep(sweep_lrs(args, result.lr_used), progress=not args.quiet)
         record["sweep"] = sweep.to_dict()
-    if plot is not None:
+    if plot is not None and distributed.is_main():
         import matplotlib.pyplot as plt
 
         plt.close(sweep.plot(plot))
@@ -362,6 +363,8 @@ def run(args: argparse.Namespace) -> None:
                 print(f"{model}: already in {out}, skipped")
             continue
         record = probe_model(args, model, pool, reward, key, plot_path(args, index, jsonl))
+        if not distributed.is_main():
+            continue
         if jsonl:
             append_record(out, record)
         else:
@@ -377,6 +380,8 @@ def one_line(error: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = resolve_defaults(build_parser().parse_args(argv))
     try:
+        if distributed.init_from_env(args.timeout) and not distributed.is_main():
+            args.quiet = True
         with command_line_output():
             run(args)
     except KeyboardInterrupt:

@@ -56,6 +56,15 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([b[: int(c.item())] for b, c in zip(blocks, counts)])
 
 
+def gather_lists(items: list) -> list:
+    """Concatenate every rank's Python list in rank order (small, picklable items: sampled token ids)."""
+    if world()[1] == 1:
+        return items
+    lists = [None] * world()[1]
+    dist.all_gather_object(lists, items)
+    return [x for part in lists for x in part]
+
+
 def all_reduce_tree(grads: tree.Params) -> tree.Params:
     """Σ over ranks of a name-keyed tree, as one flat all-reduce per dtype."""
     if world()[1] == 1:

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 
+from . import distributed
 from . import prompts as prompt_records
 from . import rewards as reward_functions
 from .losses import group_advantages
@@ -234,7 +235,8 @@ def sample(
     advantages (``fprobe.group_advantages`` with ``advantage_scale``) and
     ``max_response_length = max_new_tokens``. Every row samples until EOS or ``max_new_tokens``,
     with no top-k truncation; ``top_p < 1`` samples a truncated distribution, no longer π_θ₀ itself.
-    Reproducible from ``seed`` whatever ``batch_size`` (see the module docstring).
+    Reproducible from ``seed`` whatever ``batch_size`` (see the module docstring). Under
+    torch.distributed each rank generates its block of rows and every rank receives all of them.
     """
     records = prompt_records.load_prompts(prompts)
     reward_fn = reward_functions.resolve_reward(reward)
@@ -243,12 +245,13 @@ def sample(
     prompt_ids = tokenize_prompts(tokenizer, {p: records[p] for _, p, _ in rows}, chat_template)
     eos_ids = stop_token_ids(policy.model, tokenizer)
     pad_id = pad_token_id(tokenizer, eos_ids)
-    generators = [row_generator(seed, role, p, s, policy.device) for role, p, s in rows]
     row_prompts = [prompt_ids[p] for _, p, _ in rows]
-    responses = generate_responses(
-        policy, row_prompts, generators, eos_ids=eos_ids, pad_id=pad_id,
+    mine = distributed.local_rows(len(rows))
+    generators = [row_generator(seed, role, p, s, policy.device) for role, p, s in rows[mine]]
+    responses = distributed.gather_lists(generate_responses(
+        policy, row_prompts[mine], generators, eos_ids=eos_ids, pad_id=pad_id,
         max_new_tokens=max_new_tokens, top_p=top_p, batch_size=batch_size, quiet=quiet,
-    )
+    ))
     n = len(eval_rows)
     E = to_rollouts(row_prompts[:n], responses[:n], pad_id)
     update_records = [records[p] for p, _ in update_rows]

@@ -75,3 +75,22 @@ def test_a_failing_rank_stops_every_rank(model_dir, tmp_path):
     assert all(code != 0 for code, _ in results), results
     assert "rank 1 fails on purpose" in results[1][1]
     assert time.monotonic() - start < 120
+
+
+@pytest.mark.slow
+def test_command_line_under_torchrun_equals_one_process(tmp_path):
+    """torchrun samples each rank's rows (per-prompt random streams), probes data-parallel, and rank 0
+    writes the same record as a single process."""
+    import json
+
+    args = ["probe", "--n-eval", "12", "--n-update-prompts", "3", "--group-size", "3", "--quiet", "--micro-batch", "4"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = lambda cmd: subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    single = run([sys.executable, "-m", "fprobe", *args, "--out", str(tmp_path / "one.json")])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    double = run([*torchrun, "-m", "fprobe", *args, "--out", str(tmp_path / "two.json")])
+    assert single.returncode == 0 and double.returncode == 0, (single.stderr, double.stderr)
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert one["sampling"] == two["sampling"]
+    for name in ("h_orig", "delta_h_true", "delta_h1", "ess", "loss", "grad_norm", "delta_l2"):
+        assert close(two["result"][name], one["result"][name]), name
