@@ -59,6 +59,7 @@ def rl_step(
     ``lr`` overrides the optimizer's learning rate for this step only.
     """
     params = tree.check_like(policy.params, params, "params")
+    tree.check_finite(params, "the value")
     value, grads, stats = loss_and_grad(policy, params, U, loss, micro_batch, clip)
     if not torch.isfinite(torch.tensor(value)):
         raise FloatingPointError(f"the {loss} loss on the update batch is not finite ({value})")

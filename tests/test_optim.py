@@ -1,0 +1,248 @@
+"""fprobe.optim against torch.optim (foreach=False) bit for bit, on a real tiny GPT-2's parameters and
+gradients: AdamW and SGD, float32 and float64, two param groups, several steps, and after importing
+a torch optimizer's state mid-training; clipping against torch.nn.utils.clip_grad_norm_."""
+
+import io
+
+import optree
+import pytest
+import torch
+from conftest import make_batch
+
+import fprobe
+from fprobe import optim, tree
+from fprobe.step import loss_and_grad
+
+STEPS = 3
+DTYPES = [torch.float32, torch.float64]
+
+SGD_CONFIGS = {
+    "plain": dict(momentum=0.0),
+    "momentum": dict(momentum=0.9, dampening=0.1, weight_decay=0.01),
+    "nesterov": dict(momentum=0.8, nesterov=True, weight_decay=0.02),
+}
+
+
+def is_group_b(name: str) -> bool:
+    """Second param group: LayerNorms and biases (different lr, no weight decay)."""
+    return "ln" in name or name.endswith("bias")
+
+
+# Two param groups with different lr and weight decay: (lr, weight_decay) of group a and group b.
+GROUPS = {"adamw": ((3e-3, 0.1), (1e-2, 0.0)), "sgd": ((2e-2, None), (5e-2, 0.0))}
+
+
+def torch_groups(named: dict, kind: str, weight_decay: float = 0.0) -> list[dict]:
+    """The two torch param groups, in order; SGD's group a takes the config's weight decay."""
+    (lr_a, wd_a), (lr_b, wd_b) = GROUPS[kind]
+    a = [p for n, p in named.items() if not is_group_b(n)]
+    b = [p for n, p in named.items() if is_group_b(n)]
+    return [dict(params=a, lr=lr_a, weight_decay=weight_decay if wd_a is None else wd_a),
+            dict(params=b, lr=lr_b, weight_decay=wd_b)]
+
+
+def make_pair(named: dict, kind: str, **kw) -> tuple[optim.Optimizer, torch.optim.Optimizer]:
+    """fprobe's optimizer and torch's (foreach=False) with the same hyperparameters and groups."""
+    (lr_a, wd_a), (lr_b, wd_b) = GROUPS[kind]
+    group_b = {n: dict(lr=lr_b, weight_decay=wd_b) for n in named if is_group_b(n)}
+    if kind == "adamw":
+        fopt = optim.adamw(lr=lr_a, betas=(0.9, 0.99), eps=1e-8, weight_decay=wd_a, groups=group_b)
+        topt = torch.optim.AdamW(torch_groups(named, kind), betas=(0.9, 0.99), eps=1e-8, foreach=False)
+        return fopt, topt
+    wd = kw.pop("weight_decay", 0.0)
+    fopt = optim.sgd(lr=lr_a, weight_decay=wd, groups=group_b, **kw)
+    topt = torch.optim.SGD(torch_groups(named, kind, wd), foreach=False, **kw)
+    return fopt, topt
+
+
+class Setting:
+    """A real tiny GPT-2 policy, its trainable params (cloned), and torch leaf copies of them."""
+
+    def __init__(self, load_policy, dtype):
+        self.policy = load_policy("gpt2", dtype)
+        self.batch = make_batch(n=6, width=12, seed=7)
+        self.params = {n: p.clone() for n, p in self.policy.params.items()}
+        self.torch_params = {n: torch.nn.Parameter(p.clone()) for n, p in self.params.items()}
+
+    def grads(self, params):
+        return loss_and_grad(self.policy, params, self.batch)[1]
+
+    def torch_step(self, opt, grads):
+        for name, p in self.torch_params.items():
+            p.grad = grads[name].clone()
+        opt.step()
+
+    def assert_params_equal(self, params, when):
+        for name, p in self.torch_params.items():
+            assert torch.equal(params[name], p.detach()), f"{name} differs from torch.optim {when}"
+
+
+def assert_adam_state_equal(state: optim.AdamWState, torch_opt, torch_params):
+    for name, p in torch_params.items():
+        s = torch_opt.state[p]
+        assert state.step[name] == int(s["step"]), name
+        assert torch.equal(state.exp_avg[name], s["exp_avg"]), name
+        assert torch.equal(state.exp_avg_sq[name], s["exp_avg_sq"]), name
+
+
+def run_both(setting, fopt, fstate, params, topt, steps):
+    """``steps`` steps of both optimizers on the same (real) gradients; bit-equal after each."""
+    for k in range(steps):
+        g = setting.grads(params)
+        params, fstate = fopt.update(g, fstate, params)
+        setting.torch_step(topt, g)
+        setting.assert_params_equal(params, f"after step {k + 1}")
+    return params, fstate
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adamw_equals_torch_bit_for_bit(load_policy, dtype):
+    s = Setting(load_policy, dtype)
+    fopt, topt = make_pair(s.torch_params, "adamw")
+    params, state = run_both(s, fopt, fopt.init(s.params), s.params, topt, STEPS)
+    assert_adam_state_equal(state, topt, s.torch_params)
+    assert not torch.equal(params["transformer.wte.weight"], s.params["transformer.wte.weight"])
+
+
+@pytest.mark.parametrize("config", list(SGD_CONFIGS))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sgd_equals_torch_bit_for_bit(load_policy, dtype, config):
+    s = Setting(load_policy, dtype)
+    fopt, topt = make_pair(s.torch_params, "sgd", **SGD_CONFIGS[config])
+    _, state = run_both(s, fopt, fopt.init(s.params), s.params, topt, STEPS)
+    for name, p in s.torch_params.items():
+        buffer = topt.state[p].get("momentum_buffer")
+        assert (buffer is None) == (name not in state.momentum_buffer)
+        assert buffer is None or torch.equal(state.momentum_buffer[name], buffer), name
+
+
+def snapshot(t):
+    return optree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, t)
+
+
+def assert_same(a, b):
+    assert optree.tree_structure(a) == optree.tree_structure(b)
+    for x, y in zip(optree.tree_leaves(a), optree.tree_leaves(b)):
+        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+
+
+def save_and_load(state_dict) -> dict:
+    """A state_dict through a checkpoint file, loaded the safe way."""
+    f = io.BytesIO()
+    torch.save(state_dict, f)
+    f.seek(0)
+    return torch.load(f, weights_only=True)
+
+
+def train_torch(setting, topt, steps):
+    """Train the torch copy alone for ``steps`` steps; return its parameters as a name-keyed tree."""
+    for _ in range(steps):
+        setting.torch_step(topt, setting.grads({n: p.detach().clone() for n, p in setting.torch_params.items()}))
+    return {n: p.detach().clone() for n, p in setting.torch_params.items()}
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_state_imported_from_a_checkpoint_continues_bit_for_bit(load_policy, dtype, kind):
+    s = Setting(load_policy, dtype)
+    kw = SGD_CONFIGS["nesterov"] if kind == "sgd" else {}
+    _, topt = make_pair(s.torch_params, kind, **kw)
+    params = train_torch(s, topt, 3)
+    order = [n for n in s.torch_params if not is_group_b(n)] + [n for n in s.torch_params if is_group_b(n)]
+    fopt, state = optim.from_torch(save_and_load(topt.state_dict()), order, params)
+    assert fopt.name == kind
+    for name in params:  # hyperparameters come from each param group
+        expected_lr = topt.param_groups[1 if is_group_b(name) else 0]["lr"]
+        assert fopt.hyper(name)["lr"] == expected_lr
+        assert fopt.hyper(name)["weight_decay"] == topt.param_groups[1 if is_group_b(name) else 0]["weight_decay"]
+    if kind == "adamw":
+        assert_adam_state_equal(state, topt, s.torch_params)
+    run_both(s, fopt, state, params, topt, 3)
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_state_imported_from_a_live_optimizer_is_a_copy_and_continues_bit_for_bit(load_policy, kind):
+    s = Setting(load_policy, torch.float64)
+    kw = SGD_CONFIGS["momentum"] if kind == "sgd" else {}
+    _, topt = make_pair(s.torch_params, kind, **kw)
+    params = train_torch(s, topt, 2)
+    fopt, state = optim.from_torch_optimizer(topt, s.torch_params.items(), params)
+    imported = snapshot(state)
+    live = {t.untyped_storage().data_ptr() for st in topt.state.values() for t in st.values() if isinstance(t, torch.Tensor)}
+    assert not any(x.untyped_storage().data_ptr() in live for x in optree.tree_leaves(state) if isinstance(x, torch.Tensor))
+    run_both(s, fopt, state, params, topt, 2)  # torch goes on training, updating its state in place
+    assert_same(state, imported)
+
+
+def test_unsupported_torch_options_are_named(load_policy):
+    s = Setting(load_policy, torch.float64)
+    names = list(s.torch_params)
+    for make, message in [
+        (lambda ps: torch.optim.AdamW(ps, amsgrad=True), r"\['amsgrad'\]"),
+        (lambda ps: torch.optim.Adam(ps, weight_decay=0.1), "coupled weight decay"),
+        (lambda ps: torch.optim.RMSprop(ps, momentum=0.9), "neither Adam's nor SGD's"),
+        (lambda ps: torch.optim.NAdam(ps), "neither Adam's nor SGD's"),
+        (lambda ps: torch.optim.Adamax(ps), "neither Adam's nor SGD's"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            optim.from_torch(make(list(s.torch_params.values())).state_dict(), names, s.params)
+
+
+def test_import_checks_the_parameter_names(load_policy):
+    s = Setting(load_policy, torch.float64)
+    state_dict = torch.optim.AdamW(list(s.torch_params.values())).state_dict()
+    with pytest.raises(ValueError, match=r"optimizer parameters: names do not match.*unexpected \['extra'\]"):
+        optim.from_torch(state_dict, list(s.torch_params)[:-1] + ["extra"], s.params)
+    with pytest.raises(ValueError, match="only 3 names were given"):
+        optim.from_torch(state_dict, list(s.torch_params)[:3], s.params)
+    stranger = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    with pytest.raises(ValueError, match=r"positions \[0\] are not among the model's named parameters"):
+        optim.from_torch_optimizer(stranger, s.torch_params.items(), s.params)
+
+
+@pytest.mark.parametrize("make", [lambda: optim.adamw(lr=1e-2), lambda: optim.sgd(lr=1e-2, momentum=0.9, weight_decay=0.1)])
+def test_update_mutates_nothing(load_policy, make):
+    s = Setting(load_policy, torch.float64)
+    opt = make()
+    g = s.grads(s.params)
+    params, state = opt.update(g, opt.init(s.params), s.params)  # a state with non-zero moments
+    g2 = s.grads(params)
+    before = snapshot((g2, state, params))
+    opt.update(g2, state, params)
+    assert_same((g2, state, params), before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_clip_by_global_norm_equals_torch(load_policy, dtype):
+    s = Setting(load_policy, dtype)
+    g = s.grads(s.params)
+    for max_norm in (1e-3, 0.3, 1e6):
+        clipped, coef = optim.clip_by_global_norm(g, max_norm)
+        for name, p in s.torch_params.items():
+            p.grad = g[name].clone()
+        total = torch.nn.utils.clip_grad_norm_(list(s.torch_params.values()), max_norm, foreach=False)
+        assert coef == min(1.0, float(max_norm / (total + 1e-6)))
+        assert (coef < 1.0) == (max_norm < float(total))
+        for name, p in s.torch_params.items():
+            assert torch.equal(clipped[name], p.grad), (name, max_norm)
+
+
+def test_lr_override_rescales_every_group_alike():
+    names = ["a", "b"]
+    opt = optim.sgd(lr=0.1, groups={"b": dict(lr=0.4)})
+    params = {n: torch.ones(3, dtype=torch.float64) for n in names}
+    grads = {n: torch.full((3,), 2.0 ** -3, dtype=torch.float64) for n in names}
+    new, _ = opt.update(grads, opt.init(params), params, 0.05)
+    assert torch.equal(new["a"], params["a"] - 0.05 * grads["a"])
+    assert torch.equal(new["b"], params["b"] - 0.4 * 0.05 / 0.1 * grads["b"])
+
+
+def test_optimizer_is_a_namedtuple_with_init_and_update():
+    opt = optim.adamw(lr=1e-4)
+    assert opt.name == "adamw" and opt.lr == 1e-4 and opt.hyper("anything")["weight_decay"] == 0.01
+    assert opt._replace(lr=2.0).lr == 2.0
+    params = {"w": torch.zeros(2)}
+    state = opt.init(params)
+    assert state.step == {"w": 0} and torch.equal(state.exp_avg["w"], torch.zeros(2))
+    assert fprobe.optim.sgd().init(params) == optim.SGDState({})
+    assert tree.norm(state.exp_avg_sq) == 0

@@ -1,0 +1,230 @@
+"""The policy as a pure function of its parameters: same logits and gradients as the model run
+normally, padding-invariant, tied embeddings counted once, LoRA adapters only, no dropout."""
+
+import copy
+
+import pytest
+import torch
+from conftest import make_batch
+from transformers import AutoModelForCausalLM
+
+import fprobe
+from fprobe import tree
+from fprobe.policy import position_ids_from_mask
+from fprobe.step import loss_and_grad
+
+LORA = {
+    "gpt2": dict(r=2, lora_alpha=4, target_modules=["c_attn"]),
+    "qwen2": dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
+    "llama": dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
+}
+
+
+# Gradient agreement with the model run normally, in float64. GPT-2 is float64 throughout either way;
+# transformers' Llama/Qwen2 RMSNorm rounds to float32 when run normally, while fprobe's calls keep a
+# float64 model float64, so there the plain reference itself carries float32 rounding (~1e-7).
+GRAD_TOLERANCE = {"gpt2": 1e-12, "qwen2": 1e-6, "llama": 1e-6}
+
+
+def model_state(model) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_state_unchanged(model, before: dict) -> None:
+    after = model.state_dict()
+    assert list(after) == list(before)
+    for k, v in before.items():
+        assert torch.equal(after[k], v), f"{k} changed"
+
+
+def plain_dr_grpo_loss(model, batch, clip=0.2):
+    """The dr_grpo loss of ``batch`` written plainly on ``model(...).logits`` (TRL's formula)."""
+    mask = batch.response_mask[:, 1:].double()
+    logits = model(
+        batch.input_ids, attention_mask=batch.attention_mask,
+        position_ids=position_ids_from_mask(batch.attention_mask), use_cache=False,
+    ).logits
+    logp = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, batch.input_ids[:, 1:, None])[..., 0]
+    adv = batch.advantages.double()[:, None]
+    ratio = torch.exp(logp - logp.detach())
+    per_token = -torch.min(ratio * adv, torch.clamp(ratio, 1 - clip, 1 + clip) * adv)
+    max_len = batch.max_response_length or int(batch.lengths.max())
+    return (per_token * mask).sum() / (len(batch) * max_len)
+
+
+def plain_gradient(model, batch) -> tuple[float, dict]:
+    """(loss, ∂loss/∂θ) of the model run normally, by autograd, over its trainable parameters."""
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    loss = plain_dr_grpo_loss(model, batch)
+    return loss.item(), dict(zip(named, torch.autograd.grad(loss, list(named.values()))))
+
+
+def assert_trees_close(got: dict, expected: dict, rel: float) -> None:
+    assert list(got) == list(expected)
+    scale = max(float(x.abs().max()) for x in expected.values())
+    for name in expected:
+        err = float((got[name] - expected[name]).abs().max())
+        assert err <= rel * scale, f"{name}: |Δ| = {err:.3g} > {rel:g}·{scale:.3g}"
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
+def test_gradient_equals_plain_autograd_of_the_model(load_policy, arch):
+    policy = load_policy(arch, torch.float64)
+    batch = make_batch(n=6, width=12, seed=11, max_response_length=12)
+    value, grads = loss_and_grad(policy, policy.params, batch)[:2]
+    expected_value, expected = plain_gradient(policy.model, batch)
+    assert abs(value - expected_value) <= 1e-14 * max(1.0, abs(expected_value))
+    assert_trees_close(grads, expected, GRAD_TOLERANCE[arch])
+
+
+def test_gpt2_gradient_equals_that_of_the_eager_attention_model(load_policy, model_dir):
+    policy = load_policy("gpt2", torch.float64)
+    eager = AutoModelForCausalLM.from_pretrained(model_dir("gpt2"), dtype=torch.float64, attn_implementation="eager").eval()
+    batch = make_batch(n=6, width=12, seed=12)
+    assert_trees_close(loss_and_grad(policy, policy.params, batch)[1], plain_gradient(eager, batch)[1], 1e-12)
+
+
+def test_tied_embeddings_are_one_parameter_with_the_lm_heads_share_of_the_gradient(load_policy):
+    policy = load_policy("llama", torch.float64)
+    assert policy.model.lm_head.weight is policy.model.model.embed_tokens.weight
+    assert "model.embed_tokens.weight" in policy.params and "lm_head.weight" not in policy.params
+    batch = make_batch(n=6, width=12, seed=13)
+    grads = loss_and_grad(policy, policy.params, batch)[1]
+    assert_trees_close(grads, plain_gradient(policy.model, batch)[1], GRAD_TOLERANCE["llama"])
+    # token 0 never occurs in the batch: its embedding row gets gradient only through the lm_head
+    assert not bool((batch.input_ids == 0).any())
+    assert float(grads["model.embed_tokens.weight"][0].abs().max()) > 0
+
+
+def test_apply_at_other_params_equals_the_model_with_those_weights_loaded(load_policy):
+    policy = load_policy("gpt2", torch.float64)
+    before = model_state(policy.model)
+    g = torch.Generator().manual_seed(0)
+    other = tree.tree_map(lambda p: p + 0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype), policy.params)
+    reference = copy.deepcopy(policy.model)
+    reference.load_state_dict(other, strict=False)
+    batch = make_batch(n=4, width=10, seed=14)
+    with torch.no_grad():
+        ours = policy.apply(other, batch.input_ids, batch.attention_mask)
+        theirs = reference(batch.input_ids, attention_mask=batch.attention_mask,
+                           position_ids=position_ids_from_mask(batch.attention_mask)).logits
+        own = policy.apply(policy.params, batch.input_ids, batch.attention_mask)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-14)  # functional_call vs direct: to the last ulps
+    assert not torch.allclose(ours, own)
+    assert_state_unchanged(policy.model, before)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
+def test_left_padding_does_not_change_a_rows_token_statistics(load_policy, arch):
+    policy = load_policy(arch, torch.float64)
+    batch = make_batch(n=8, width=14, seed=15)
+    assert bool((batch.attention_mask[:, 0] == 0).any()), "some rows must be left-padded"
+    stats = fprobe.token_stats(policy, policy.params, batch)
+    for i in range(len(batch)):
+        real = batch.attention_mask[i].bool()
+        alone = fprobe.Rollouts(batch.input_ids[i, real][None], torch.ones(1, int(real.sum())), batch.response_mask[i, real][None])
+        single = fprobe.token_stats(policy, policy.params, alone)
+        torch.testing.assert_close(stats.logp[i, real], single.logp[0], rtol=0, atol=1e-10)
+        torch.testing.assert_close(stats.entropy[i, real], single.entropy[0], rtol=0, atol=1e-10)
+
+
+def test_temperature_divides_the_logits(load_policy):
+    hot = load_policy("gpt2", torch.float64, temperature=2.0)
+    batch = make_batch(n=2, width=8, seed=16)
+    with torch.no_grad():
+        logits = hot.model(batch.input_ids, attention_mask=batch.attention_mask,
+                           position_ids=position_ids_from_mask(batch.attention_mask)).logits
+        ours = hot.apply(hot.params, batch.input_ids, batch.attention_mask)
+    torch.testing.assert_close(ours, logits / 2.0, rtol=0, atol=1e-14)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        fprobe.Policy(hot.model, temperature=0.0)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
+def test_lora_params_are_the_adapter_weights_only(load_policy, arch):
+    policy = load_policy(arch, torch.float64, lora=LORA[arch])
+    names = list(policy.params)
+    n_layers = 2
+    assert len(names) == 2 * n_layers * len(LORA[arch]["target_modules"])
+    assert all(".lora_A." in n or ".lora_B." in n for n in names)
+    frozen = [n for n, p in policy.model.named_parameters() if not p.requires_grad]
+    assert frozen and not any("lora_" in n for n in frozen)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
+def test_lora_step_moves_the_adapter_and_never_the_base(load_policy, arch):
+    policy = load_policy(arch, torch.float64, lora=LORA[arch])
+    before = model_state(policy.model)
+    batch = make_batch(n=6, width=12, seed=17)
+    opt = fprobe.optim.adamw(lr=1e-2)
+    step = fprobe.rl_step(policy, policy.params, opt, opt.init(policy.params), batch)
+    assert list(step.params) == list(policy.params) == list(step.delta)
+    assert step.delta_l2 > 0
+    assert_state_unchanged(policy.model, before)
+    with torch.no_grad():
+        moved = policy.apply(step.params, batch.input_ids, batch.attention_mask)
+        base = policy.apply(policy.params, batch.input_ids, batch.attention_mask)
+    assert not torch.allclose(moved, base), "the adapter step must change the policy"
+
+
+def test_lora_gradient_equals_plain_autograd(load_policy):
+    policy = load_policy("qwen2", torch.float64, lora=LORA["qwen2"])
+    batch = make_batch(n=6, width=12, seed=18)
+    opt = fprobe.optim.sgd(lr=1.0)
+    # move off LoRA's zero-initialised B so that every adapter weight has a gradient
+    params = fprobe.rl_step(policy, policy.params, opt, opt.init(policy.params), batch).params
+    reference = copy.deepcopy(policy.model)
+    reference.load_state_dict(params, strict=False)
+    assert_trees_close(loss_and_grad(policy, params, batch)[1], plain_gradient(reference, batch)[1], GRAD_TOLERANCE["qwen2"])
+
+
+def test_jvp_works_with_input_require_grads_hooks_and_keeps_them(load_policy):
+    policy = load_policy("gpt2", torch.float64, lora=LORA["gpt2"])
+    batch = make_batch(n=3, width=10, seed=19)
+    g = torch.Generator().manual_seed(1)
+    tangent = tree.tree_map(lambda p: torch.randn(p.shape, generator=g, dtype=p.dtype), policy.params)
+    f = lambda p: policy.apply(p, batch.input_ids, batch.attention_mask)
+    with torch.no_grad():
+        _, without_hooks = torch.func.jvp(f, (policy.params,), (tangent,))
+    policy.model.enable_input_require_grads()
+    try:
+        with torch.no_grad():
+            _, with_hooks = torch.func.jvp(f, (policy.params,), (tangent,))
+        assert torch.equal(with_hooks, without_hooks)
+        assert float(with_hooks.abs().max()) > 0
+        # the user's hook is back in place after the pure call
+        assert policy.model.get_input_embeddings()(batch.input_ids).requires_grad
+    finally:
+        policy.model.disable_input_require_grads()
+
+
+def test_train_mode_with_dropout_is_refused_and_changes_nothing(load_policy):
+    policy = load_policy("gpt2", torch.float64)
+    batch = make_batch(n=4, width=10, seed=20)
+    before = model_state(policy.model)
+    policy.model.train()
+    try:
+        with pytest.raises(ValueError, match=r"train mode with active dropout \('transformer.drop'.*model.eval\(\)"):
+            policy.apply(policy.params, batch.input_ids, batch.attention_mask)
+        with pytest.raises(ValueError, match="train mode with active dropout"):
+            fprobe.Policy(policy.model)
+    finally:
+        policy.model.eval()
+    assert_state_unchanged(policy.model, before)
+    policy.apply(policy.params, batch.input_ids, batch.attention_mask)  # fine again in eval mode
+
+
+def test_a_model_without_trainable_parameters_is_refused(model_dir):
+    model = AutoModelForCausalLM.from_pretrained(model_dir("gpt2")).eval().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        fprobe.Policy(model)
+
+
+def test_a_missing_model_fails_with_a_clear_message(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cannot load model .*not a local folder"):
+        fprobe.Policy.from_pretrained(tmp_path / "no-such-model")
+
+
+def test_position_ids_follow_the_attention_mask():
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
+    assert position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2, 2], [0, 1, 2, 3, 4, 5]]
