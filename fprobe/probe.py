@@ -197,12 +197,15 @@ def entropy_change(
     micro_batch: int | None = passes.DEFAULT_MICRO_BATCH,
     ess_threshold: float = 0.5,
     progress: bool = False,
+    new_params=None,
 ) -> EntropyChange:
     """What moving the policy's parameters by ``delta`` (any name-keyed Δθ, e.g. the difference of two
     checkpoints) does to the entropy on E: ΔH_true by SNIS at θ₀+Δθ (``functional_call``, the model
     untouched), δH₁ (jvp, or ``method="grad"``: ∇Ĥ · Δθ), δH₂ if ``second_order``.
 
-    ``lr`` is the learning rate that produced Δθ (it sets the sweep's scale; default 1).
+    ``lr`` is the learning rate that produced Δθ (it sets the sweep's scale; default 1). ``new_params``
+    are θ₀+Δθ exactly as the model sees them (``rl_step``'s ``params``, which can differ from
+    ``params + delta`` by an ulp where the update nearly cancels a parameter); default ``params + delta``.
     """
     settings = Settings(estimator, normalize, entropy, baseline, method, micro_batch, ess_threshold)
     params = tree.check_like(policy.params, policy.params if params is None else params, "params")
@@ -215,7 +218,8 @@ def entropy_change(
     context = Context(policy, params, E, rows0, denom, alpha, beta, settings)
     start = time.perf_counter()
     h0 = float(estimators.snis_value(rows0.logp, rows0.entropy, rows0.logp, denom))
-    new = snis_at(context, tree.add(params, delta), progress)
+    new_params = tree.add(params, delta) if new_params is None else tree.check_like(params, new_params, "new_params")
+    new = snis_at(context, new_params, progress)
     timings["forward_new"] = time.perf_counter() - start
     change = float(new.value) - h0
     return EntropyChange(
@@ -268,7 +272,9 @@ def probe(
         policy, params, optimizer, opt_state, U, lr=lr, loss=loss, clip=clip, max_grad_norm=max_grad_norm, micro_batch=micro_batch
     )
     step_time = time.perf_counter() - start
-    change = entropy_change(policy, E, step.delta, params=params, lr=step.lr, micro_batch=micro_batch, progress=progress, **estimate)
+    change = entropy_change(
+        policy, E, step.delta, params=params, new_params=step.params, lr=step.lr, micro_batch=micro_batch, progress=progress, **estimate
+    )
     return ProbeResult(
         **{**vars(change), "timings": {"step": step_time, **change.timings}},
         loss=step.loss,
