@@ -119,7 +119,7 @@ def main(argv=None):
         print(f"{name:<{name_width}}  {seconds:>9.4f}  {seconds / base:>10.2f}")
     expected = rows["vjp on E"] + rows["jvp on U"]
     print(f"\ncontributions() / (vjp on E + jvp on U) = {rows['contributions()'] / expected:.2f}")
-    print(f"inside contributions() (last run, wall clock): " + ", ".join(f"{k} {v:.4f}s" for k, v in contrib.timings.items()))
+    print("inside contributions() (last run, wall clock): " + ", ".join(f"{k} {v:.4f}s" for k, v in contrib.timings.items()))
     print(f"sum check: relative residual {contrib.relative_residual:.2e} (δH₁ = {contrib.delta_h1:.6e})")
 
 

@@ -18,18 +18,7 @@ from fprobe import cli, toy
 
 SMALL = ["--n-eval", "4", "--n-update-prompts", "2", "--group-size", "2", "--max-new-tokens", "4"]
 REWARDS = "fprobe_cli_test_rewards"
-# One OpenMP thread per subprocess: on a loaded 2-core machine two spinning threads per process cost
-# more than they give for models this small (the numbers do not depend on it).
-SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The same single intra-op thread in this process (results are the same with any number)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+SUBPROCESS_ENV = dict(os.environ)  # conftest sets OMP_NUM_THREADS=1
 
 
 def save_checkpoint(path: Path, seed: int) -> Path:

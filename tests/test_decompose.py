@@ -14,7 +14,7 @@ import torch
 
 import fprobe
 from fprobe import decompose as dec
-from fprobe import losses, step as step_module, tree
+from fprobe import step as step_module, tree
 
 from conftest import make_batch
 

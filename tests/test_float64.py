@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import fprobe
-from conftest import make_batch
 from fprobe import tree
 
 

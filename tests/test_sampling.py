@@ -23,14 +23,6 @@ def tiny_gpt2(seed: int = 0, init_range: float = 0.02):
     return AutoModelForCausalLM.from_config(config).double().eval()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: for models this small, a second spinning thread only costs time on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def tokenizer():
