@@ -91,7 +91,7 @@ def _parts_of(optimizer: Optimizer, opt_state, new_state, params, lr: float | No
             gain = -rate * coef
             decay = p.double() * (-rate * coef * h["weight_decay"]) if h["weight_decay"] != 0 else None
         else:
-            raise NotImplementedError(f"no decomposition for optimizer {optimizer.name!r} (only 'adamw' and 'sgd')")
+            raise ValueError(f"no decomposition for optimizer {optimizer.name!r} (only 'adamw' and 'sgd')")
         yield name, gain, momentum, decay
 
 

@@ -1,15 +1,17 @@
 """Micro-batched passes of a policy over a batch: forward, forward-mode (jvp, jvp of jvp) and
-reverse-mode (vjp of a functional of the token statistics). Each returns [n, L] tensors for the
+reverse-mode (gradient of a functional of the token statistics). Each returns [n, L] tensors for the
 whole batch, so peak memory is set by the micro-batch, not by the batch. Under torch.distributed
 each rank runs its block of rows; statistics are gathered and gradients all-reduced here."""
 
 from typing import NamedTuple
 
 import torch
+from torch.autograd import forward_ad
 from tqdm.auto import tqdm
 
 from . import distributed, tree
 from .rollouts import Rollouts
+from .softmax import cheap_jvp
 from .tokens import TokenStats, token_stats
 
 DEFAULT_MICRO_BATCH = 16
@@ -47,8 +49,21 @@ def forward(policy, params, batch: Rollouts, micro_batch=DEFAULT_MICRO_BATCH, pr
         return _cat([token_stats(policy, params, mb) for mb in _progress(local.micro_batches(micro_batch), "forward", progress)])
 
 
+def _dual_jvp(f, primals, tangents) -> tuple[TokenStats, TokenStats]:
+    """``torch.func.jvp(f, (primals,), (tangents,))`` for ``f: params -> TokenStats``, computed with
+    ``torch.autograd.forward_ad`` dual tensors: the same forward-mode formulas, bit for bit, without
+    functorch's per-op dispatch (15-20% faster on CPU); forward over forward still needs ``torch.func``.
+    Inside, the attention softmax and the token statistics use cheap first-order jvp rules
+    (``fprobe.softmax``: the same values bit for bit, the same tangents to rounding)."""
+    with forward_ad.dual_level(), cheap_jvp():
+        out = f({name: forward_ad.make_dual(p, tangents[name]) for name, p in primals.items()})
+        pairs = [forward_ad.unpack_dual(x) for x in out]
+    tangent = [torch.zeros_like(p.primal) if p.tangent is None else p.tangent for p in pairs]
+    return TokenStats(*(p.primal for p in pairs)), TokenStats(*tangent)
+
+
 def jet(policy, params, delta, batch: Rollouts, order: int = 1, micro_batch=DEFAULT_MICRO_BATCH, progress=False) -> StatsJet:
-    """(ℓ, h) at θ₀ with d/dε (one ``torch.func.jvp``) and, for ``order=2``, d²/dε² (jvp of jvp) along Δθ."""
+    """(ℓ, h) at θ₀ with d/dε (one jvp) and, for ``order=2``, d²/dε² (jvp of jvp) along Δθ."""
     if order not in (1, 2):
         raise ValueError(f"order must be 1 or 2, got {order}")
     primals, tangents = tree.detach(params), tree.detach(delta)
@@ -59,7 +74,7 @@ def jet(policy, params, delta, batch: Rollouts, order: int = 1, micro_batch=DEFA
             stats = lambda p, mb=mb: token_stats(policy, p, mb)
             first = lambda p: torch.func.jvp(stats, (p,), (tangents,))
             if order == 1:
-                parts.append(StatsJet(*first(primals)))
+                parts.append(StatsJet(*_dual_jvp(stats, primals, tangents)))
             else:
                 (value, tangent), (_, second) = torch.func.jvp(first, (primals,), (tangents,))
                 parts.append(StatsJet(value, tangent, second))
@@ -68,7 +83,9 @@ def jet(policy, params, delta, batch: Rollouts, order: int = 1, micro_batch=DEFA
 
 def gradient(policy, params, batch: Rollouts, functional, micro_batch=DEFAULT_MICRO_BATCH, progress=False):
     """(Σ value, ∇_θ Σ value, stats) for ``functional(stats, micro_batch, rows) -> scalar`` summed over
-    micro-batches (``rows`` is the micro-batch's slice of the batch), gradients by ``torch.func.vjp``;
+    micro-batches (``rows`` is the micro-batch's slice of the batch), gradients by ``torch.autograd.grad``
+    on fresh leaves: bit-equal to ``loss.backward()`` of the model run normally (``torch.func.vjp``
+    decomposes some backward kernels, SiLU's among them, which rounds differently, and is slower);
     ``stats`` are the detached token statistics at ``params``."""
     primals = tree.detach(params)
     local, start = _local(batch)
@@ -76,14 +93,13 @@ def gradient(policy, params, batch: Rollouts, functional, micro_batch=DEFAULT_MI
     for mb in _progress(local.micro_batches(micro_batch), "vjp", progress):
         rows = slice(start, start + len(mb))
         start += len(mb)
-
-        def value_and_stats(p, mb=mb, rows=rows):
-            stats = token_stats(policy, p, mb)
-            return functional(stats, mb, rows), stats
-
-        value, pullback, stats = torch.func.vjp(value_and_stats, primals, has_aux=True)
-        (g,) = pullback(torch.ones_like(value))
-        total += float(value)
+        leaves = {name: x.detach().requires_grad_() for name, x in primals.items()}
+        with torch.enable_grad():
+            stats = token_stats(policy, leaves, mb)
+            value = functional(stats, mb, rows)
+            g = torch.autograd.grad(value, list(leaves.values()), allow_unused=True, materialize_grads=True)
+        g = dict(zip(leaves, g))
+        total += float(value.detach())
         grads = g if grads is None else tree.add(grads, g)
         parts.append(TokenStats(*(x.detach() for x in stats)))
     device = next(iter(primals.values())).device

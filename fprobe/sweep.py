@@ -87,15 +87,18 @@ def sweep(change, lrs, progress: bool = False) -> SweepResult:
     true, first, both, ratio, ess, low = [], [], [], [], [], []
     for lr in lrs:
         s = lr / lr0
-        est = snis_at(ctx, tree.axpy(s, change.delta_named, ctx.params), progress)
-        dh = float(est.value) - change.h_orig
+        if s == 1.0:  # θ₀ + Δθ itself: the change's own ΔH_true and ESS, no forward pass repeated
+            dh, ess_fraction = change.delta_h_true, change.ess_fraction
+        else:
+            est = snis_at(ctx, tree.axpy(s, change.delta_named, ctx.params), progress)
+            dh, ess_fraction = float(est.value) - change.h_orig, float(est.ess_fraction)
         d1 = s * change.delta_h1
         true.append(dh)
         first.append(d1)
         if change.delta_h2 is not None:
             both.append(d1 + s * s * change.delta_h2)
         ratio.append(dh / d1 if d1 else float("nan"))
-        ess.append(float(est.ess_fraction))
+        ess.append(ess_fraction)
         low.append(warn_if_low_ess(ess[-1], ctx.settings.ess_threshold, f"at lr={lr:g}"))
     slope, r2 = loglog_fit(lrs, true)
     eta_10 = 0.1 * lr0 * abs(change.delta_h1 / change.delta_h2) if change.delta_h2 else None
