@@ -190,15 +190,9 @@ def read_records(path: Path) -> list[dict]:
     if not path.exists():
         return []
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: malformed JSON line in the results file: {error.msg}") from None
+    for where, record in results.read_json_lines(path, "results file"):
         if not isinstance(record, dict) or not isinstance(record.get("key"), dict):
-            raise ValueError(f"{path}:{number}: not an fprobe record (no 'key' object)")
+            raise ValueError(f"{where}: not an fprobe record (no 'key' object)")
         records.append(record)
     return records
 

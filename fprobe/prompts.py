@@ -4,10 +4,11 @@ A record is a dict with a string ``prompt``, an optional ``answer`` and any othe
 whole record is handed to the reward as its ``example``.
 """
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+
+from .results import read_json_lines
 
 
 def check_record(record, where: str) -> dict:
@@ -24,17 +25,7 @@ def read_jsonl(path: Path) -> list[dict]:
     """Records of a JSONL file, one JSON object a line; blank lines are skipped."""
     if not path.is_file():
         raise FileNotFoundError(f"prompt file not found: {path}")
-    records = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: malformed JSON: {error.msg}") from error
-            records.append(check_record(record, f"{path}:{number}"))
-    return records
+    return [check_record(record, where) for where, record in read_json_lines(path, "prompt file")]
 
 
 def records_from_list(items: Sequence) -> list[dict]:

@@ -65,5 +65,18 @@ def write_atomic(path: str | Path, text: str) -> Path:
     return path
 
 
+def read_json_lines(path: Path, what: str):
+    """(``"FILE:LINE"``, object) for each non-blank line of a JSONL file; a malformed line raises
+    ``ValueError`` naming ``what``, the file and the line number."""
+    with Path(path).open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{number}", json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: malformed JSON line in the {what}: {error.msg}") from None
+
+
 def to_json(record, **kwargs) -> str:
     return json.dumps(to_dict(record), **kwargs)

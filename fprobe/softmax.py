@@ -62,15 +62,20 @@ def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return _Softmax.apply(x, dim) if _CHEAP.get() else torch.softmax(x, dim)
 
 
+def _chunk_statistics(logits: torch.Tensor, targets: torch.Tensor):
+    """(ℓ, h, π, π log π) of [N, V] logits in float64: ℓ = log π(target), h = −Σ π log π."""
+    logprobs = torch.log_softmax(logits.double(), dim=-1)
+    probs = logprobs.exp()
+    plogp = probs * logprobs
+    return logprobs.gather(-1, targets[:, None])[:, 0], -plogp.sum(-1), probs, plogp
+
+
 class _LogpEntropy(torch.autograd.Function):
     """(ℓ, h) of a chunk of logits; forward-mode only (used inside ``cheap_jvp``, under no_grad)."""
 
     @staticmethod
     def forward(ctx, logits, targets):
-        logprobs = torch.log_softmax(logits.double(), dim=-1)
-        probs = logprobs.exp()
-        plogp = probs * logprobs
-        logp, entropy = logprobs.gather(-1, targets[:, None])[:, 0], -plogp.sum(-1)
+        logp, entropy, probs, plogp = _chunk_statistics(logits, targets)
         ctx.save_for_forward(probs, plogp, entropy)
         ctx.targets = targets
         return logp, entropy
@@ -89,6 +94,6 @@ class _LogpEntropy(torch.autograd.Function):
         raise RuntimeError("fprobe.softmax.logp_and_entropy is for first-order forward mode only (cheap_jvp)")
 
 
-def logp_and_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(ℓ, h) of [N, V] logits with the fused jvp inside ``cheap_jvp()``; None outside (use the plain ops)."""
-    return _LogpEntropy.apply(logits, targets) if _CHEAP.get() else None
+def logp_and_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ℓ, h) of [N, V] logits in float64; with the fused first-order jvp rule inside ``cheap_jvp()``."""
+    return _LogpEntropy.apply(logits, targets) if _CHEAP.get() else _chunk_statistics(logits, targets)[:2]
