@@ -1,0 +1,288 @@
+"""Published logit-space predictors of the entropy change of one RL step, refereed by fprobe.
+
+Each predictor is a pure function of U's token statistics at θ₀ — the log-prob ℓ = log π(y_k | y_<k)
+of the sampled token, the full-vocabulary entropy h of its state, and the advantage A of its sequence —
+that assumes each state's logits move on their own (the tabular softmax picture). All of them are
+multiplied by −η, η the step's learning rate, so that a positive value predicts a rise in entropy.
+They are not in the units of a parameter step: the comparison fits the least-squares scale c that
+maps each onto the truth, and reports Pearson and Spearman correlations and the fraction of right signs.
+
+The truth, on the same step (``compare``):
+  Δh_ik = h_ik(θ₀+Δθ) − h_ik(θ₀) at U's own states (teacher-forced: the prefixes are fixed, so no
+  importance sampling is needed), and fprobe's exact first-order term ḣ_ik = d/dε h_ik(θ₀+εΔθ)|₀ by
+  one jvp along Δθ — the reference row; and, from a probe result, ΔH_true and δH₁ on E.
+
+Predictors (per token, and the aggregate each paper uses):
+  cui_pg   Cui et al. 2025 (arXiv 2505.22617), Theorem 1: policy gradient, ΔH ≈ −η Cov(ℓ, π·A).
+  cui_npg  Cui et al. 2025, Theorem 2: natural policy gradient, ΔH ≈ −η Cov(ℓ, A) (fprobe's
+           ``cov_baseline``). Both theorems hold per state with the covariance over actions a ~ π(·|s);
+           with one sampled token per state the paper estimates it over the batch's tokens, and its
+           Clip-Cov/KL-Cov (Sec. 4) rank tokens by the centred product (ℓ_i − ℓ̄)(A_i − Ā): that
+           product, times −η, is the per-token value; its (weighted) mean is the covariance.
+  wang     Wang et al. 2026 (arXiv 2602.03392), Theorem 3.2: one logit update δz = ε e_k changes the
+           entropy by −ε S* + O(ε²), S* = p_k (H + log p_k) the entropy discriminator. The sampled
+           token's logit moves with its advantage, ε = η A; aggregate: the token mean.
+  steer    Hao et al. 2025 (STEER, arXiv 2510.10150): token weight Ω = (A/π_old) π (1 − π)(log π + H),
+           entropy change ∝ −Ω; on-policy π_old = π. Aggregate: the token mean (STEER's token-mean loss).
+           The formula is as the authors' released code computes Ω (``compute_token_weights``); the
+           stored text of the paper did not give us its equation number.
+
+Left out: Wang et al.'s Theorem 3.3 (the GRPO-step form −α(S* − …)): the stored text of the paper
+is cut off inside the formula, so it could not be pinned down.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
+
+import torch
+
+from . import passes, results, tree
+from .rollouts import Rollouts
+
+
+class TokenInputs(NamedTuple):
+    """U's response tokens, flattened in row order: ℓ, h at θ₀ and the sequence's advantage A."""
+
+    logp: torch.Tensor
+    entropy: torch.Tensor
+    advantages: torch.Tensor
+
+
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ w v / Σ w (the plain mean without weights)."""
+    return values.mean() if weights is None else (weights * values).sum() / weights.sum()
+
+
+def centred(values: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    return values - weighted_mean(values, weights)
+
+
+def cui_pg_tokens(logp, advantages, lr: float, weights=None) -> torch.Tensor:
+    """Cui et al. 2025, Theorem 1 (policy gradient on a tabular softmax, Δz_a = η π(a) A(a)):
+    per token −η (ℓ − E ℓ)(πA − E πA); its ``weighted_mean`` is −η Cov(log π, π·A).
+    ``weights``: π(a) for an exact expectation over actions; None for sampled tokens."""
+    return -lr * centred(logp, weights) * centred(logp.exp() * advantages, weights)
+
+
+def cui_npg_tokens(logp, advantages, lr: float, weights=None) -> torch.Tensor:
+    """Cui et al. 2025, Theorem 2 (natural policy gradient, Δz_a = η A(a)): per token
+    −η (ℓ − E ℓ)(A − E A); its ``weighted_mean`` is −η Cov(log π, A)."""
+    return -lr * centred(logp, weights) * centred(advantages, weights)
+
+
+def entropy_discriminator(logp, entropy) -> torch.Tensor:
+    """Wang et al. 2026, Theorem 3.2: S* = p (H + log p) of the updated token."""
+    return logp.exp() * (entropy + logp)
+
+
+def wang_tokens(logp, entropy, advantages, lr: float) -> torch.Tensor:
+    """Wang et al. 2026, Theorem 3.2: ΔH = −ε S* + O(ε²) for the logit step ε = η A of the sampled token."""
+    return -lr * advantages * entropy_discriminator(logp, entropy)
+
+
+def steer_tokens(logp, entropy, advantages, lr: float) -> torch.Tensor:
+    """Hao et al. 2025 (STEER): −η Ω, Ω = (A/π_old) π (1 − π)(log π + H); on-policy π_old = π, so
+    Ω = A (1 − π)(log π + H)."""
+    return -lr * advantages * (1 - logp.exp()) * (logp + entropy)
+
+
+class Predictor(NamedTuple):
+    name: str
+    citation: str
+    tokens: Callable[[TokenInputs, float], torch.Tensor]
+
+
+PREDICTORS = (
+    Predictor("cui_pg", "Cui et al. 2025, Thm 1: −η Cov(log π, π·A)", lambda x, lr: cui_pg_tokens(x.logp, x.advantages, lr)),
+    Predictor("cui_npg", "Cui et al. 2025, Thm 2: −η Cov(log π, A)", lambda x, lr: cui_npg_tokens(x.logp, x.advantages, lr)),
+    Predictor("wang", "Wang et al. 2026, Thm 3.2: −ηA·p(H + log p)", lambda x, lr: wang_tokens(x.logp, x.entropy, x.advantages, lr)),
+    Predictor("steer", "Hao et al. 2025 (STEER): −η(A/π_old)π(1−π)(log π + H)", lambda x, lr: steer_tokens(x.logp, x.entropy, x.advantages, lr)),
+)
+REFERENCE = "fprobe_first_order"
+
+
+# --- agreement statistics over tokens ---
+
+
+def least_squares_scale(predicted: torch.Tensor, truth: torch.Tensor) -> float:
+    """argmin_c Σ (c·p − t)² = Σ p t / Σ p² (NaN when the prediction is identically zero)."""
+    denominator = float((predicted * predicted).sum())
+    return float((predicted * truth).sum()) / denominator if denominator else float("nan")
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Pearson correlation (NaN when either side is constant)."""
+    dx, dy = centred(x), centred(y)
+    denominator = float((dx * dx).sum().sqrt() * (dy * dy).sum().sqrt())
+    return float((dx * dy).sum()) / denominator if denominator else float("nan")
+
+
+def average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks 1…n of ``x``; tied values share the mean of their ranks."""
+    values, order = x.sort()
+    _, group, counts = torch.unique_consecutive(values, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    mean_rank = ends - (counts.double() - 1) / 2
+    ranks = torch.empty_like(mean_rank[group])
+    ranks[order] = mean_rank[group]
+    return ranks
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Spearman rank correlation: Pearson of the average ranks."""
+    return pearson(average_ranks(x), average_ranks(y))
+
+
+def sign_agreement(predicted: torch.Tensor, truth: torch.Tensor) -> float:
+    """Fraction of tokens where sign(prediction) = sign(truth)."""
+    return float((predicted.sign() == truth.sign()).double().mean())
+
+
+class Score(NamedTuple):
+    """One predictor against the per-token truth Δh_ik: its aggregate, the scale c minimising
+    Σ (c·p − Δh)², Pearson and Spearman correlations, and the fraction of right signs."""
+
+    aggregate: float
+    scale: float
+    pearson: float
+    spearman: float
+    sign_agreement: float
+
+
+def score(predicted: torch.Tensor, truth: torch.Tensor) -> Score:
+    return Score(
+        float(predicted.mean()), least_squares_scale(predicted, truth), pearson(predicted, truth),
+        spearman(predicted, truth), sign_agreement(predicted, truth),
+    )
+
+
+# --- the truths and the comparison ---
+
+
+def flat(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Response-token entries of a [B, L] tensor, in row order."""
+    return values[mask.to(values.device)].cpu()
+
+
+def token_inputs(logp: torch.Tensor, entropy: torch.Tensor, U: Rollouts) -> TokenInputs:
+    """Flatten U's [B, L] statistics; each token takes its sequence's advantage."""
+    if U.advantages is None:
+        raise ValueError("the update batch U has no advantages: the predictors need them")
+    advantages = U.advantages.double()[:, None].expand(U.response_mask.shape)
+    return TokenInputs(flat(logp, U.response_mask), flat(entropy, U.response_mask), flat(advantages, U.response_mask))
+
+
+class Truths(NamedTuple):
+    """At U's response tokens: Δh_ik (exact) and ḣ_ik (fprobe's first order), flattened; inputs at θ₀."""
+
+    delta_h: torch.Tensor
+    first_order: torch.Tensor
+    inputs: TokenInputs
+
+
+def truths(policy, params, delta, U: Rollouts, new_params=None, micro_batch=passes.DEFAULT_MICRO_BATCH) -> Truths:
+    """One jvp on U along Δθ (ℓ, h, ḣ at θ₀) and one forward pass at θ₀+Δθ (default ``params + delta``)."""
+    jet = passes.jet(policy, params, delta, U, micro_batch=micro_batch)
+    new_params = tree.add(params, delta) if new_params is None else new_params
+    new = passes.forward(policy, new_params, U, micro_batch)
+    mask = U.response_mask
+    return Truths(
+        flat(new.entropy - jet.value.entropy, mask), flat(jet.tangent.entropy, mask),
+        token_inputs(jet.value.logp, jet.value.entropy, U),
+    )
+
+
+@dataclass(frozen=True, repr=False)
+class PredictorComparison:
+    """Each predictor against the truth on one step. ``scores[name]`` holds a ``Score`` as a dict;
+    the ``fprobe_first_order`` row is fprobe's own ḣ_ik. ``delta_h_tokens`` is the mean Δh over U's
+    response tokens (the aggregate the predictors aim at); ``delta_h_true`` and ``delta_h1`` are the
+    probe's on E (None when compared without a probe)."""
+
+    lr: float
+    n_tokens: int
+    delta_h_tokens: float
+    delta_h_true: float | None
+    delta_h1: float | None
+    scores: dict
+    citations: dict
+    truth: torch.Tensor = results.internal()
+    predicted: dict = results.internal()
+
+    COLUMNS: ClassVar[tuple[str, ...]] = ("aggregate", "scale", "pearson", "spearman", "sign_agreement")
+
+    def __repr__(self) -> str:
+        head = results.table(
+            "PredictorComparison",
+            [("lr", self.lr), ("U: response tokens", self.n_tokens), ("mean Δh on U (truth)", self.delta_h_tokens),
+             ("ΔH_true on E", self.delta_h_true), ("δH₁ on E", self.delta_h1)],
+        )
+        width = max(len(name) for name in self.scores)
+        lines = [f"{'predictor':<{width}}" + "".join(f"  {c:>14}" for c in self.COLUMNS)]
+        for name, s in self.scores.items():
+            lines.append(f"{name:<{width}}" + "".join(f"  {results.format_number(s[c]):>14}" for c in self.COLUMNS))
+        return head + "\n\n" + "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        return f"<pre>{self!r}</pre>"
+
+    def to_dict(self) -> dict:
+        return results.to_dict(self)
+
+    def to_json(self, **kwargs) -> str:
+        return results.to_json(self, **kwargs)
+
+    def plot(self, path=None):
+        """Predicted vs true Δh per token, one panel per predictor, with the least-squares line."""
+        return plot_comparison(self, path)
+
+
+def plot_comparison(comparison: PredictorComparison, path=None):
+    from .plots import _figure, _save
+
+    fig, axes = _figure(len(comparison.predicted), width=4.0)
+    truth = comparison.truth.numpy()
+    for ax, (name, predicted) in zip(axes[0], comparison.predicted.items()):
+        s = comparison.scores[name]
+        ax.scatter(predicted.numpy(), truth, s=8, alpha=0.6)
+        line = torch.stack([predicted.min(), predicted.max()])
+        ax.plot(line.numpy(), (s["scale"] * line).numpy(), color="black", lw=0.8, label=f"Δh = {s['scale']:.3g}·p")
+        ax.axhline(0.0, color="grey", lw=0.5)
+        ax.axvline(0.0, color="grey", lw=0.5)
+        ax.set_title(f"{name}\nPearson {s['pearson']:.3f}, Spearman {s['spearman']:.3f}, signs {s['sign_agreement']:.2f}", fontsize="small")
+        ax.set_xlabel("predicted")
+        ax.legend(fontsize="small")
+    axes[0][0].set_ylabel("true Δh_ik on U")
+    fig.suptitle(f"per-token entropy change on U's states, lr {comparison.lr:.3g}, {comparison.n_tokens} tokens")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def compare(
+    policy, params, delta, U: Rollouts, lr: float, *, new_params=None, delta_h_true=None, delta_h1=None,
+    micro_batch=passes.DEFAULT_MICRO_BATCH,
+) -> PredictorComparison:
+    """Every predictor of ``PREDICTORS`` and fprobe's ḣ_ik against Δh_ik on U's response tokens, for the
+    step Δθ = ``delta`` taken at learning rate ``lr`` from θ₀ = ``params``."""
+    t = truths(policy, params, delta, U, new_params, micro_batch)
+    predicted = {p.name: p.tokens(t.inputs, lr) for p in PREDICTORS} | {REFERENCE: t.first_order}
+    return PredictorComparison(
+        lr=float(lr),
+        n_tokens=len(t.delta_h),
+        delta_h_tokens=float(t.delta_h.mean()),
+        delta_h_true=delta_h_true,
+        delta_h1=delta_h1,
+        scores={name: score(p, t.delta_h)._asdict() for name, p in predicted.items()},
+        citations={p.name: p.citation for p in PREDICTORS} | {REFERENCE: "fprobe: ḣ_ik = d/dε h_ik(θ₀+εΔθ), one jvp"},
+        truth=t.delta_h,
+        predicted=predicted,
+    )
+
+
+def from_probe(result) -> PredictorComparison:
+    """``compare`` on a probe's own step (U, θ₀, Δθ, its learning rate), with its ΔH_true and δH₁ on E."""
+    return compare(
+        result.context.policy, result.context.params, result.delta_named, result.U, result.lr_used,
+        delta_h_true=result.delta_h_true, delta_h1=result.delta_h1, micro_batch=result.context.settings.micro_batch,
+    )
