@@ -4,12 +4,13 @@ from . import decompose, optim, tree
 from .decompose import Contributions
 from .losses import group_advantages
 from .policy import Policy
-from .probe import EntropyChange, LowESSWarning, ProbeResult, entropy_change, probe
+from .probe import EntropyChange, ProbeResult, entropy_change, probe
 from .rollouts import Rollouts
 from .sampling import sample
 from .step import Step, rl_step
 from .sweep import SweepResult
 from .tokens import TokenStats, token_stats
+from .user_warnings import LowESSWarning
 
 __all__ = [
     "EntropyChange", "LowESSWarning", "Policy", "ProbeResult", "Rollouts", "Step", "SweepResult", "TokenStats",

@@ -2,51 +2,33 @@
 
 import dataclasses
 import time
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 
-from . import estimators, passes, results, tree
+from . import decompose, estimators, passes, results, sweep, tree
+from .evaluation import Context, Method, Settings, first_order, snis_at, warn_if_low_ess
 from .optim import Optimizer
+from .results import internal
 from .rollouts import Rollouts
 from .step import Step, rl_step
 
-
-class LowESSWarning(UserWarning):
-    """The importance weights at the new parameters are degenerate: the step left the linear regime."""
+Row = tuple[str, str]  # (label in the table, field name)
 
 
-@dataclass(frozen=True)
-class Settings:
-    """How Ĥ and δH₁ are estimated (see ``fprobe.estimators``)."""
-
-    estimator: estimators.Estimator = "snis"
-    normalize: estimators.Normalize = "token"
-    entropy: estimators.Entropy = "rb"
-    baseline: estimators.Baseline = "none"
-    method: str = "jvp"
-    micro_batch: int | None = passes.DEFAULT_MICRO_BATCH
-    ess_threshold: float = 0.5
+def with_rows_after(rows: tuple[Row, ...], after: str, extra: tuple[Row, ...]) -> tuple[Row, ...]:
+    """``rows`` with ``extra`` inserted after the row of field ``after``."""
+    index = [name for _, name in rows].index(after) + 1
+    return rows[:index] + extra + rows[index:]
 
 
-@dataclass(frozen=True)
-class Context:
-    """What a learning-rate sweep or a decomposition reuses: the policy, θ₀, E and Ĥ's ingredients at θ₀."""
-
-    policy: object
-    params: tree.Params
-    E: Rollouts
-    rows0: estimators.Rows
-    denom: torch.Tensor
-    alpha: torch.Tensor
-    beta: torch.Tensor
-    settings: Settings
-
-
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, kw_only=True, repr=False)
 class EntropyChange:
-    """ΔH_true = Ĥ(θ₀+Δθ) − Ĥ(θ₀) on E by SNIS, δH₁ = d/dε Ĥ(θ₀+εΔθ)|₀, δH₂ = ½ d²/dε² (if asked)."""
+    """ΔH_true = Ĥ(θ₀+Δθ) − Ĥ(θ₀) on E by SNIS, δH₁ = d/dε Ĥ(θ₀+εΔθ)|₀, δH₂ = ½ d²/dε² (if asked).
+
+    Keeps Δθ (``delta_named``) and θ₀'s statistics on E (``context``): all a sweep needs.
+    """
 
     h_orig: float
     h_upd: float
@@ -65,23 +47,29 @@ class EntropyChange:
     top_params: list
     timings: dict
     settings: dict
-    delta_named: tree.Params = field(repr=False)
-    context: Context = field(repr=False)
+    delta_named: tree.Params = internal()
+    context: Context = internal()
+
+    ROWS: ClassVar[tuple[Row, ...]] = (
+        ("H(θ₀)", "h_orig"),
+        ("H(θ₀+Δθ)", "h_upd"),
+        ("ΔH_true", "delta_h_true"),
+        ("δH₁", "delta_h1"),
+        ("δH₂", "delta_h2"),
+        ("ΔH_true / δH₁", "ratio"),
+        ("ESS fraction", "ess_fraction"),
+        ("max weight", "max_weight"),
+        ("‖Δθ‖₂", "delta_l2"),
+        ("lr", "lr_used"),
+        ("E: sequences", "n_eval"),
+        ("E: response tokens", "n_eval_tokens"),
+    )
 
     def rows(self) -> list[tuple[str, object]]:
-        return [
-            ("H(θ₀)", self.h_orig),
-            ("H(θ₀+Δθ)", self.h_upd),
-            ("ΔH_true", self.delta_h_true),
-            ("δH₁", self.delta_h1),
-            ("δH₂", self.delta_h2),
-            ("ΔH_true / δH₁", self.ratio),
-            ("ESS fraction", self.ess_fraction),
-            ("max weight", self.max_weight),
-            ("‖Δθ‖₂", self.delta_l2),
-            ("lr", self.lr_used),
-            ("E: sequences, tokens", f"{self.n_eval}, {self.n_eval_tokens}"),
-        ] + [(f"time {phase} [s]", round(t, 3)) for phase, t in self.timings.items()]
+        """(label, value) for the table: ``ROWS`` by field name, then the time of each pass."""
+        return [(label, getattr(self, name)) for label, name in self.ROWS] + [
+            (f"time {phase} [s]", round(t, 3)) for phase, t in self.timings.items()
+        ]
 
     def __repr__(self) -> str:
         flag = "  (LOW ESS: outside the linear regime)" if self.ess_low else ""
@@ -96,89 +84,71 @@ class EntropyChange:
     def to_json(self, **kwargs) -> str:
         return results.to_json(self, **kwargs)
 
-    def sweep(self, lrs, progress: bool = False):
+    def sweep(self, lrs, progress: bool = False) -> sweep.SweepResult:
         """ΔH_true, δH₁ (and δH₁+δH₂) at each learning rate, from this one Δθ scaled by η/η₀."""
-        from .sweep import sweep
-
-        return sweep(self, lrs, progress)
+        return sweep.sweep(self, lrs, progress)
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, kw_only=True, repr=False)
 class ProbeResult(EntropyChange):
     """``EntropyChange`` of one RL step, with the step's loss, gradient norm and Cui et al.'s
-    covariance baseline −η Cov(log π, A) over U's tokens. ``opt_state`` is the state the step started
-    from; ``step.opt_state`` the state after it."""
+    covariance baseline −η Cov(log π, A) over U's tokens.
 
-    loss: float = 0.0
-    grad_norm: float = 0.0
-    clip_coef: float = 1.0
-    update_lost: float | None = None
-    cov_baseline: float = 0.0
-    loss_type: str = "dr_grpo"
-    clip: float = 0.2
-    step: Step = field(default=None, repr=False)
-    U: Rollouts = field(default=None, repr=False)
-    optimizer: Optimizer = field(default=None, repr=False)
-    opt_state: object = field(default=None, repr=False)
+    Lean by default: besides Δθ it keeps only references (the policy, U, the optimizer, the state the
+    step started from). The step itself — new parameters and optimizer state, 3× the parameters
+    for AdamW — is kept with ``probe(..., keep_step=True)``; otherwise ``replay_step()`` takes it again
+    when asked (one gradient pass on U and one update: the cost of the probe's own step).
+    """
 
-    def rows(self) -> list[tuple[str, object]]:
-        extra = [("covariance baseline", self.cov_baseline), ("loss", self.loss), ("‖g‖₂", self.grad_norm)]
-        if self.update_lost is not None:
-            extra.append(("update lost to rounding", self.update_lost))
-        base = super().rows()
-        return base[:6] + extra + base[6:]
+    loss: float
+    grad_norm: float
+    clip_coef: float
+    update_lost: float | None
+    cov_baseline: float
+    loss_type: str
+    clip: float
+    max_grad_norm: float | None
+    lr_given: float | None = internal()
+    micro_batch: int | None = internal()
+    step: Step | None = internal()
+    U: Rollouts = internal()
+    optimizer: Optimizer = internal()
+    opt_state: object = internal()
 
-    def contributions(self):
-        """Exact per-sequence and per-token parts of δH₁ (see ``fprobe.decompose``)."""
-        from .decompose import decompose
-
-        return decompose(self)
-
-
-def _first_order(policy, params, delta, E, settings: Settings, second_order: bool, progress: bool, timings: dict):
-    """(statistics at θ₀, α, β, δH₁, δH₂) with δH₁ by one jvp (or by gradient · Δθ for method='grad')."""
-    mask = E.response_mask
-    coefficients = lambda stats: estimators.first_order_coefficients(
-        stats, mask, settings.estimator, settings.normalize, settings.entropy, settings.baseline
+    ROWS: ClassVar[tuple[Row, ...]] = with_rows_after(
+        EntropyChange.ROWS,
+        "ratio",
+        (("covariance baseline", "cov_baseline"), ("loss", "loss"), ("‖g‖₂", "grad_norm"), ("update lost to rounding", "update_lost")),
     )
-    start, delta_h2 = time.perf_counter(), None
-    if settings.method == "jvp" or second_order:
-        jet = passes.jet(policy, params, delta, E, 2 if second_order else 1, settings.micro_batch, progress)
-        stats0 = jet.value
-        alpha, beta = coefficients(stats0)
-        delta_h1 = float(estimators.contract(alpha, beta, jet.tangent))
-        if second_order:
-            delta_h2 = float(estimators.second_order(jet.value, jet.tangent, jet.second, mask, settings.normalize, settings.entropy))
-        timings["jvp2" if second_order else "jvp"] = time.perf_counter() - start
-        start = time.perf_counter()
-    if settings.method == "grad":
-        if not second_order:
-            stats0 = passes.forward(policy, params, E, settings.micro_batch, progress)
-            alpha, beta = coefficients(stats0)
-        _, grad_h, _ = passes.gradient(policy, params, E, passes.linear_functional(alpha, beta), settings.micro_batch, progress)
-        delta_h1 = float(tree.vdot(grad_h, delta))
-        timings["grad"] = time.perf_counter() - start
-    elif settings.method != "jvp":
-        raise ValueError(f"method must be 'jvp' or 'grad', got {settings.method!r}")
-    return stats0, alpha, beta, delta_h1, delta_h2
 
+    @property
+    def start_state(self):
+        """The optimizer state the step started from (a fresh ``optimizer.init`` when none was given)."""
+        return self.optimizer.init(self.context.params) if self.opt_state is None else self.opt_state
 
-def snis_at(context: Context, params, progress: bool = False) -> estimators.Snis:
-    """Ĥ and ESS on E at ``params``: one micro-batched forward pass."""
-    stats = passes.forward(context.policy, params, context.E, context.settings.micro_batch, progress)
-    return estimators.snis(estimators.rows(stats, context.settings.entropy), context.rows0.logp, context.denom)
-
-
-def warn_if_low_ess(ess_fraction: float, threshold: float, where: str) -> bool:
-    low = ess_fraction < threshold
-    if low:
-        warnings.warn(
-            f"ESS fraction {ess_fraction:.3g} < {threshold} {where}: the importance weights are degenerate and the "
-            "step is outside the linear regime; ΔH_true is unreliable",
-            LowESSWarning,
-            stacklevel=3,
+    def replay_step(self) -> Step:
+        """The probe's step: the kept one (``keep_step=True``), or the same ``rl_step`` taken again from
+        θ₀, the starting state and U; its Δθ must equal the probe's (a changed model or a
+        non-deterministic kernel would make the decomposition wrong, so that raises)."""
+        if self.step is not None:
+            return self.step
+        step = rl_step(
+            self.context.policy, self.context.params, self.optimizer, self.start_state, self.U, lr=self.lr_given,
+            loss=self.loss_type, clip=self.clip, max_grad_norm=self.max_grad_norm, micro_batch=self.micro_batch,
         )
-    return low
+        difference = float(tree.norm(tree.sub(step.delta, self.delta_named)))
+        if difference > 1e-6 * self.delta_l2:
+            raise RuntimeError(
+                f"replaying the probe's step gave a different Δθ (relative difference {difference / self.delta_l2:.2g}): "
+                "the model's parameters changed since the probe, or a kernel is not deterministic; "
+                "probe with keep_step=True to keep the step"
+            )
+        return step
+
+    def contributions(self, micro_batch: int | None | Literal["probe"] = "probe", progress: bool = False):
+        """Exact per-sequence and per-token parts of δH₁ (see ``fprobe.decompose``); without
+        ``keep_step=True`` this first replays the step (``replay_step``)."""
+        return decompose.decompose(self, micro_batch=micro_batch, progress=progress)
 
 
 def entropy_change(
@@ -187,48 +157,53 @@ def entropy_change(
     delta,
     *,
     params=None,
+    new_params=None,
     lr: float | None = None,
     estimator: estimators.Estimator = "snis",
     normalize: estimators.Normalize = "token",
     entropy: estimators.Entropy = "rb",
     baseline: estimators.Baseline = "none",
-    method: str = "jvp",
+    method: Method = "jvp",
     second_order: bool = False,
     micro_batch: int | None = passes.DEFAULT_MICRO_BATCH,
     ess_threshold: float = 0.5,
     progress: bool = False,
-    new_params=None,
 ) -> EntropyChange:
     """What moving the policy's parameters by ``delta`` (any name-keyed Δθ, e.g. the difference of two
     checkpoints) does to the entropy on E: ΔH_true by SNIS at θ₀+Δθ (``functional_call``, the model
     untouched), δH₁ (jvp, or ``method="grad"``: ∇Ĥ · Δθ), δH₂ if ``second_order``.
 
-    ``lr`` is the learning rate that produced Δθ (it sets the sweep's scale; default 1). ``new_params``
-    are θ₀+Δθ exactly as the model sees them (``rl_step``'s ``params``, which can differ from
-    ``params + delta`` by an ulp where the update nearly cancels a parameter); default ``params + delta``.
+    ``params`` is θ₀ (default: the policy's parameters). ``new_params`` are θ₀+Δθ exactly as the model
+    sees them (``rl_step``'s ``params``, which can differ from ``params + delta`` by an ulp where the
+    update nearly cancels a parameter); default ``params + delta``. ``lr`` is the learning rate that
+    produced Δθ (it sets the sweep's scale; default 1). ``micro_batch``: rows per pass (None: all).
     """
-    settings = Settings(estimator, normalize, entropy, baseline, method, micro_batch, ess_threshold)
+    settings = Settings(
+        estimator=estimator, normalize=normalize, entropy=entropy, baseline=baseline, method=method,
+        micro_batch=micro_batch, ess_threshold=ess_threshold,
+    )
     params = tree.check_like(policy.params, policy.params if params is None else params, "params")
     delta = tree.check_like(params, delta, "delta")
     tree.check_finite(delta, "delta")
+    if new_params is not None:
+        new_params = tree.check_like(params, new_params, "new_params")
     timings = {}
-    stats0, alpha, beta, delta_h1, delta_h2 = _first_order(policy, params, delta, E, settings, second_order, progress, timings)
-    rows0 = estimators.rows(stats0, entropy)
-    denom = estimators.denominators(E.response_mask, normalize)
-    context = Context(policy, params, E, rows0, denom, alpha, beta, settings)
+    first = first_order(policy, params, delta, E, settings, second_order, progress, timings)
+    rows0 = estimators.rows(first.stats0, entropy)
+    denom = estimators.denominators(E.response_mask, normalize).to(rows0.logp.device)
+    context = Context(policy, params, E, rows0, denom, first.alpha, first.beta, settings)
     start = time.perf_counter()
     h0 = float(estimators.snis_value(rows0.logp, rows0.entropy, rows0.logp, denom))
-    new_params = tree.add(params, delta) if new_params is None else tree.check_like(params, new_params, "new_params")
-    new = snis_at(context, new_params, progress)
+    new = snis_at(context, tree.add(params, delta) if new_params is None else new_params, progress)
     timings["forward_new"] = time.perf_counter() - start
     change = float(new.value) - h0
     return EntropyChange(
         h_orig=h0,
         h_upd=float(new.value),
         delta_h_true=change,
-        delta_h1=delta_h1,
-        delta_h2=delta_h2,
-        ratio=change / delta_h1 if delta_h1 else float("nan"),
+        delta_h1=first.delta_h1,
+        delta_h2=first.delta_h2,
+        ratio=change / first.delta_h1 if first.delta_h1 else float("nan"),
         ess=float(new.ess),
         ess_fraction=float(new.ess_fraction),
         max_weight=float(new.max_weight),
@@ -256,34 +231,53 @@ def probe(
     loss: str = "dr_grpo",
     clip: float = 0.2,
     max_grad_norm: float | None = None,
+    estimator: estimators.Estimator = "snis",
+    normalize: estimators.Normalize = "token",
+    entropy: estimators.Entropy = "rb",
+    baseline: estimators.Baseline = "none",
+    method: Method = "jvp",
+    second_order: bool = False,
     micro_batch: int | None = passes.DEFAULT_MICRO_BATCH,
+    ess_threshold: float = 0.5,
+    keep_step: bool = False,
     progress: bool = False,
-    **estimate,
 ) -> ProbeResult:
     """Exactly one optimizer step on U (``rl_step``), then ``entropy_change`` on E along its Δθ.
 
-    ``opt_state`` defaults to a fresh ``optimizer.init``; ``estimate`` takes ``entropy_change``'s options
-    (estimator, normalize, entropy, baseline, method, second_order, ess_threshold).
+    ``opt_state`` defaults to a fresh ``optimizer.init``. The estimator options are ``entropy_change``'s;
+    they are checked before any pass runs. ``keep_step`` keeps the step's new parameters and optimizer
+    state in the result (otherwise they are freed once ΔH_true is measured).
     """
+    estimate = dict(
+        estimator=estimator, normalize=normalize, entropy=entropy, baseline=baseline, method=method,
+        micro_batch=micro_batch, ess_threshold=ess_threshold,
+    )
+    Settings(**estimate)
     params = policy.params
-    opt_state = optimizer.init(params) if opt_state is None else opt_state
     start = time.perf_counter()
     step = rl_step(
-        policy, params, optimizer, opt_state, U, lr=lr, loss=loss, clip=clip, max_grad_norm=max_grad_norm, micro_batch=micro_batch
+        policy, params, optimizer, optimizer.init(params) if opt_state is None else opt_state, U,
+        lr=lr, loss=loss, clip=clip, max_grad_norm=max_grad_norm, micro_batch=micro_batch,
     )
     step_time = time.perf_counter() - start
+    cov_baseline = estimators.covariance_baseline(step.logp, U.response_mask, U.advantages, step.lr)
+    taken = dict(loss=step.loss, grad_norm=step.grad_norm, clip_coef=step.clip_coef, update_lost=step.update_lost)
+    delta, new_params, lr_used = step.delta, step.params, step.lr
+    step = step if keep_step else None  # the new optimizer state is freed before the passes on E
     change = entropy_change(
-        policy, E, step.delta, params=params, new_params=step.params, lr=step.lr, micro_batch=micro_batch, progress=progress, **estimate
+        policy, E, delta, params=params, new_params=new_params, lr=lr_used, second_order=second_order,
+        progress=progress, **estimate,
     )
+    fields = {f.name: getattr(change, f.name) for f in dataclasses.fields(change)}
     return ProbeResult(
-        **{**vars(change), "timings": {"step": step_time, **change.timings}},
-        loss=step.loss,
-        grad_norm=step.grad_norm,
-        clip_coef=step.clip_coef,
-        update_lost=step.update_lost,
-        cov_baseline=estimators.covariance_baseline(step.logp, U.response_mask, U.advantages, step.lr),
+        **{**fields, "timings": {"step": step_time, **change.timings}},
+        **taken,
+        cov_baseline=cov_baseline,
         loss_type=loss,
         clip=clip,
+        max_grad_norm=max_grad_norm,
+        lr_given=lr,
+        micro_batch=micro_batch,
         step=step,
         U=U,
         optimizer=optimizer,

@@ -7,9 +7,12 @@ from dataclasses import dataclass
 import torch
 
 from . import results, tree
+from .evaluation import snis_at, warn_if_low_ess
+
+COLUMNS = ("lr", "delta_h_true", "delta_h1", "delta_h12", "ratio", "ess_fraction", "ess_low")
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, kw_only=True, repr=False)
 class SweepResult:
     """Per learning rate η: ΔH_true, δH₁ = (η/η₀) δH₁(η₀), δH₁+δH₂ (δH₂ scales as (η/η₀)²), ratio, ESS.
 
@@ -17,7 +20,7 @@ class SweepResult:
     ``eta_10`` = 0.1·η₀·|δH₁/δH₂|, where the second-order term reaches a tenth of the first.
     """
 
-    lrs: list
+    lr: list
     delta_h_true: list
     delta_h1: list
     delta_h12: list | None
@@ -30,9 +33,9 @@ class SweepResult:
     lr0: float
 
     def records(self) -> list[dict]:
-        keys = ["lrs", "delta_h_true", "delta_h1", "delta_h12", "ratio", "ess_fraction", "ess_low"]
-        columns = {k: getattr(self, k) or [None] * len(self.lrs) for k in keys}
-        return [{("lr" if k == "lrs" else k): columns[k][i] for k in keys} for i in range(len(self.lrs))]
+        """One dict per learning rate, keyed by ``COLUMNS``."""
+        columns = {k: getattr(self, k) or [None] * len(self.lr) for k in COLUMNS}
+        return [{k: columns[k][i] for k in COLUMNS} for i in range(len(self.lr))]
 
     def __repr__(self) -> str:
         head = f"{'lr':>11} {'ΔH_true':>13} {'δH₁':>13} {'δH₁+δH₂':>13} {'ratio':>9} {'ESS frac':>9}"
@@ -77,8 +80,6 @@ def loglog_fit(x: list[float], y: list[float]) -> tuple[float, float]:
 
 def sweep(change, lrs, progress: bool = False) -> SweepResult:
     """Evaluate ``change`` (an EntropyChange/ProbeResult) at each learning rate in ``lrs``."""
-    from .probe import snis_at, warn_if_low_ess
-
     lr0 = change.lr_used
     if lr0 == 0:
         raise ValueError("the probe's learning rate is 0, so its Δθ = 0 cannot be rescaled to other learning rates")
@@ -102,4 +103,7 @@ def sweep(change, lrs, progress: bool = False) -> SweepResult:
         low.append(warn_if_low_ess(ess[-1], ctx.settings.ess_threshold, f"at lr={lr:g}"))
     slope, r2 = loglog_fit(lrs, true)
     eta_10 = 0.1 * lr0 * abs(change.delta_h1 / change.delta_h2) if change.delta_h2 else None
-    return SweepResult(lrs, true, first, both if change.delta_h2 is not None else None, ratio, ess, low, slope, r2, eta_10, lr0)
+    return SweepResult(
+        lr=lrs, delta_h_true=true, delta_h1=first, delta_h12=both if change.delta_h2 is not None else None, ratio=ratio,
+        ess_fraction=ess, ess_low=low, slope=slope, r2=r2, eta_10=eta_10, lr0=lr0,
+    )

@@ -1,5 +1,6 @@
 """ΔH_true, δH₁, δH₂ and the sweep on a tiny float64 GPT-2 after a real AdamW step."""
 
+import dataclasses
 import math
 import warnings
 
@@ -222,3 +223,80 @@ def test_property_jvp_equals_gradient_dot(model_dir, lr, micro, seed):
     a = fprobe.probe(policy, E, U, opt, micro_batch=micro)
     b = fprobe.probe(policy, E, U, opt, micro_batch=micro, method="grad")
     assert b.delta_h1 == pytest.approx(a.delta_h1, rel=1e-9, abs=1e-18)
+
+
+def test_probe_is_lean_and_replays_its_step_bit_for_bit(setup):
+    policy, E, U = setup
+    opt = fprobe.optim.adamw(lr=1e-3, weight_decay=0.01)
+    lean = fprobe.probe(policy, E, U, opt, max_grad_norm=0.1)
+    kept = fprobe.probe(policy, E, U, opt, max_grad_norm=0.1, keep_step=True)
+    assert lean.step is None and kept.step is not None
+    replayed = lean.replay_step()
+    for name, d in kept.step.delta.items():
+        assert torch.equal(replayed.delta[name], d) and torch.equal(lean.delta_named[name], d)
+        assert torch.equal(replayed.opt_state.exp_avg_sq[name], kept.step.opt_state.exp_avg_sq[name])
+    assert replayed.clip_coef == kept.step.clip_coef < 1.0
+    a, b = lean.contributions(), kept.contributions()
+    assert torch.equal(a.per_sequence, b.per_sequence) and a.momentum == b.momentum and a.decay == b.decay
+
+
+def test_replay_refuses_a_step_that_no_longer_matches(setup):
+    policy, E, U = setup
+    res = fprobe.probe(policy, E, U, fprobe.optim.sgd(lr=1e-3))
+    moved = dataclasses.replace(res, context=dataclasses.replace(res.context, params=tree.scale(res.context.params, 1.01)))
+    with pytest.raises(RuntimeError, match="different Δθ"):
+        moved.replay_step()
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(method="vjp"), "method"),
+        (dict(estimator="is"), "estimator"),
+        (dict(normalize="tokens"), "normalize"),
+        (dict(entropy="exact"), "entropy"),
+        (dict(baseline="position"), "togo"),
+        (dict(micro_batch=0), "micro_batch"),
+        (dict(ess_threshold=2.0), "ess_threshold"),
+    ],
+)
+def test_bad_settings_fail_before_any_pass(setup, monkeypatch, bad, match):
+    policy, E, U = setup
+    calls = []
+    for name in ("gradient", "jet", "forward"):
+        original = getattr(passes, name)
+        monkeypatch.setattr(passes, name, lambda *a, _f=original, **k: calls.append(1) or _f(*a, **k))
+    with pytest.raises(ValueError, match=match):
+        fprobe.probe(policy, E, U, fprobe.optim.sgd(lr=1e-3), **bad)
+    with pytest.raises(ValueError, match=match):
+        fprobe.entropy_change(policy, E, tree.zeros_like(policy.params), **bad)
+    assert calls == []
+
+
+def test_mistyped_keyword_fails_at_the_call(setup):
+    policy, E, U = setup
+    with pytest.raises(TypeError, match="second_ordre"):
+        fprobe.probe(policy, E, U, fprobe.optim.sgd(lr=1e-3), second_ordre=True)
+
+
+def test_low_ess_warning_points_at_the_callers_line(setup):
+    policy, E, U = setup
+    with pytest.warns(fprobe.LowESSWarning) as caught:
+        res = adamw_probe(setup, 3.0)
+    assert {w.filename for w in caught} == {__file__}
+    with pytest.warns(fprobe.LowESSWarning) as caught:
+        res.sweep([3.0, 6.0])
+    assert {w.filename for w in caught} == {__file__}
+
+
+def test_table_rows_follow_the_fields_by_name(setup):
+    res = adamw_probe(setup, 1e-4)
+    rows = dict(res.rows())
+    for label, name in fprobe.ProbeResult.ROWS:
+        assert rows[label] == getattr(res, name)
+    labels = [label for label, _ in res.rows()]
+    assert labels.index("ΔH_true / δH₁") + 1 == labels.index("covariance baseline")
+    data = res.to_dict()
+    for hidden in ("step", "U", "optimizer", "opt_state", "lr_given", "micro_batch", "delta_named", "context"):
+        assert hidden not in data
+    assert data["max_grad_norm"] is None and data["loss_type"] == "dr_grpo"
