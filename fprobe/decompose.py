@@ -1,20 +1,14 @@
-"""Exact decomposition of δH₁ over the update batch's sequences and tokens (DESIGN §1).
+"""Exact decomposition of δH₁ over the update batch's sequences and tokens.
 
-Which samples of U drive the entropy change? For the optimizers fprobe implements, one update is
-affine in the (clipped) full-batch gradient g = c · Σ_j ∇L_j, given the state it starts from:
+Which samples of U drive the entropy change? δH₁ = ⟨u, Δθ⟩ with u = ∇Ĥ(θ₀) on E, Ĥ the SNIS
+estimator of the entropy at θ₀ + Δθ (exactly the linear functional of E's token statistics whose
+contraction with the jvp tangents gives δH₁). Each optimizer writes its update as an affine function
+of the (clipped) full-batch gradient g = c · Σ_j ∇L_j, given the states before and after the step
+(``Optimizer.affine``; the formulas live with each optimizer in ``fprobe.optim``):
 
     Δθ = gain ⊙ g + momentum + decay                                                      (1)
 
-- AdamW (torch's formulas, t the new step count of the parameter, v_t the new second moment):
-  Δθ = −ηλθ − (η/(1−β₁ᵗ)) P ⊙ (β₁ m_{t−1} + (1−β₁) g),   P = 1 / (√v_t / √(1−β₂ᵗ) + ε),
-  so gain = −η(1−β₁)/(1−β₁ᵗ) · P, momentum = −ηβ₁/(1−β₁ᵗ) · P ⊙ m_{t−1}, decay = −ηλθ.
-  P is *taken from the step itself* (v_t contains g², so Δθ is not linear in g; it is exactly
-  affine in g once P is fixed, which is all the decomposition needs).
-- SGD (d = g + λθ; buffer b): no momentum: Δθ = −η d; first step with momentum: the buffer is d,
-  Δθ = −η(1+μ)d (Nesterov) or −ηd; with a buffer: −η(μb + (1−τ)d), Nesterov −η(μ²b + (1+μ(1−τ))d).
-  gain is the factor of g, momentum the b term, decay the λθ term (coupled weight decay).
-
-With u = ∇Ĥ(θ₀) on E (so that ⟨u, Δθ⟩ = δH₁) this gives, exactly,
+so that, exactly,
 
     δH₁ = ⟨u, momentum⟩ + ⟨u, decay⟩ + Σ_j δH_j,   δH_j = c · ⟨gain ⊙ u, ∇L_j⟩,          (2)
 
@@ -31,88 +25,10 @@ parameter at a time.
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 
 from . import losses, passes, results, tree
-from .optim import Optimizer, _lr_for
-
-# ---------------------------------------------------------------------------------------------
-# The update as an affine function of the gradient.
-
-
-class UpdateParts(NamedTuple):
-    """Δθ = gain ⊙ g + momentum + decay (float64 trees keyed like the parameters), g the clipped gradient."""
-
-    gain: tree.Params
-    momentum: tree.Params
-    decay: tree.Params
-
-
-def _override(optimizer: Optimizer, lr: float | None) -> float | None:
-    """The step's ``lr`` as ``optimizer.update`` received it (None when it is the optimizer's own rate)."""
-    return None if lr is None or lr == optimizer.lr else lr
-
-
-def _parts_of(optimizer: Optimizer, opt_state, new_state, params, lr: float | None):
-    """Yield (name, gain, momentum, decay) per parameter, in float64: gain a float or tensor,
-    momentum and decay a tensor or None (zero). ``opt_state`` is the state before the step,
-    ``new_state`` after it, ``lr`` the step's override of the learning rate (None: none)."""
-    lr = _override(optimizer, lr)
-    for name, p in params.items():
-        h = optimizer.hyper(name)
-        rate = _lr_for(h, optimizer.lr, lr)
-        if optimizer.name == "adamw":
-            t = int(new_state.step[name])
-            if t != int(opt_state.step[name]) + 1:
-                raise ValueError(
-                    f"optimizer states do not belong to one step: parameter {name!r} went from step "
-                    f"{int(opt_state.step[name])} to {t}"
-                )
-            beta1, beta2 = h["beta1"], h["beta2"]
-            step_size = rate / (1 - beta1 ** float(t))
-            v = new_state.exp_avg_sq[name].double()
-            precond = 1.0 / (v.sqrt() / (1 - beta2 ** float(t)) ** 0.5).add(h["eps"])
-            gain = precond * (-step_size * (1 - beta1))
-            m_old = opt_state.exp_avg[name]
-            momentum = None if not bool(m_old.any()) else precond * m_old.double() * (-step_size * beta1)
-            decay = p.double() * (-rate * h["weight_decay"]) if h["weight_decay"] != 0 else None
-        elif optimizer.name == "sgd":
-            mu, tau, nesterov = h["momentum"], h["dampening"], bool(h["nesterov"])
-            buffer = opt_state.momentum_buffer.get(name) if mu != 0 else None
-            if mu == 0:
-                coef, momentum = 1.0, None
-            elif buffer is None:
-                coef, momentum = (1.0 + mu if nesterov else 1.0), None
-            else:
-                coef = 1.0 + mu * (1 - tau) if nesterov else 1 - tau
-                momentum = buffer.double() * (-rate * (mu * mu if nesterov else mu))
-            gain = -rate * coef
-            decay = p.double() * (-rate * coef * h["weight_decay"]) if h["weight_decay"] != 0 else None
-        else:
-            raise ValueError(f"no decomposition for optimizer {optimizer.name!r} (only 'adamw' and 'sgd')")
-        yield name, gain, momentum, decay
-
-
-def update_parts(optimizer: Optimizer, opt_state, new_state, params: tree.Params, lr: float | None = None) -> UpdateParts:
-    """The step (params, opt_state) → new_state, written as Δθ = gain ⊙ g + momentum + decay (float64).
-
-    ``g`` is the (clipped) gradient the optimizer received; ``lr`` the step's learning-rate override
-    (``Step.lr`` may be passed: it is ignored when it equals ``optimizer.lr``). Per-parameter rates
-    follow ``fprobe.optim._lr_for`` exactly as the step did.
-    """
-    gain, momentum, decay = {}, {}, {}
-    for name, gn, mom, dec in _parts_of(optimizer, opt_state, new_state, params, lr):
-        zero = lambda: torch.zeros_like(params[name], dtype=torch.float64)
-        gain[name] = gn if isinstance(gn, torch.Tensor) else torch.full_like(params[name], gn, dtype=torch.float64)
-        momentum[name] = zero() if mom is None else mom
-        decay[name] = zero() if dec is None else dec
-    return UpdateParts(gain, momentum, decay)
-
-
-# ---------------------------------------------------------------------------------------------
-# The decomposition.
 
 RESIDUAL_WARNING = 1e-3
 
@@ -257,13 +173,13 @@ def decompose(result, *, micro_batch: int | None = None, progress: bool = False)
 
     start = time.perf_counter()
     tangent, momentum, decay = {}, torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-    for name, gain, mom, dec in _parts_of(optimizer, result.opt_state, step.opt_state, params, step.lr):
+    for name, terms in optimizer.affine(result.opt_state, step.opt_state, params, step.lr):
         u = grad_h[name].double()
-        tangent[name] = (u * gain).to(params[name].dtype)
-        if mom is not None:
-            momentum = momentum + torch.vdot(u.flatten(), mom.flatten())
-        if dec is not None:
-            decay = decay + torch.vdot(u.flatten(), dec.flatten())
+        tangent[name] = (u * terms.gain).to(params[name].dtype)
+        if terms.momentum is not None:
+            momentum = momentum + torch.vdot(u.flatten(), terms.momentum.flatten())
+        if terms.decay is not None:
+            decay = decay + torch.vdot(u.flatten(), terms.decay.flatten())
     delta_h1_grad = float(tree.vdot(grad_h, step.delta))
     del grad_h
     timings["parts"] = time.perf_counter() - start

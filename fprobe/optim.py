@@ -6,9 +6,13 @@ themselves, computed in torch's own order of operations (its single-tensor path)
 what bit-equality with torch requires; Δθ = new_params − params is then exactly what the model sees.
 Nothing is mutated. Hyperparameters may differ per parameter (torch param groups); ``lr``
 overrides the learning rate of this one update, scaling every group's rate alike.
+
+Each factory also writes its update as an affine function of the gradient g it received,
+``affine(state, new_state, params, lr=None)``: Δθ = gain ⊙ g + momentum + decay, exactly, given the
+states before and after the step (``fprobe.decompose`` splits δH₁ over U's sequences with it).
 """
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import NamedTuple
 
 import torch
@@ -28,8 +32,23 @@ class SGDState(NamedTuple):
     momentum_buffer: tree.Params
 
 
+class AffineTerms(NamedTuple):
+    """One parameter's update as an affine function of its gradient g: Δθ = gain ⊙ g + momentum + decay.
+
+    Float64; ``gain`` a float or a tensor shaped like the parameter, ``momentum`` and ``decay`` tensors,
+    or None where they are zero.
+    """
+
+    gain: float | torch.Tensor
+    momentum: torch.Tensor | None
+    decay: torch.Tensor | None
+
+
 class Optimizer(NamedTuple):
-    """``init(params) -> state``; ``update(grads, state, params, lr=None) -> (new_params, state)``.
+    """``init(params) -> state``; ``update(grads, state, params, lr=None) -> (new_params, state)``;
+    ``affine(state, new_state, params, lr=None)`` -> ``(name, AffineTerms)`` per parameter, lazily (one
+    parameter's float64 temporaries at a time): the update that took ``state`` to ``new_state`` with
+    the same ``lr``, written as Δθ = gain ⊙ g + momentum + decay in the gradient g it received.
 
     ``lr`` is the base learning rate; ``hyper(name)`` the hyperparameters of one parameter.
     """
@@ -37,6 +56,7 @@ class Optimizer(NamedTuple):
     name: str
     init: Callable
     update: Callable
+    affine: Callable[..., Iterator[tuple[str, AffineTerms]]]
     lr: float
     hyper: Callable[[str], Hyper]
 
@@ -47,9 +67,12 @@ def _hyper_lookup(defaults: Hyper, groups: Mapping[str, Hyper] | None) -> Callab
 
 
 def _lr_for(hyper: Hyper, base_lr: float, lr: float | None) -> float:
-    """This parameter's rate for one update: its group's rate, rescaled alike when ``lr`` overrides the base."""
-    if lr is None or hyper["lr"] == base_lr:
-        return hyper["lr"] if lr is None else lr
+    """This parameter's rate for one update: its group's rate, times lr / base_lr when ``lr`` overrides
+    the base rate (an override equal to the base rate is none)."""
+    if lr is None or lr == base_lr:
+        return hyper["lr"]
+    if hyper["lr"] == base_lr:
+        return lr
     return hyper["lr"] * lr / base_lr if base_lr else lr
 
 
@@ -63,7 +86,11 @@ def adamw(
     """AdamW as ``torch.optim.AdamW`` (single-tensor path), in torch's order:
     θ ← θ(1 − ηλ);  m ← lerp(m, g, 1−β₁);  v ← β₂v + (1−β₂)g²;
     θ ← θ − (η/(1−β₁ᵗ)) · m / (√v / √(1−β₂ᵗ) + ε).
-    ``groups`` maps names to per-parameter overrides of lr, beta1, beta2, eps, weight_decay."""
+    ``groups`` maps names to per-parameter overrides of lr, beta1, beta2, eps, weight_decay.
+
+    Affine form (t the new step count, P = 1 / (√v_t / √(1−β₂ᵗ) + ε) with v_t the *new* second moment):
+    gain = −η(1−β₁)/(1−β₁ᵗ) · P,  momentum = −ηβ₁/(1−β₁ᵗ) · P ⊙ m_{t−1},  decay = −ηλθ.
+    v_t contains g², so Δθ is not linear in g; it is exactly affine in g once P is taken from the step."""
     hyper = _hyper_lookup(dict(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay), groups)
 
     def init(params: tree.Params) -> AdamWState:
@@ -85,7 +112,28 @@ def adamw(
             exp_avg[name], exp_avg_sq[name], steps[name] = m, v, step
         return new_params, AdamWState(steps, exp_avg, exp_avg_sq)
 
-    return Optimizer("adamw", init, update, lr, hyper)
+    def terms(name: str, p: torch.Tensor, state: AdamWState, new_state: AdamWState, lr_override) -> AffineTerms:
+        h = hyper(name)
+        rate, t = _lr_for(h, lr, lr_override), float(new_state.step[name])
+        step_size = rate / (1 - h["beta1"] ** t)
+        precond = 1.0 / (new_state.exp_avg_sq[name].double().sqrt() / (1 - h["beta2"] ** t) ** 0.5).add(h["eps"])
+        m = state.exp_avg[name]
+        return AffineTerms(
+            gain=precond * (-step_size * (1 - h["beta1"])),
+            momentum=precond * m.double() * (-step_size * h["beta1"]) if bool(m.any()) else None,
+            decay=p.double() * (-rate * h["weight_decay"]) if h["weight_decay"] != 0 else None,
+        )
+
+    def affine(state: AdamWState, new_state: AdamWState, params, lr_override: float | None = None):
+        stale = {n: (state.step[n], new_state.step[n]) for n in params if new_state.step[n] != state.step[n] + 1}
+        if stale:
+            name, (before, after) = next(iter(stale.items()))
+            raise ValueError(
+                f"optimizer states do not belong to one step: parameter {name!r} went from step {before} to {after}"
+            )
+        return ((name, terms(name, p, state, new_state, lr_override)) for name, p in params.items())
+
+    return Optimizer("adamw", init, update, affine, lr, hyper)
 
 
 def sgd(
@@ -97,7 +145,11 @@ def sgd(
     groups: Mapping[str, Hyper] | None = None,
 ) -> Optimizer:
     """SGD as ``torch.optim.SGD``: d = g + λθ;  b ← d (first step) or μb + (1−τ)d;
-    d ← d + μb (Nesterov) or b;  θ ← θ − η d."""
+    d ← d + μb (Nesterov) or b;  θ ← θ − η d.
+
+    Affine form, with κ the factor of d in the step: no momentum, κ = 1; first step with momentum (the
+    buffer becomes d), κ = 1 + μ (Nesterov) or 1; with a buffer b, κ = 1 + μ(1−τ) (Nesterov) or 1 − τ and
+    momentum = −ημ²b (Nesterov) or −ημb. Then gain = −ηκ and decay = −ηκλθ (coupled weight decay)."""
     hyper = _hyper_lookup(
         dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=float(nesterov)), groups
     )
@@ -120,7 +172,24 @@ def sgd(
             new_params[name] = p.add(d, alpha=-_lr_for(h, lr, lr_override))
         return new_params, SGDState(buffers)
 
-    return Optimizer("sgd", init, update, lr, hyper)
+    def terms(name: str, p: torch.Tensor, state: SGDState, lr_override) -> AffineTerms:
+        h = hyper(name)
+        rate, mu, nesterov = _lr_for(h, lr, lr_override), h["momentum"], bool(h["nesterov"])
+        buffer = state.momentum_buffer.get(name) if mu != 0 else None
+        if mu == 0:
+            kappa, momentum = 1.0, None
+        elif buffer is None:
+            kappa, momentum = (1.0 + mu if nesterov else 1.0), None
+        else:
+            kappa = 1.0 + mu * (1 - h["dampening"]) if nesterov else 1 - h["dampening"]
+            momentum = buffer.double() * (-rate * (mu * mu if nesterov else mu))
+        decay = p.double() * (-rate * kappa * h["weight_decay"]) if h["weight_decay"] != 0 else None
+        return AffineTerms(-rate * kappa, momentum, decay)
+
+    def affine(state: SGDState, new_state: SGDState, params, lr_override: float | None = None):
+        return ((name, terms(name, p, state, lr_override)) for name, p in params.items())
+
+    return Optimizer("sgd", init, update, affine, lr, hyper)
 
 
 def clip_by_global_norm(grads: tree.Params, max_norm: float) -> tuple[tree.Params, float]:
@@ -131,7 +200,6 @@ def clip_by_global_norm(grads: tree.Params, max_norm: float) -> tuple[tree.Param
     return tree.tree_map(lambda g: g * coef.to(g.dtype), grads), float(coef)
 
 
-_ADAM_KEYS = ("lr", "betas", "eps", "weight_decay")
 _SGD_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
 
 

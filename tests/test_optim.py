@@ -246,3 +246,42 @@ def test_optimizer_is_a_namedtuple_with_init_and_update():
     assert state.step == {"w": 0} and torch.equal(state.exp_avg["w"], torch.zeros(2))
     assert fprobe.optim.sgd().init(params) == optim.SGDState({})
     assert tree.norm(state.exp_avg_sq) == 0
+
+
+def rebuilt_update(terms: optim.AffineTerms, g: torch.Tensor) -> torch.Tensor:
+    """gain ⊙ g + momentum + decay, absent terms taken as zero."""
+    return sum((t for t in (terms.momentum, terms.decay) if t is not None), terms.gain * g.double())
+
+
+AFFINE_CONFIGS = [("adamw", "adamw")] + [("sgd", config) for config in SGD_CONFIGS]
+
+
+@pytest.mark.parametrize("kind,config", AFFINE_CONFIGS)
+def test_affine_form_reproduces_every_update(load_policy, kind, config):
+    """Δθ of ``update`` (torch's order of operations) = gain ⊙ g + momentum + decay of ``affine``, at each of
+    three steps (the first without momentum, later ones with it), one of them with an ``lr`` override."""
+    s = Setting(load_policy, torch.float64)
+    fopt, _ = make_pair(s.torch_params, kind, **SGD_CONFIGS.get(config, {}))
+    params, state = s.params, fopt.init(s.params)
+    for k, lr in enumerate([None, 0.5 * fopt.lr, None]):
+        g = s.grads(params)
+        new_params, new_state = fopt.update(g, state, params, lr)
+        affine = dict(fopt.affine(state, new_state, params, lr))
+        assert list(affine) == list(params)
+        for name, p in params.items():
+            delta = new_params[name] - p
+            # Δθ is a difference of rounded parameters: its rounding is relative to |θ|, not to |Δθ|
+            bound = 1e-15 * float(p.abs().max()) + 1e-12 * float(delta.abs().max())
+            assert float((rebuilt_update(affine[name], g[name]) - delta).abs().max()) <= bound, (k, name)
+            assert (affine[name].decay is None) == (fopt.hyper(name)["weight_decay"] == 0)
+        has_momentum = k > 0 and fopt.hyper("")["beta1" if kind == "adamw" else "momentum"] != 0
+        assert any(t.momentum is not None for t in affine.values()) == has_momentum
+        params, state = new_params, new_state
+
+
+def test_affine_refuses_states_that_are_not_one_step_apart(load_policy):
+    s = Setting(load_policy, torch.float64)
+    opt = optim.adamw()
+    state = opt.init(s.params)
+    with pytest.raises(ValueError, match="do not belong to one step: parameter .* went from step 0 to 0"):
+        opt.affine(state, state, s.params)
