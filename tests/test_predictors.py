@@ -1,0 +1,295 @@
+"""Published entropy-change predictors: each against a plain loop of its paper's formula, Cui et al.'s
+theorems and Wang et al.'s Theorem 3.2 on an exact single-state softmax, the agreement statistics against
+plain-Python references, and the truths (Δh_ik, ḣ_ik) on the built-in policy against independent passes."""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+import fprobe
+from fprobe import predictors, toy, tree
+
+LR = 0.3
+
+
+def hand_built(n=40, seed=0, ties=False):
+    """Token statistics of n sampled tokens: probabilities in (0, 1), entropies, advantages of a few rows."""
+    g = torch.Generator().manual_seed(seed)
+    logp = torch.rand(n, generator=g, dtype=torch.float64).clamp_min(1e-3).log()
+    entropy = 3 * torch.rand(n, generator=g, dtype=torch.float64)
+    advantages = torch.randn(n // 4, generator=g, dtype=torch.float64).repeat_interleave(4)
+    if ties:
+        logp = (logp * 2).round() / 2
+    return predictors.TokenInputs(logp, entropy, advantages)
+
+
+def loop_mean(values):
+    return sum(values) / len(values)
+
+
+def loop_cui_pg(x, lr):
+    logp, adv = x.logp.tolist(), x.advantages.tolist()
+    pa = [math.exp(l) * a for l, a in zip(logp, adv)]
+    ml, mpa = loop_mean(logp), loop_mean(pa)
+    return [-lr * (l - ml) * (v - mpa) for l, v in zip(logp, pa)]
+
+
+def loop_cui_npg(x, lr):
+    logp, adv = x.logp.tolist(), x.advantages.tolist()
+    ml, ma = loop_mean(logp), loop_mean(adv)
+    return [-lr * (l - ml) * (a - ma) for l, a in zip(logp, adv)]
+
+
+def loop_wang(x, lr):
+    """ΔH = −ε S*, S* = p (H + log p), ε = η A."""
+    return [-lr * a * math.exp(l) * (h + l) for l, h, a in zip(x.logp.tolist(), x.entropy.tolist(), x.advantages.tolist())]
+
+
+def loop_steer(x, lr):
+    """−η Ω, Ω = (A / π_old) π (1 − π)(log π + H), with π_old = π (one on-policy step)."""
+    out = []
+    for l, h, a in zip(x.logp.tolist(), x.entropy.tolist(), x.advantages.tolist()):
+        p = p_old = math.exp(l)
+        out.append(-lr * (a / p_old) * p * (1 - p) * (l + h))
+    return out
+
+
+LOOPS = {"cui_pg": loop_cui_pg, "cui_npg": loop_cui_npg, "wang": loop_wang, "steer": loop_steer}
+
+
+@pytest.mark.parametrize("predictor", predictors.PREDICTORS, ids=lambda p: p.name)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_each_predictor_matches_a_plain_loop_of_its_formula(predictor, seed):
+    x = hand_built(seed=seed)
+    got = predictor.tokens(x, LR).tolist()
+    expected = LOOPS[predictor.name](x, LR)
+    assert got == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def test_registry_covers_exactly_the_looped_predictors():
+    assert {p.name for p in predictors.PREDICTORS} == set(LOOPS)
+
+
+def test_weighted_covariance_matches_a_plain_loop():
+    x = hand_built(seed=3)
+    w = torch.rand(len(x.logp), generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    got = float(predictors.weighted_mean(predictors.cui_npg_tokens(x.logp, x.advantages, LR, w), w))
+    ws, ls, as_ = w.tolist(), x.logp.tolist(), x.advantages.tolist()
+    total = sum(ws)
+    ml = sum(wi * li for wi, li in zip(ws, ls)) / total
+    ma = sum(wi * ai for wi, ai in zip(ws, as_)) / total
+    cov = sum(wi * (li - ml) * (ai - ma) for wi, li, ai in zip(ws, ls, as_)) / total
+    assert got == pytest.approx(-LR * cov, rel=1e-12)
+
+
+# --- the single-state softmax policy, parameters = logits, where the theorems are exact to first order ---
+
+
+def softmax_entropy(z):
+    logp = torch.log_softmax(z, -1)
+    return float(-(logp.exp() * logp).sum())
+
+
+def policy_gradient(z, rewards):
+    """∇_z J for the exact objective J(z) = Σ_a π_z(a) r(a), by autograd."""
+    z = z.detach().requires_grad_()
+    (torch.softmax(z, -1) * rewards).sum().backward()
+    return z.grad.detach()
+
+
+def natural_policy_gradient(z, rewards):
+    """F⁺ ∇J with the Fisher matrix F = Σ_a π(a) ∇log π(a) ∇log π(a)ᵀ (jacobian by autograd; F is
+    singular along the all-ones direction, which does not move π, so the pseudo-inverse)."""
+    scores = torch.autograd.functional.jacobian(lambda v: torch.log_softmax(v, -1), z)  # [a, j] = ∂log π(a)/∂z_j
+    pi = torch.softmax(z, -1)
+    fisher = (pi[:, None, None] * scores[:, :, None] * scores[:, None, :]).sum(0)
+    return torch.linalg.pinv(fisher) @ policy_gradient(z, rewards)
+
+
+def single_state():
+    g = torch.Generator().manual_seed(7)
+    z = 1.5 * torch.randn(6, generator=g, dtype=torch.float64)
+    rewards = torch.rand(6, generator=g, dtype=torch.float64)
+    logp = torch.log_softmax(z, -1)
+    advantages = rewards - (logp.exp() * rewards).sum()  # A(a) = r(a) − V
+    return z, rewards, logp, advantages
+
+
+def theorem_prediction(tokens, logp, advantages, eta):
+    """The theorem's −η Cov_{a∼π}(·, ·): the predictor over all actions, weighted by π."""
+    pi = logp.exp()
+    return float(predictors.weighted_mean(tokens(logp, advantages, eta, pi), pi))
+
+
+def relative_errors(step, tokens, etas):
+    z, rewards, logp, advantages = single_state()
+    direction = step(z, rewards)
+    errors = []
+    for eta in etas:
+        true = softmax_entropy(z + eta * direction) - softmax_entropy(z)
+        errors.append(abs(true / theorem_prediction(tokens, logp, advantages, eta) - 1))
+    return errors
+
+
+ETAS = [1e-1, 1e-2, 1e-3, 1e-4]
+
+
+@pytest.mark.parametrize(
+    "step, tokens",
+    [(policy_gradient, predictors.cui_pg_tokens), (natural_policy_gradient, predictors.cui_npg_tokens)],
+    ids=["theorem1_pg", "theorem2_npg"],
+)
+def test_cui_theorems_match_the_true_entropy_change_to_first_order(step, tokens):
+    errors = relative_errors(step, tokens, ETAS)
+    assert errors[-1] < 1e-3
+    for larger, smaller in zip(errors, errors[1:]):
+        assert smaller < larger / 5  # the error of a first-order formula shrinks like η
+
+
+@pytest.mark.parametrize(
+    "step, tokens",
+    [(policy_gradient, predictors.cui_npg_tokens), (natural_policy_gradient, predictors.cui_pg_tokens)],
+    ids=["pg_step_npg_formula", "npg_step_pg_formula"],
+)
+def test_the_other_theorem_does_not_match(step, tokens):
+    assert relative_errors(step, tokens, [1e-5])[0] > 1e-2
+
+
+def test_wang_theorem_3_2_matches_a_single_logit_update_to_first_order():
+    z, _, logp, _ = single_state()
+    errors = []
+    for k in range(len(z)):
+        for eps in (1e-3, 1e-5):
+            moved = z.clone()
+            moved[k] += eps
+            true = softmax_entropy(moved) - softmax_entropy(z)
+            h = torch.tensor(softmax_entropy(z), dtype=torch.float64)
+            predicted = float(predictors.wang_tokens(logp[k], h, torch.tensor(1.0, dtype=torch.float64), eps))
+            errors.append(abs(true - predicted) / abs(predicted))
+    assert max(errors[1::2]) < 1e-3
+    assert all(small < large / 5 for large, small in zip(errors[::2], errors[1::2]))
+
+
+# --- agreement statistics against plain-Python references ---
+
+
+def loop_pearson(x, y):
+    mx, my = loop_mean(x), loop_mean(y)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx = sum((a - mx) ** 2 for a in x)
+    syy = sum((b - my) ** 2 for b in y)
+    return sxy / math.sqrt(sxx * syy)
+
+
+def loop_ranks(x):
+    """Rank of each value: 1 + how many are smaller + half of the other equal ones."""
+    return [1 + sum(v < xi for v in x) + (sum(v == xi for v in x) - 1) / 2 for xi in x]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("ties", [False, True])
+def test_correlations_match_plain_python(seed, ties):
+    x = hand_built(seed=seed, ties=ties)
+    a, b = x.logp, predictors.wang_tokens(x.logp, x.entropy, x.advantages, 1.0)
+    assert predictors.average_ranks(a).tolist() == loop_ranks(a.tolist())
+    assert predictors.pearson(a, b) == pytest.approx(loop_pearson(a.tolist(), b.tolist()), rel=1e-12)
+    assert predictors.spearman(a, b) == pytest.approx(loop_pearson(loop_ranks(a.tolist()), loop_ranks(b.tolist())), rel=1e-12)
+
+
+def test_scale_and_signs_match_plain_python():
+    x = hand_built(seed=5)
+    p, t = x.logp + 2.0, x.advantages  # mixed signs in the truth, one sign in the prediction
+    ps, ts = p.tolist(), t.tolist()
+    scale = sum(a * b for a, b in zip(ps, ts)) / sum(a * a for a in ps)
+    assert predictors.least_squares_scale(p, t) == pytest.approx(scale, rel=1e-12)
+    residual = t - predictors.least_squares_scale(p, t) * p
+    assert abs(float((residual * p).sum())) < 1e-10  # least squares: the residual is orthogonal to p
+    same = sum((a > 0) == (b > 0) and (a < 0) == (b < 0) for a, b in zip(ps, ts)) / len(ps)
+    assert predictors.sign_agreement(p, t) == same
+    assert 0 < same < 1
+
+
+# --- the truths on the built-in policy ---
+
+
+@pytest.fixture(scope="module")
+def probed():
+    policy = fprobe.Policy.from_pretrained(str(toy.DEFAULT_MODEL_PATH), dtype=torch.float64)
+    tokenizer = AutoTokenizer.from_pretrained(str(toy.DEFAULT_MODEL_PATH))
+    E, U = fprobe.sample(
+        policy, tokenizer, toy.make_prompts(32, 0), n_eval=8, n_update_prompts=4, group_size=4, reward="toy",
+        max_new_tokens=8, seed=0,
+    )
+    result = fprobe.probe(policy, E, U, fprobe.optim.adamw(lr=1e-6, weight_decay=0.01))
+    return policy, U, result, predictors.from_probe(result)
+
+
+def test_fprobe_first_order_tracks_the_true_change_at_a_small_learning_rate(probed):
+    _, _, _, comparison = probed
+    truth = comparison.truth.tolist()
+    first = comparison.predicted[predictors.REFERENCE].tolist()
+    assert comparison.scores[predictors.REFERENCE]["pearson"] == pytest.approx(loop_pearson(first, truth), rel=1e-12)
+    assert loop_pearson(first, truth) >= 0.999
+
+
+def test_truths_equal_independent_token_statistics(probed):
+    """Δh from two full-batch token_stats calls; ḣ against a central difference (h(θ₀+Δθ) − h(θ₀−Δθ))/2,
+    exact up to third order in the small step."""
+    policy, U, result, comparison = probed
+    params, delta = result.context.params, result.delta_named
+    mask = U.response_mask
+    at = lambda p: fprobe.token_stats(policy, p, U)
+    with torch.no_grad():
+        before, after, back = at(params), at(tree.add(params, delta)), at(tree.sub(params, delta))
+    assert torch.allclose(comparison.truth, (after.entropy - before.entropy)[mask], rtol=0, atol=1e-13)
+    central = ((after.entropy - back.entropy) / 2)[mask]
+    first = comparison.predicted[predictors.REFERENCE]
+    assert float((first - central).abs().max()) < 1e-3 * float(first.abs().max())
+
+
+def test_inputs_are_u_statistics_with_each_rows_advantage(probed):
+    policy, U, result, comparison = probed
+    with torch.no_grad():
+        stats = fprobe.token_stats(policy, result.context.params, U)
+    t = predictors.truths(policy, result.context.params, result.delta_named, U)
+    expected_adv = [float(U.advantages[i]) for i in range(len(U)) for _ in range(int(U.response_mask[i].sum()))]
+    assert t.inputs.advantages.tolist() == expected_adv
+    assert torch.allclose(t.inputs.logp, stats.logp[U.response_mask], rtol=0, atol=1e-13)
+    assert torch.allclose(t.inputs.entropy, stats.entropy[U.response_mask], rtol=0, atol=1e-13)
+    for p in predictors.PREDICTORS:
+        assert torch.equal(comparison.predicted[p.name], p.tokens(t.inputs, result.lr_used))
+
+
+def test_comparison_carries_the_probes_numbers_and_aggregates(probed):
+    _, U, result, c = probed
+    assert (c.lr, c.delta_h_true, c.delta_h1, c.n_tokens) == (result.lr_used, result.delta_h_true, result.delta_h1, U.n_tokens)
+    assert c.delta_h_tokens == pytest.approx(loop_mean(c.truth.tolist()), rel=1e-12)
+    for name, predicted in c.predicted.items():
+        assert c.scores[name]["aggregate"] == pytest.approx(loop_mean(predicted.tolist()), rel=1e-12, abs=1e-300)
+    # Cui et al.'s Theorem 2 aggregated over U's tokens is fprobe's covariance baseline
+    assert c.scores["cui_npg"]["aggregate"] == pytest.approx(result.cov_baseline, rel=1e-10)
+
+
+def test_comparison_prints_converts_and_plots(probed, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    _, _, _, c = probed
+    names = [p.name for p in predictors.PREDICTORS] + [predictors.REFERENCE]
+    record = json.loads(c.to_json())
+    assert list(record["scores"]) == names
+    assert "truth" not in record and "predicted" not in record
+    assert all(name in repr(c) for name in names)
+    fig = c.plot(tmp_path / "predictors.png")
+    assert (tmp_path / "predictors.png").stat().st_size > 0
+    assert len(fig.axes) == len(names)
+
+
+def test_update_batch_without_advantages_is_rejected(probed):
+    policy, U, result, _ = probed
+    bare = fprobe.Rollouts(U.input_ids, U.attention_mask, U.response_mask)
+    with pytest.raises(ValueError, match="advantages"):
+        predictors.compare(policy, result.context.params, result.delta_named, bare, 1e-6)
