@@ -10,7 +10,6 @@ Without an initialised process group (or with one process) every function here i
 
 import datetime
 import os
-from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -97,8 +96,3 @@ def init_from_env(timeout_s: float = 300.0) -> bool:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return True
-
-
-def run_on_main(fn: Callable, *args, **kwargs):
-    """``fn`` on rank 0 only (printing, writing files); None elsewhere."""
-    return fn(*args, **kwargs) if is_main() else None

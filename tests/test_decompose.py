@@ -97,8 +97,8 @@ def probed(policy, batches):
 
 def affine_trees(result) -> dict[str, tree.Params]:
     """The probe's step as Δθ = gain ⊙ g + momentum + decay: {"gain", "momentum", "decay"} float64 trees."""
-    params = result.context.params
-    terms = dict(result.optimizer.affine(result.opt_state, result.step.opt_state, params, result.step.lr))
+    params, step = result.context.params, result.replay_step()
+    terms = dict(result.optimizer.affine(result.start_state, step.opt_state, params, step.lr))
     full = lambda name, x: torch.zeros_like(params[name], dtype=torch.float64) + (0.0 if x is None else x)
     return {part: {name: full(name, getattr(terms[name], part)) for name in params} for part in ("gain", "momentum", "decay")}
 
@@ -149,7 +149,7 @@ def test_parts_sum_to_delta_h1(probed, case):
     assert rel(c.delta_h1_grad, result.delta_h1) <= 1e-10
     assert (c.decay != 0) == (case != "sgd_plain")
     assert (c.momentum != 0) == ("imported" in case)
-    assert (result.step.clip_coef < 1) == ("clip" in case)
+    assert (result.clip_coef < 1) == ("clip" in case)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -163,7 +163,7 @@ def test_each_sequence_matches_its_own_gradient(policy, batches, probed, case):
     weights = plain_row_weights(U, result.loss_type)
     brute = torch.tensor(
         [
-            result.step.clip_coef * float(tree.vdot(direction, plain_row_gradient(policy, params, U, j, float(weights[j]))))
+            result.clip_coef * float(tree.vdot(direction, plain_row_gradient(policy, params, U, j, float(weights[j]))))
             for j in range(len(U))
         ],
         dtype=torch.float64,
@@ -203,7 +203,7 @@ def test_per_token_is_the_on_policy_formula(policy, probed):
     ell = lambda p: fprobe.token_stats(policy, p, U).logp
     _, ell_dot = torch.func.jvp(ell, (tree.detach(params),), (direction,))
     weights = plain_row_weights(U, result.loss_type)
-    expected = result.step.clip_coef * (-weights * U.advantages)[:, None] * ell_dot * U.response_mask
+    expected = result.clip_coef * (-weights * U.advantages)[:, None] * ell_dot * U.response_mask
     assert float((c.per_token - expected).abs().max()) <= 1e-9 * float(expected.abs().max())
 
 
@@ -226,7 +226,7 @@ def test_records_columns_repr_and_metadata(batches, probed):
     assert columns["advantage"] == ADVANTAGES.tolist()
     assert columns["group"] == U.group_ids.tolist() and columns["reward"] == U.rewards.tolist()
     assert columns["length"] == U.lengths.tolist()
-    mean_logp = (result.step.logp * U.response_mask).sum(-1) / U.lengths
+    mean_logp = (result.replay_step().logp * U.response_mask).sum(-1) / U.lengths
     assert torch.equal(c.mean_logp, mean_logp)
     assert [r["row"] for r in c.top(3)] == torch.argsort(c.per_sequence.abs(), descending=True)[:3].tolist()
     text = repr(c)
