@@ -135,25 +135,28 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def sign_agreement(predicted: torch.Tensor, truth: torch.Tensor) -> float:
-    """Fraction of tokens where sign(prediction) = sign(truth)."""
-    return float((predicted.sign() == truth.sign()).double().mean())
+    """Fraction of tokens where sign(prediction) = sign(truth) (NaN for no tokens)."""
+    return float((predicted.sign() == truth.sign()).double().mean()) if len(predicted) else float("nan")
 
 
 class Score(NamedTuple):
     """One predictor against the per-token truth Δh_ik: its aggregate, the scale c minimising
-    Σ (c·p − Δh)², Pearson and Spearman correlations, and the fraction of right signs."""
+    Σ (c·p − Δh)², Pearson and Spearman correlations, the fraction of right signs over all tokens (a
+    zero prediction counts as wrong) and over the tokens where it predicts a change (p ≠ 0)."""
 
     aggregate: float
     scale: float
     pearson: float
     spearman: float
     sign_agreement: float
+    sign_agreement_nonzero: float
 
 
 def score(predicted: torch.Tensor, truth: torch.Tensor) -> Score:
+    nonzero = predicted != 0
     return Score(
         float(predicted.mean()), least_squares_scale(predicted, truth), pearson(predicted, truth),
-        spearman(predicted, truth), sign_agreement(predicted, truth),
+        spearman(predicted, truth), sign_agreement(predicted, truth), sign_agreement(predicted[nonzero], truth[nonzero]),
     )
 
 
@@ -210,7 +213,7 @@ class PredictorComparison:
     truth: torch.Tensor = results.internal()
     predicted: dict = results.internal()
 
-    COLUMNS: ClassVar[tuple[str, ...]] = ("aggregate", "scale", "pearson", "spearman", "sign_agreement")
+    COLUMNS: ClassVar[tuple[str, ...]] = Score._fields
 
     def __repr__(self) -> str:
         head = results.table(

@@ -212,6 +212,17 @@ def test_scale_and_signs_match_plain_python():
     assert 0 < same < 1
 
 
+def test_zero_predictions_count_as_wrong_signs_except_in_the_nonzero_column():
+    x = hand_built(seed=6)
+    p = x.advantages * (torch.arange(len(x.advantages)) % 3 != 0)  # every third prediction is zero
+    t = x.advantages + 0.1 * x.logp  # never exactly zero
+    ps, ts = p.tolist(), t.tolist()
+    right = [(a > 0) == (b > 0) for a, b in zip(ps, ts) if a != 0]
+    s = predictors.score(p, t)
+    assert s.sign_agreement == pytest.approx(sum(right) / len(ps), rel=1e-15)
+    assert s.sign_agreement_nonzero == pytest.approx(sum(right) / len(right), rel=1e-15)
+
+
 # --- the truths on the built-in policy ---
 
 
