@@ -7,7 +7,7 @@ from .policy import Policy
 from .probe import EntropyChange, ProbeResult, entropy_change, probe
 from .rollouts import Rollouts
 from .sampling import sample
-from .step import Step, rl_step
+from .step import Step, UpdateLostWarning, ZeroAdvantagesWarning, rl_step
 from .sweep import SweepResult
 from .tokens import TokenStats, token_stats
 from .user_warnings import LowESSWarning
@@ -15,5 +15,5 @@ from .user_warnings import LowESSWarning
 __all__ = [
     "EntropyChange", "LowESSWarning", "Policy", "ProbeResult", "Rollouts", "Step", "SweepResult", "TokenStats",
     "entropy_change", "group_advantages", "optim", "probe", "rl_step", "token_stats", "tree",
-    "sample", "Contributions", "decompose",
+    "sample", "Contributions", "decompose", "UpdateLostWarning", "ZeroAdvantagesWarning",
 ]

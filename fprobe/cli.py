@@ -5,14 +5,18 @@ table and write it as JSON. With no arguments it probes the built-in tiny policy
 addition task. ``fprobe sweep`` also evaluates ΔH_true and δH₁ over a list of learning rates from
 that one step, and writes the sweep table (JSON) and its plot (PNG).
 
-Several models (or a folder of checkpoints) write one record per model to a JSONL file, each append
-atomic; a rerun skips the records already there (key: model + settings), so an interrupted run
-resumes and loses nothing. Errors are one line on stderr, ``fprobe: error: …``, exit code 2.
+Several models (or a folder of checkpoints) write one record per model to a JSONL file, each record
+appended as one line under a file lock; a rerun, or a concurrent run on the same file, skips the
+records already there (key: model + settings), so an interrupted run resumes and loses nothing. Every
+record is written before it is printed or plotted. Errors are one line on stderr, ``fprobe: error: …``,
+exit code 2 (``--traceback`` or FPROBE_TRACEBACK=1: the full traceback).
 """
 
 import argparse
 import contextlib
 import json
+import math
+import os
 import re
 import sys
 import time
@@ -36,9 +40,12 @@ TOY_POOL_SIZE = 512
 FALLBACK_MAX_NEW_TOKENS = 256
 SWEEP_FACTORS = (0.01, 0.1, 1.0, 10.0, 100.0)
 EXIT_ERROR = 2
+TRACEBACK_ENV = "FPROBE_TRACEBACK"
 
 # Options that change how a record is computed, not what it is: left out of the resume key.
-EXECUTION_ONLY = ("model", "out", "plot", "quiet", "device", "micro_batch", "generation_batch", "timeout")
+EXECUTION_ONLY = (
+    "model", "out", "plot", "quiet", "device", "micro_batch", "generation_batch", "timeout", "traceback",
+)
 
 
 def parse_lora(text: str) -> tuple[int, float, list[str]]:
@@ -50,14 +57,29 @@ def parse_lora(text: str) -> tuple[int, float, list[str]]:
         raise argparse.ArgumentTypeError(f"expected r,alpha,targets (e.g. 8,16,q_proj+v_proj), got {text!r}") from None
 
 
+def is_learning_rate(value: float) -> bool:
+    """Finite and non-negative (0 is allowed: the zero step)."""
+    return math.isfinite(value) and value >= 0
+
+
+def parse_lr(text: str) -> float:
+    try:
+        lr = float(text)
+    except ValueError:
+        lr = math.nan
+    if not is_learning_rate(lr):
+        raise argparse.ArgumentTypeError(f"expected a finite, non-negative learning rate, got {text!r}")
+    return lr
+
+
 def parse_lrs(text: str) -> list[float]:
     try:
         lrs = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated learning rates (e.g. 1e-6,1e-5), got {text!r}") \
             from None
-    if not lrs or any(lr < 0 for lr in lrs):
-        raise argparse.ArgumentTypeError(f"expected non-negative learning rates, got {text!r}")
+    if not lrs or not all(map(is_learning_rate, lrs)):
+        raise argparse.ArgumentTypeError(f"expected finite, non-negative learning rates, got {text!r}")
     return lrs
 
 
@@ -82,7 +104,7 @@ def common_options(parser: argparse.ArgumentParser) -> None:
         f"else {FALLBACK_MAX_NEW_TOKENS}")
     add("--temperature", type=float, default=1.0, help="sampling temperature = the temperature of the measured policy")
     add("--seed", type=int, default=0)
-    add("--lr", type=float, help=f"learning rate of the step (default {DEFAULT_LR:g}, or the optimizer state's)")
+    add("--lr", type=parse_lr, help=f"learning rate of the step (default {DEFAULT_LR:g}, or the optimizer state's)")
     add("--optimizer-state", metavar="PATH", help="torch.optim AdamW/SGD state_dict (torch.save), looked up "
         "inside each model folder first; parameters in the order of the model's trainable named_parameters")
     add("--loss", choices=LOSS_TYPES, default="dr_grpo")
@@ -94,6 +116,8 @@ def common_options(parser: argparse.ArgumentParser) -> None:
         help="rows per generate call (the samples do not depend on it)")
     add("--quiet", action="store_true", help="no progress bars, no tables")
     add("--timeout", type=float, default=300.0, help="seconds a torchrun rank waits in a collective before failing")
+    add("--traceback", action="store_true", help=f"on an error, the full Python traceback instead of one line "
+        f"(also {TRACEBACK_ENV}=1)")
 
 
 class Parser(argparse.ArgumentParser):
@@ -120,10 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def device_type(name: str) -> str:
+    try:
+        return torch.device(name).type
+    except RuntimeError as error:
+        raise ValueError(f"--device {name!r} is not a device: {error}") from None
+
+
 def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the defaults that depend on other options (device → dtype, prompts → reward)."""
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    args.dtype = args.dtype or ("float64" if torch.device(args.device).type == "cpu" else "float32")
+    args.dtype = args.dtype or ("float64" if device_type(args.device) == "cpu" else "float32")
+    results.check_writable(args.out, "--out")
     args.reward = args.reward or ("toy" if args.prompts is None else "numeric")
     if args.command == "sweep" and args.plot is None:
         args.plot = str(Path(args.out).with_suffix(".png"))
@@ -169,7 +201,7 @@ def expand_models(specs: list[str]) -> list[str]:
             if not children:
                 raise FileNotFoundError(f"{spec}: neither a model folder (no config.json) nor a folder of checkpoints")
             models += [str(c.resolve()) for c in children]
-    return models
+    return list(dict.fromkeys(models))  # a checkpoint named twice (c1 c1, or run run/checkpoint-2) runs once
 
 
 def settings_key(args: argparse.Namespace, model: str) -> dict:
@@ -181,28 +213,29 @@ def settings_key(args: argparse.Namespace, model: str) -> dict:
     return {"model": model, **settings}
 
 
-def key_text(key: dict) -> str:
-    return json.dumps(key, sort_keys=True)
-
-
 def read_records(path: Path) -> list[dict]:
-    """The records of a results JSONL file (none if it does not exist)."""
-    if not path.exists():
-        return []
+    """The records of a results JSONL file (none if it does not exist), read under its lock."""
     records = []
-    for where, record in results.read_json_lines(path, "results file"):
+    for where, record in results.read_jsonl_locked(path, "results file"):
         if not isinstance(record, dict) or not isinstance(record.get("key"), dict):
             raise ValueError(f"{where}: not an fprobe record (no 'key' object)")
         records.append(record)
     return records
 
 
-def append_record(path: Path, record: dict) -> None:
-    """Append one JSON line atomically: the whole file is rewritten to a temporary file and renamed."""
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    if text and not text.endswith("\n"):
-        text += "\n"
-    results.write_atomic(path, text + json.dumps(record) + "\n")
+def finished_keys(out: Path, jsonl: bool) -> set[str]:
+    """The resume keys already in a JSONL results file (re-read before each model: another run may be
+    appending to the same file)."""
+    return {results.canonical(r["key"]) for r in read_records(out)} if jsonl else set()
+
+
+def save_record(out: Path, jsonl: bool, record: dict) -> bool:
+    """Append the record to a JSONL file unless a concurrent run wrote its key first (returns whether it
+    was written), or write it as the JSON file."""
+    if jsonl:
+        return results.append_json_line(out, record, unique="key")
+    results.write_atomic(out, json.dumps(record, indent=2) + "\n")
+    return True
 
 
 def output_file(out: str, n_models: int) -> tuple[Path, bool]:
@@ -262,6 +295,18 @@ def optimizer_and_state(args: argparse.Namespace, model: str, policy: Policy):
     return optim.from_torch(state_dict, list(policy.params), policy.params)
 
 
+def check_plot_path(path: str) -> None:
+    """A plot path matplotlib can write: a supported image suffix, in a writable folder."""
+    from matplotlib.figure import Figure
+
+    formats = Figure().canvas.get_supported_filetypes()
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in formats:
+        raise ValueError(f"--plot {path!r}: {'.' + suffix if suffix else 'no'} image suffix that matplotlib writes; "
+                         f"use one of {', '.join('.' + f for f in sorted(formats))}")
+    results.check_writable(path, "--plot")
+
+
 def plot_path(args: argparse.Namespace, index: int, jsonl: bool) -> Path | None:
     if args.plot is None:
         return None
@@ -273,8 +318,8 @@ def sweep_lrs(args: argparse.Namespace, lr0: float) -> list[float]:
     return getattr(args, "lrs", None) or [lr0 * f for f in SWEEP_FACTORS]
 
 
-def probe_model(args, model: str, pool: list[dict], reward, key: dict, plot: Path | None) -> dict:
-    """Sample, step and measure one model; print its tables; return its record."""
+def probe_model(args, model: str, pool: list[dict], reward, key: dict, plot: Path | None):
+    """Sample, step and measure one model: (its record, its sweep or None, its report text)."""
     start = time.perf_counter()
     tokenizer = load_tokenizer(model, args.trust_remote_code)
     policy = load_policy(args, model)
@@ -306,20 +351,25 @@ def probe_model(args, model: str, pool: list[dict], reward, key: dict, plot: Pat
     if args.command == "sweep" or plot is not None:
         sweep = result.sweep(sweep_lrs(args, result.lr_used), progress=not args.quiet)
         record["sweep"] = sweep.to_dict()
-    if plot is not None and distributed.is_main():
-        import matplotlib.pyplot as plt
-
-        plt.close(sweep.plot(plot))
+    if plot is not None:
         record["plot"] = str(plot)
-    if not args.quiet:
-        s, t = record["sampling"], record["timings"]
-        print(f"\n{model}\nloaded in {t['load']:.2f} s; sampled E ({s['n_eval']} responses, {s['eval_tokens']} tokens) "
-              f"and U ({args.n_update_prompts}×{args.group_size}, {s['update_tokens']} tokens, mean reward "
-              f"{s['mean_reward']:.3g}) in {t['sample']:.2f} s")
-        print(result)
-        if sweep is not None:
-            print(sweep)
-    return record
+    s, t = record["sampling"], record["timings"]
+    report = [
+        f"\n{model}\nloaded in {t['load']:.2f} s; sampled E ({s['n_eval']} responses, {s['eval_tokens']} tokens) "
+        f"and U ({args.n_update_prompts}×{args.group_size}, {s['update_tokens']} tokens, mean reward "
+        f"{s['mean_reward']:.3g}) in {t['sample']:.2f} s",
+        str(result),
+    ]
+    return record, sweep, "\n".join(report + ([str(sweep)] if sweep is not None else []))
+
+
+def say(text: str) -> None:
+    """Print to stdout; if its reader went away (``fprobe … | head``), the rest of the output is dropped
+    and the run goes on: the records are in the results file, not on stdout."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 @contextlib.contextmanager
@@ -344,27 +394,39 @@ def command_line_output():
 
 
 def run(args: argparse.Namespace) -> None:
-    """Validate every input first, then probe model after model, writing each record as soon as it exists."""
-    pool = load_prompt_pool(args)
-    reward = rewards.resolve_reward(args.reward)
+    """Validate every input first (output and plot paths included), then probe model after model,
+    writing each record as soon as it exists, before printing or plotting it."""
     models = expand_models(args.model)
     out, jsonl = output_file(args.out, len(models))
-    done = {key_text(r["key"]) for r in read_records(out)} if jsonl else set()
+    results.check_writable(out, "--out")
+    if args.plot is not None:
+        check_plot_path(args.plot)
+    pool = load_prompt_pool(args)
+    reward = rewards.resolve_reward(args.reward)
+    finished_keys(out, jsonl)  # a malformed results file fails now, not after the first model
     for index, model in enumerate(models):
         key = settings_key(args, model)
-        if key_text(key) in done:
+        if results.canonical(key) in finished_keys(out, jsonl):
             if not args.quiet:
-                print(f"{model}: already in {out}, skipped")
+                say(f"{model}: already in {out}, skipped")
             continue
-        record = probe_model(args, model, pool, reward, key, plot_path(args, index, jsonl))
+        plot = plot_path(args, index, jsonl)
+        try:
+            record, sweep, report = probe_model(args, model, pool, reward, key, plot)
+        except Exception as error:
+            if model in str(error):
+                raise
+            raise RuntimeError(f"{model}: {one_line(error)}") from error
         if not distributed.is_main():
             continue
-        if jsonl:
-            append_record(out, record)
-        else:
-            results.write_atomic(out, json.dumps(record, indent=2) + "\n")
+        written = save_record(out, jsonl, record)
+        if plot is not None:
+            import matplotlib.pyplot as plt
+
+            plt.close(sweep.plot(plot))
         if not args.quiet:
-            print(f"wrote {out}")
+            say(report)
+            say(f"wrote {out}" if written else f"{model}: a concurrent run wrote this record to {out} first; kept it")
 
 
 def one_line(error: BaseException) -> str:
@@ -372,8 +434,9 @@ def one_line(error: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = resolve_defaults(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
     try:
+        resolve_defaults(args)
         if distributed.init_from_env(args.timeout) and not distributed.is_main():
             args.quiet = True
         with command_line_output():
@@ -381,7 +444,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fprobe: interrupted (the records written so far are complete)", file=sys.stderr)
         return 130
-    except Exception as error:  # every failure is reported as one line, without a traceback
+    except Exception as error:  # every failure is reported as one line, without a traceback unless asked
+        if args.traceback or os.environ.get(TRACEBACK_ENV) == "1":
+            raise
         print(f"fprobe: error: {one_line(error)}", file=sys.stderr)
         return EXIT_ERROR
     return 0

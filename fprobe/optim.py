@@ -217,6 +217,42 @@ def _group_hyper(group: Mapping, kind: str) -> Hyper:
     return {k: float(group[k]) for k in _SGD_KEYS}
 
 
+def _param_groups(state_dict) -> list[Mapping]:
+    """The param groups of a torch optimizer ``state_dict``, after checking the structure torch saves."""
+    if not isinstance(state_dict, Mapping) or not isinstance(state_dict.get("state"), Mapping):
+        raise ValueError("not a torch optimizer state_dict: expected a dict with 'state' and 'param_groups'")
+    groups = state_dict.get("param_groups")
+    if not isinstance(groups, (list, tuple)) or not groups:
+        raise ValueError("the optimizer state_dict has no param_groups (missing or empty): its hyperparameters are unknown")
+    for i, group in enumerate(groups):
+        if not isinstance(group, Mapping) or not isinstance(group.get("params"), (list, tuple)):
+            raise ValueError(f"optimizer param_groups[{i}] is not a param group (no 'params' list)")
+    return list(groups)
+
+
+def _state_tensor(state: Mapping, name: str, key: str, param: torch.Tensor) -> torch.Tensor:
+    """A copy of parameter ``name``'s ``state[key]`` on the parameter's device and dtype, after checking it is a
+    floating-point tensor of the parameter's shape (torch would broadcast a wrong shape silently)."""
+    value = state.get(key)
+    where = f"optimizer state of parameter {name!r}"
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{where}: {key!r} is missing or not a tensor")
+    if value.shape != param.shape:
+        raise ValueError(f"{where}: {key} has shape {tuple(value.shape)}, the parameter {tuple(param.shape)}")
+    if not value.is_floating_point():
+        raise ValueError(f"{where}: {key} has dtype {value.dtype}, not a floating-point dtype")
+    return value.detach().to(param.device, param.dtype, copy=True)
+
+
+def _step_count(state: Mapping, name: str) -> int:
+    """Parameter ``name``'s Adam step count: a non-negative whole number (an int or a one-element tensor)."""
+    step = state.get("step")
+    value = step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 else step
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 and float(value).is_integer()):
+        raise ValueError(f"optimizer state of parameter {name!r}: step {step!r} is not a non-negative whole number")
+    return int(value)
+
+
 def from_torch(
     state_dict: Mapping,
     param_names: Iterable[str],
@@ -230,7 +266,7 @@ def from_torch(
     the torch optimizer change nothing.
     """
     names = list(param_names)
-    groups = state_dict["param_groups"]
+    groups = _param_groups(state_dict)
     first = groups[0]
     # amsgrad only in Adam/AdamW groups, nesterov only in SGD's (NAdam/RAdam/Adamax have betas, RMSprop momentum)
     kind = "adam" if "amsgrad" in first else "sgd" if "nesterov" in first else None
@@ -246,13 +282,19 @@ def from_torch(
             index_to_name[index] = names[index]
             per_name[names[index]] = hyper
     tree.check_names(params, per_name, "optimizer parameters")
+    stray = [i for i in state_dict["state"] if i not in index_to_name]
+    if stray:
+        raise ValueError(f"optimizer state has entries for parameter indices {stray} that no param group lists")
     state = {index_to_name[i]: s for i, s in state_dict["state"].items()}
-    copy = lambda name, key: state[name][key].detach().to(params[name].device, params[name].dtype, copy=True)
+    not_dicts = [n for n, s in state.items() if not isinstance(s, Mapping)]
+    if not_dicts:
+        raise ValueError(f"optimizer state of parameter {not_dicts[0]!r} is not a dict of its state tensors")
+    copy = lambda name, key: _state_tensor(state[name], name, key, params[name])
     if kind == "adam":
         opt = adamw(lr=per_name[names[0]]["lr"], groups=per_name)
         zero = opt.init(params)
         return opt, AdamWState(
-            {n: int(state[n]["step"]) if n in state else 0 for n in params},
+            {n: _step_count(state[n], n) if n in state else 0 for n in params},
             {n: copy(n, "exp_avg") if n in state else zero.exp_avg[n] for n in params},
             {n: copy(n, "exp_avg_sq") if n in state else zero.exp_avg_sq[n] for n in params},
         )

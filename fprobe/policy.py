@@ -14,6 +14,7 @@ import torch
 from torch.func import functional_call
 
 from . import attention, tree
+from .rollouts import check_token_ids
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -193,10 +194,9 @@ class Policy:
                 use_safetensors=None,
             )
         except OSError as e:
-            raise FileNotFoundError(
-                f"cannot load model {str(name_or_path)!r}: not a local folder and not in the local cache "
-                f"(fprobe does not download at run time): {e}"
-            ) from e
+            where = "" if Path(name_or_path).is_dir() else (
+                "not a local folder and not in the local cache (fprobe does not download at run time): ")
+            raise FileNotFoundError(f"cannot load model {str(name_or_path)!r}: {where}{e}") from e
         model = model.to(device).eval()
         if lora is not None and adapter is not None:
             raise ValueError("give either lora (a new adapter) or adapter (a trained one), not both")
@@ -232,3 +232,4 @@ class Policy:
             out = functional_call(self.model, dict(params), (input_ids.to(self.device),), kwargs)
         logits = out.logits
         return logits if self.temperature == 1.0 else logits / self.temperature
+        check_token_ids(input_ids, self.model.get_input_embeddings().num_embeddings)

@@ -5,10 +5,16 @@ callable or ``"module:function"``, and ``score`` applies a reward to a batch of 
 """
 
 import importlib
+import importlib.util
 import math
+import numbers
 import re
+import sys
 from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+import torch
 
 from fprobe import toy
 
@@ -88,13 +94,40 @@ def numeric_match(prompt: str, response: str, example: dict) -> float:
 BUILTIN_REWARDS: dict[str, Reward] = {"numeric": numeric_match, "toy": toy.verify}
 
 
-def import_reward(spec: str) -> Reward:
-    """Import ``"module:function"``; only ever called because the user named it."""
-    module_name, _, attribute = spec.partition(":")
-    if not module_name or not attribute:
-        raise ValueError(f"reward {spec!r}: expected 'module:function'")
+def load_module_file(path: Path):
+    """Execute a Python file as a fresh module (not registered in ``sys.modules``)."""
+    spec = importlib.util.spec_from_file_location(f"fprobe_reward_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def import_module_here(name: str):
+    """``importlib.import_module(name)``, also finding a module in the current directory (which the
+    installed ``fprobe`` command, unlike ``python -m``, does not put on the import path)."""
     try:
-        target = importlib.import_module(module_name)
+        return importlib.import_module(name)
+    except ModuleNotFoundError as error:
+        if error.name != name.partition(".")[0] or str(Path.cwd()) in sys.path:
+            raise
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(Path.cwd()))
+
+
+def import_reward(spec: str) -> Reward:
+    """Import ``"module:function"`` (a module on the import path or in the current directory) or
+    ``"path/to/file.py:function"``; only ever called because the user named it."""
+    module_name, _, attribute = spec.rpartition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"reward {spec!r}: expected 'module:function' or 'path/to/file.py:function'")
+    try:
+        is_file = module_name.endswith(".py")
+        if is_file and not Path(module_name).is_file():
+            raise FileNotFoundError(f"no such file {module_name!r}")
+        target = load_module_file(Path(module_name)) if is_file else import_module_here(module_name)
     except Exception as error:
         raise ValueError(f"reward {spec!r}: cannot import module {module_name!r}: {error}") from error
     try:
@@ -130,8 +163,19 @@ def reward_name(reward: Reward) -> str:
     return f"{module}.{name}" if module else name
 
 
+def real_number(value) -> float | None:
+    """``value`` as a float if it is a real number (int, float, NumPy scalar, one-element real tensor);
+    None for anything else, bools and strings such as ``"1.0"`` included."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool:
+        return float(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
 def score(reward: Reward, prompts: Sequence[str], responses: Sequence[str], examples: Sequence[dict]) -> list[float]:
-    """``reward`` applied row by row; a raise or a non-finite value is a ValueError naming the row."""
+    """``reward`` applied row by row; a raise, a value that is not a real number, or a non-finite one is a
+    ValueError naming the row and its prompt."""
     if not len(prompts) == len(responses) == len(examples):
         raise ValueError(
             f"score needs one prompt, response and example per row, got "
@@ -140,10 +184,16 @@ def score(reward: Reward, prompts: Sequence[str], responses: Sequence[str], exam
     rewards = []
     for row, (prompt, response, example) in enumerate(zip(prompts, responses, examples)):
         try:
-            value = float(reward(prompt, response, example))
+            returned = reward(prompt, response, example)
         except Exception as error:
             raise ValueError(f"reward {reward_name(reward)} failed on row {row}: {error!r}") from error
+        value = real_number(returned)
+        if value is None:
+            raise ValueError(
+                f"reward {reward_name(reward)} returned {returned!r} ({type(returned).__name__}) on row {row} "
+                f"(prompt {prompt[:60]!r}): a reward must be a real number"
+            )
         if not math.isfinite(value):
-            raise ValueError(f"reward {reward_name(reward)} returned {value} on row {row}")
+            raise ValueError(f"reward {reward_name(reward)} returned {value} on row {row} (prompt {prompt[:60]!r})")
         rewards.append(value)
     return rewards

@@ -10,6 +10,13 @@ def _rows(mask: torch.Tensor) -> list[int]:
     return [int(i) for i in torch.nonzero(mask).flatten()]
 
 
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Raise ``ValueError`` naming the rows whose token ids fall outside ``[0, vocab_size)``."""
+    outside = _rows(((input_ids < 0) | (input_ids >= vocab_size)).any(-1))
+    if outside:
+        raise ValueError(f"rows {outside} hold token ids outside the model's vocabulary [0, {vocab_size})")
+
+
 @dataclass(frozen=True, eq=False)
 class Rollouts:
     """n sequences of prompt + response, padded to one width L.
@@ -33,6 +40,8 @@ class Rollouts:
         ids, attn, resp = self.input_ids, self.attention_mask, self.response_mask
         if ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {tuple(ids.shape)}")
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
         if ids.shape[0] == 0 or ids.shape[1] == 0:
             raise ValueError(f"empty batch: input_ids has shape {tuple(ids.shape)}")
         for name in ("attention_mask", "response_mask"):
@@ -47,9 +56,13 @@ class Rollouts:
         outside = _rows((resp & (self.attention_mask == 0)).any(-1))
         if outside:
             raise ValueError(f"rows {outside} mark padding (attention_mask = 0) as response tokens")
-        first = _rows(resp[:, 0])
-        if first:
-            raise ValueError(f"rows {first} have a response token at position 0, which has no prefix to condition on")
+        attended_before = self.attention_mask.cumsum(-1) - self.attention_mask
+        unconditioned = _rows((resp & (attended_before == 0)).any(-1))
+        if unconditioned:
+            raise ValueError(
+                f"rows {unconditioned} have a response token whose whole prefix is padding (attention_mask = 0 "
+                "before it): it has no prefix to condition on"
+            )
         for name in ("advantages", "rewards", "group_ids"):
             value = getattr(self, name)
             if value is None:

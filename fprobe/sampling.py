@@ -41,6 +41,17 @@ def row_generator(seed: int, role: str, prompt_index: int, sample_index: int, de
     return torch.Generator(device=device).manual_seed(stream_seed(seed, role, prompt_index, sample_index))
 
 
+def check_scores(scores: torch.Tensor) -> None:
+    """Raise ``FloatingPointError`` if any row of next-token logits holds a NaN or has no finite maximum:
+    there is no distribution to sample from (non-finite weights or activations)."""
+    bad = torch.isnan(scores).any(-1) | ~torch.isfinite(scores.amax(-1))
+    if bool(bad.any()):
+        raise FloatingPointError(
+            f"the policy's next-token logits are NaN or infinite in {int(bad.sum())} of {len(bad)} rows of a "
+            "generation batch: the model's weights or activations are not finite; nothing can be sampled"
+        )
+
+
 class RowStreamSampler(LogitsProcessor):
     """Draws each row's next token from softmax(logits / T) (optionally top-p filtered) with that row's
     own generator, by inverse CDF; returns scores that are 0 at the drawn token and −∞ elsewhere, so that
@@ -52,6 +63,7 @@ class RowStreamSampler(LogitsProcessor):
         self.top_p = TopPLogitsWarper(top_p) if top_p < 1.0 else None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        check_scores(scores)
         scores = scores / self.temperature
         if self.top_p is not None:
             scores = self.top_p(input_ids, scores)

@@ -9,6 +9,38 @@ from . import losses, passes, tree
 from .optim import Optimizer, clip_by_global_norm
 from .rollouts import Rollouts
 from .tokens import TokenStats
+from .user_warnings import warn
+
+UPDATE_LOST_WARNING_LEVEL = 0.5  # warn when more than this fraction of the update is rounded away
+
+
+class UpdateLostWarning(UserWarning):
+    """Most of the update was rounded away by low-precision (bf16/fp16) parameters."""
+
+
+class ZeroAdvantagesWarning(UserWarning):
+    """Every advantage in the update batch is zero: the step is weight decay (and momentum) alone."""
+
+
+def warn_if_zero_advantages(U: Rollouts) -> None:
+    if U.advantages is not None and not bool(U.advantages.any()):
+        warn(
+            "every advantage in the update batch is 0 (constant rewards within each group, or groups of one "
+            "response): the policy-gradient term vanishes and Δθ is weight decay (and momentum) alone",
+            ZeroAdvantagesWarning,
+        )
+
+
+def warn_if_update_lost(lost: float | None, params: tree.Params) -> None:
+    if lost is not None and lost > UPDATE_LOST_WARNING_LEVEL:
+        dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in params.values()} - {"float32", "float64"})
+        warn(
+            f"{lost:.1%} of the update was rounded away by the {'/'.join(dtypes)} parameters (the step is too "
+            "small for their precision), so ΔH and δH₁ describe the rounded step, not the intended one: load the "
+            "policy in float32 (Policy.from_pretrained(..., dtype=torch.float32)); with LoRA only the adapter "
+            "needs float32, the base model may stay bf16",
+            UpdateLostWarning,
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -60,6 +92,7 @@ def rl_step(
     """
     params = tree.check_like(policy.params, params, "params")
     tree.check_finite(params, "the value")
+    warn_if_zero_advantages(U)
     value, grads, stats = loss_and_grad(policy, params, U, loss, micro_batch, clip)
     if not torch.isfinite(torch.tensor(value)):
         raise FloatingPointError(f"the {loss} loss on the update batch is not finite ({value})")
@@ -70,6 +103,7 @@ def rl_step(
         grads, clip_coef = clip_by_global_norm(grads, max_grad_norm)
     new_params, new_state, lost = apply_update(optimizer, grads, opt_state, params, lr)
     tree.check_finite(new_params, "the updated value")
+    warn_if_update_lost(lost, params)
     delta = tree.sub(new_params, params)
     return Step(
         params=new_params,

@@ -30,12 +30,18 @@ def check_names(reference: Mapping, tree: Mapping, what: str = "tree") -> None:
 
 
 def check_like(reference: Mapping, tree: Mapping, what: str = "tree") -> Params:
-    """``tree`` as a plain dict in ``reference``'s key order, after checking names (``check_names``) and
-    shapes; raises ``ValueError`` naming the first shape mismatch."""
+    """``tree`` as a plain dict in ``reference``'s key order, after checking names (``check_names``),
+    shapes, dtypes and devices; raises ``ValueError`` naming the first mismatch and its parameter."""
     check_names(reference, tree, what)
     for name, ref in reference.items():
-        if tuple(tree[name].shape) != tuple(ref.shape):
-            raise ValueError(f"{what}[{name!r}] has shape {tuple(tree[name].shape)}, the parameter has {tuple(ref.shape)}")
+        leaf = tree[name]
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(f"{what}[{name!r}] is a {type(leaf).__name__}, not a tensor")
+        for attribute in ("shape", "dtype", "device"):
+            mine, theirs = getattr(leaf, attribute), getattr(ref, attribute)
+            if mine != theirs:
+                shown = (lambda v: tuple(v)) if attribute == "shape" else str
+                raise ValueError(f"{what}[{name!r}] has {attribute} {shown(mine)}, the parameter has {shown(theirs)}")
     return {name: tree[name] for name in reference}
 
 
