@@ -1,20 +1,123 @@
-"""fprobe's own attention kernel, registered with transformers under the name ``"fprobe"``.
+"""fprobe's own attention, registered with transformers under the name ``"fprobe"``.
 
-softmax(Q Kᵀ · s + M) V computed in the input's dtype, with plain differentiable ops so that
-forward-mode AD (``torch.func.jvp``) works and float64 models stay float64 end to end.
-SDPA/flash kernels have no forward-mode AD, and transformers' eager kernel rounds the
-attention softmax to float32. The additive mask M (causal, padding, sliding window) comes from
-transformers' eager mask function, registered under the same name: without a mask function a
-custom attention receives ``attention_mask=None`` and silently attends to future tokens.
+Forward passes and forward-mode AD (the jvp of δH₁, the jvp of jvp of δH₂) compute
+softmax(Q Kᵀ·s + M) V in query blocks, in the input's dtype, from plain differentiable ops:
+S_b = Q_b Kᵀ·s + M_b, P_b = softmax(S_b), O_b = P_b V. Forward-mode AD frees each block and its
+tangent before the next, so memory is O(B·H·b·L), never [B, H, L, L]: linear in L at a fixed block.
+SDPA/flash kernels have no forward-mode AD, and transformers' eager kernel rounds the softmax to float32.
+
+Reverse-mode passes (inside ``for_reverse_mode()``: the RL step's gradient, ``method="grad"``) would
+save every block for the backward pass, so there the kernel calls torch's
+``scaled_dot_product_attention`` with ``is_causal=True`` — the memory-efficient kernel a trainer's step
+uses — whenever the mask is plain causal with padding only at the ends of rows (``MaskBlocks.causal_prefix``;
+``fprobe.tokens`` lays every row out that way); other masks (sliding windows, holes) and soft-capped
+scores (Gemma-2) take the blocked path in reverse mode too.
+
+The mask is never built whole: the mask function registered under the same name returns a
+``MaskBlocks``, which evaluates transformers' own mask function (causal, padding, sliding window, …:
+exactly the entries of transformers' eager mask) one query block at a time. Without a registered mask
+function a custom attention receives ``attention_mask=None`` and silently attends to future tokens.
 """
+
+import contextlib
+import contextvars
+import functools
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, prepare_padding_mask, sdpa_mask
 
 from .softmax import softmax
 
 NAME = "fprobe"
+
+# Bytes of one block of attention scores [B, H, b, L] (the block's softmax, its tangent and the
+# products take a few times this): big enough that short sequences run as a single block.
+BLOCK_BYTES = 32 * 2**20
+
+_REVERSE = contextvars.ContextVar("fprobe_attention_reverse_mode", default=False)
+
+
+@contextlib.contextmanager
+def for_reverse_mode():
+    """Within: attention for a pass that is differentiated in reverse mode (SDPA where the mask allows)."""
+    token = _REVERSE.set(True)
+    try:
+        yield
+    finally:
+        _REVERSE.reset(token)
+
+
+@dataclass(frozen=True, eq=False)
+class MaskBlocks:
+    """The attention mask of one forward pass, evaluated a block of query rows at a time.
+
+    ``rows(start, stop)`` is the boolean [B, 1, stop − start, kv_length] block (True: attend) that
+    transformers' ``sdpa_mask`` — and so its eager mask — gives for those query rows.
+    """
+
+    batch_size: int
+    q_length: int
+    kv_length: int
+    q_offset: int
+    kv_offset: int
+    mask_function: Callable
+    padding: torch.Tensor | None  # [B, kv_offset + kv_length] bool, or None
+    use_vmap: bool
+    device: torch.device
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return sdpa_mask(
+            batch_size=self.batch_size,
+            q_length=stop - start,
+            kv_length=self.kv_length,
+            q_offset=self.q_offset + start,
+            kv_offset=self.kv_offset,
+            mask_function=self.mask_function,
+            attention_mask=self.padding,
+            allow_is_causal_skip=False,
+            use_vmap=self.use_vmap,
+            device=self.device,
+        )
+
+    def visible_keys(self, stop: int) -> int:
+        """Keys [0, n) that query rows before ``stop`` may see: with a causal mask, none after the last row."""
+        if self.mask_function is causal_mask_function:
+            return max(0, min(self.kv_length, self.q_offset + stop - self.kv_offset))
+        return self.kv_length
+
+    @functools.cached_property
+    def causal_prefix(self) -> bool:
+        """Plain causal attention over rows whose padding comes only after their tokens: then
+        ``is_causal=True`` without a mask gives every real query row exactly the eager mask's keys
+        (padded keys lie after every real query; padded query rows are never read)."""
+        if self.mask_function is not causal_mask_function or self.q_offset or self.kv_offset:
+            return False
+        if self.q_length != self.kv_length:
+            return False
+        return self.padding is None or not bool((self.padding[:, 1:] & ~self.padding[:, :-1]).any())
+
+
+def mask_blocks(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function: Callable = causal_mask_function,
+    attention_mask: torch.Tensor | None = None,
+    use_vmap: bool = False,
+    device: torch.device | str = "cpu",
+    **kwargs,
+) -> MaskBlocks:
+    """The mask function registered under ``"fprobe"``: transformers' arguments, nothing evaluated yet."""
+    padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    return MaskBlocks(
+        batch_size, q_length, kv_length, int(q_offset), int(kv_offset), mask_function,
+        None if padding is None else padding.bool(), use_vmap, torch.device(device),
+    )
 
 
 def repeat_kv_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -27,35 +130,76 @@ def repeat_kv_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     return x.repeat_interleave(n_heads // n_kv, dim=1)
 
 
+def block_rows(batch: int, heads: int, kv_length: int, itemsize: int, budget: int | None = None) -> int:
+    """Query rows per block so that one block of scores [batch, heads, rows, kv_length] fits ``budget``
+    bytes (default ``BLOCK_BYTES``, read at call time)."""
+    budget = BLOCK_BYTES if budget is None else budget
+    return max(1, budget // (batch * heads * max(1, kv_length) * itemsize))
+
+
+def masked_scores(scores: torch.Tensor, mask, start: int, stop: int) -> torch.Tensor:
+    """Scores of query rows [start, stop) with the mask applied: disallowed keys get the dtype's lowest
+    value (probability exactly 0 unless the whole row is masked, as in transformers' eager mask);
+    a 4-D tensor mask given by the caller is used as transformers would (boolean, or additive)."""
+    keys = scores.shape[-1]
+    if mask is None:
+        return scores
+    if isinstance(mask, MaskBlocks):
+        allowed = mask.rows(start, stop)[..., :keys]
+    elif mask.dtype == torch.bool:
+        allowed = mask[..., start:stop, :keys]
+    else:
+        return scores + mask[..., start:stop, :keys].to(scores.dtype)
+    return scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+
+
+def blocked_attention(query, key, value, mask, scaling: float, softcap: float | None, budget: int | None = None) -> torch.Tensor:
+    """softmax(Q Kᵀ·s (soft-capped) + M) V over blocks of query rows; [B, H, L, D] → [B, H, L, D]."""
+    B, H, L, _ = query.shape
+    step = block_rows(B, H, key.shape[-2], query.element_size(), budget)
+    blocks = []
+    for start in range(0, L, step):
+        stop = min(L, start + step)
+        keys = mask.visible_keys(stop) if isinstance(mask, MaskBlocks) else key.shape[-2]
+        scores = torch.matmul(query[:, :, start:stop], key[:, :, :keys].transpose(-1, -2)) * scaling
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        weights = softmax(masked_scores(scores, mask, start, stop), dim=-1)  # cheap jvp inside passes.jet
+        blocks.append(torch.matmul(weights, value[:, :, :keys]))
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)
+
+
 def fprobe_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
+    attention_mask,
     scaling: float | None = None,
     dropout: float = 0.0,
     softcap: float | None = None,
     **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, H, L, D] query/key/value → ([B, L, H, D] output, [B, H, L, L] attention weights)."""
+) -> tuple[torch.Tensor, None]:
+    """[B, H, L, D] query, [B, KV, L, D] key/value → ([B, L, H, D] output, None: weights are never formed whole)."""
     if dropout and module.training:
         raise ValueError("fprobe attention runs without dropout: put the model in eval mode")
     if kwargs.get("s_aux") is not None:
         raise ValueError("attention sinks (s_aux) are not supported by fprobe's attention")
     key = repeat_kv_heads(key, query.shape[1])
     value = repeat_kv_heads(value, query.shape[1])
-    scores = torch.matmul(query, key.transpose(-1, -2)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    if attention_mask is not None:
-        scores = scores + attention_mask[..., : key.shape[-2]].to(scores.dtype)
-    weights = softmax(scores, dim=-1)  # torch.softmax, with a cheap jvp inside passes.jet (fprobe.softmax)
-    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if _REVERSE.get() and softcap is None and isinstance(attention_mask, MaskBlocks) and attention_mask.causal_prefix:
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
+    else:
+        out = blocked_attention(query, key, value, attention_mask, scaling, softcap)
+    return out.transpose(1, 2).contiguous(), None
 
 
 def register() -> str:
-    """Register the kernel and its additive mask with transformers; idempotent. Returns the name."""
+    """Register the kernel and its mask function with transformers; idempotent. Returns the name."""
     AttentionInterface.register(NAME, fprobe_attention)
-    AttentionMaskInterface.register(NAME, eager_mask)
+    AttentionMaskInterface.register(NAME, mask_blocks)
     return NAME
+
+
+register()

@@ -9,7 +9,7 @@ import torch
 from torch.autograd import forward_ad
 from tqdm.auto import tqdm
 
-from . import distributed, tree
+from . import attention, distributed, tree
 from .rollouts import Rollouts
 from .softmax import cheap_jvp
 from .tokens import TokenStats, token_stats
@@ -30,8 +30,8 @@ def _progress(items, desc: str, show: bool):
 
 
 def _cat(parts: list[TokenStats]) -> TokenStats:
-    """Concatenate micro-batch statistics, then every rank's rows in order."""
-    return TokenStats(*(distributed.gather_rows(torch.cat(field)) for field in zip(*parts)))
+    """Concatenate micro-batch statistics, then every rank's rows in order (a field left out stays None)."""
+    return TokenStats(*(None if field[0] is None else distributed.gather_rows(torch.cat(field)) for field in zip(*parts)))
 
 
 def _local(batch: Rollouts) -> tuple[Rollouts, int]:
@@ -81,12 +81,13 @@ def jet(policy, params, delta, batch: Rollouts, order: int = 1, micro_batch=DEFA
     return StatsJet(*(None if field[0] is None else _cat(field) for field in zip(*parts)))
 
 
-def gradient(policy, params, batch: Rollouts, functional, micro_batch=DEFAULT_MICRO_BATCH, progress=False):
+def gradient(policy, params, batch: Rollouts, functional, micro_batch=DEFAULT_MICRO_BATCH, progress=False, with_entropy=True):
     """(Σ value, ∇_θ Σ value, stats) for ``functional(stats, micro_batch, rows) -> scalar`` summed over
     micro-batches (``rows`` is the micro-batch's slice of the batch), gradients by ``torch.autograd.grad``
-    on fresh leaves: bit-equal to ``loss.backward()`` of the model run normally (``torch.func.vjp``
-    decomposes some backward kernels, SiLU's among them, which rounds differently, and is slower);
-    ``stats`` are the detached token statistics at ``params``."""
+    on fresh leaves, as ``loss.backward()`` (``torch.func.vjp`` decomposes some backward kernels, SiLU's
+    among them, which rounds differently, and is slower); ``stats`` are the detached token statistics at
+    ``params`` (``stats.entropy`` None without ``with_entropy``, for functionals of ℓ only). Attention
+    runs in its reverse-mode form (``fprobe.attention.for_reverse_mode``: SDPA, memory linear in L)."""
     primals = tree.detach(params)
     local, start = _local(batch)
     total, grads, parts = 0.0, None, []
@@ -94,14 +95,14 @@ def gradient(policy, params, batch: Rollouts, functional, micro_batch=DEFAULT_MI
         rows = slice(start, start + len(mb))
         start += len(mb)
         leaves = {name: x.detach().requires_grad_() for name, x in primals.items()}
-        with torch.enable_grad():
-            stats = token_stats(policy, leaves, mb)
+        with torch.enable_grad(), attention.for_reverse_mode():
+            stats = token_stats(policy, leaves, mb, with_entropy)
             value = functional(stats, mb, rows)
             g = torch.autograd.grad(value, list(leaves.values()), allow_unused=True, materialize_grads=True)
         g = dict(zip(leaves, g))
         total += float(value.detach())
         grads = g if grads is None else tree.add(grads, g)
-        parts.append(TokenStats(*(x.detach() for x in stats)))
+        parts.append(TokenStats(*(None if x is None else x.detach() for x in stats)))
     device = next(iter(primals.values())).device
     return distributed.all_reduce_sum(total, device), distributed.all_reduce_tree(grads), _cat(parts)
 

@@ -107,11 +107,11 @@ def silu(x, inplace=False):
 PRIMITIVE = {torch.nn.functional.layer_norm: layer_norm, torch.nn.functional.silu: silu}
 
 
-class Float64Model(torch.overrides.TorchFunctionMode):
-    """Inside fprobe's calls: ``F.layer_norm`` and ``F.silu`` run from primitive ops (``PRIMITIVE``:
-    correct second-order forward-mode derivatives), and a float64 model stays
-    float64 — casts of float64 tensors to float32 (as in Llama/Qwen RMSNorm, which would otherwise put
-    a float32 floor of ~1e-8 under ΔH) keep float64. Float32 and bf16 models are unaffected."""
+class PrimitiveOpsKeepFloat64(torch.overrides.TorchFunctionMode):
+    """The numerics of every fprobe call, whatever the model's dtype: ``F.layer_norm`` and ``F.silu`` run
+    from primitive ops (``PRIMITIVE``: correct second-order forward-mode derivatives), and casts of
+    float64 tensors to float32 keep float64 (Llama/Qwen RMSNorm does one, which would put a float32
+    floor of ~1e-8 under ΔH of a float64 model; float32 and bf16 tensors are not cast by it)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -124,18 +124,50 @@ class Float64Model(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def use_fprobe_attention(model: torch.nn.Module) -> None:
-    """Switch the model (or a PEFT model's base) to fprobe's forward-AD-safe attention."""
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model itself (a PEFT model's base); TypeError for anything else."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not hasattr(base, "set_attn_implementation"):
         raise TypeError(f"{type(base).__name__} is not a transformers model: fprobe needs a transformers causal LM")
-    if base.config._attn_implementation != attention.NAME:
-        if not base._can_set_attn_implementation():
+    return base
+
+
+def check_attention_interface(model: torch.nn.Module) -> None:
+    """fprobe can give the model its attention only if every attention layer dispatches through
+    transformers' AttentionInterface."""
+    for module in model.modules():
+        if hasattr(module, "_can_set_attn_implementation") and not module._can_set_attn_implementation():
             raise TypeError(
-                f"{type(base).__name__} does not route attention through transformers' AttentionInterface, "
+                f"{type(module).__name__} does not route attention through transformers' AttentionInterface, "
                 "so fprobe cannot give it a forward-mode-differentiable attention"
             )
-        base.set_attn_implementation(attention.register())
+
+
+def attention_configs(model: torch.nn.Module) -> list:
+    """Every transformers config that names an attention implementation for part of ``model``: the
+    configs of its transformers (sub)models and, recursively, their sub-configs; each once."""
+    found, stack = {}, [m.config for m in model.modules() if hasattr(m, "_can_set_attn_implementation")]
+    while stack:
+        config = stack.pop()
+        if config is None or id(config) in found:
+            continue
+        found[id(config)] = config
+        stack += [getattr(config, key, None) for key in getattr(config, "sub_configs", {})]
+    return list(found.values())
+
+
+@contextlib.contextmanager
+def fprobe_attention_installed(model: torch.nn.Module):
+    """Within: the model runs fprobe's attention (``fprobe.attention``); on exit every config's attention
+    implementation is put back exactly as it was, so a model shared with a trainer is left as found."""
+    saved = [(config, config._attn_implementation_internal) for config in attention_configs(model)]
+    for config, _ in saved:
+        config._attn_implementation_internal = attention.NAME
+    try:
+        yield
+    finally:
+        for config, implementation in saved:
+            config._attn_implementation_internal = implementation
 
 
 def lora_config(lora):
@@ -155,16 +187,20 @@ class Policy:
     """π_θ(· | prefix) = softmax(logits / temperature) of a transformers causal LM.
 
     ``Policy(model)`` wraps an already built model; ``Policy.from_pretrained`` loads one.
-    The model is switched to fprobe's attention and must be in eval mode (no dropout).
+    The model must be in eval mode (no dropout). It is left as it is: fprobe's calls switch it to
+    fprobe's attention and back (``fprobe_attention_installed``), so it can be shared with a trainer.
     """
 
     model: torch.nn.Module
     temperature: float = 1.0
+    chunk_size: int | None = None  # rows of logits upcast to float64 at a time; None: sized by vocabulary (fprobe.tokens)
 
     def __post_init__(self):
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        use_fprobe_attention(self.model)
+        if self.chunk_size is not None and not (isinstance(self.chunk_size, int) and self.chunk_size >= 1):
+            raise ValueError(f"chunk_size must be a positive number of rows or None, got {self.chunk_size!r}")
+        check_attention_interface(base_model(self.model))
         check_no_dropout(self.model)
         if not self.params:
             raise ValueError("the model has no trainable parameters (requires_grad=True): nothing to probe")
@@ -179,9 +215,10 @@ class Policy:
         lora=None,
         adapter: str | Path | None = None,
         temperature: float = 1.0,
+        chunk_size: int | None = None,
         trust_remote_code: bool = False,
     ) -> "Policy":
-        """Load a causal LM offline with fprobe's attention; optionally add a new LoRA adapter
+        """Load a causal LM offline (with transformers' default attention for its own use, e.g. generation); optionally add a new LoRA adapter
         (``lora``: LoraConfig, dict, or (r, alpha, target_modules)) or load a trained one (``adapter``)."""
         from transformers import AutoModelForCausalLM
 
@@ -189,7 +226,6 @@ class Policy:
             model = AutoModelForCausalLM.from_pretrained(
                 str(name_or_path),
                 dtype=dtype,
-                attn_implementation=attention.register(),
                 trust_remote_code=trust_remote_code,
                 use_safetensors=None,
             )
@@ -208,7 +244,7 @@ class Policy:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True).eval()
-        return cls(model, temperature=temperature)
+        return cls(model, temperature=temperature, chunk_size=chunk_size)
 
     @property
     def params(self) -> tree.Params:
@@ -222,14 +258,19 @@ class Policy:
     def apply(self, params: Mapping, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits [B, L, V] of the model at ``params``, divided by the temperature."""
         check_no_dropout(self.model)
+        check_token_ids(input_ids, self.model.get_input_embeddings().num_embeddings)
         attention_mask = attention_mask.to(self.device)
         kwargs = dict(
             attention_mask=attention_mask,
             position_ids=position_ids_from_mask(attention_mask),
             use_cache=False,
         )
-        with input_require_grads_hooks_suspended(self.model), exact_float32_matmul(self.device), Float64Model():
+        with (
+            input_require_grads_hooks_suspended(self.model),
+            exact_float32_matmul(self.device),
+            fprobe_attention_installed(self.model),
+            PrimitiveOpsKeepFloat64(),
+        ):
             out = functional_call(self.model, dict(params), (input_ids.to(self.device),), kwargs)
         logits = out.logits
         return logits if self.temperature == 1.0 else logits / self.temperature
-        check_token_ids(input_ids, self.model.get_input_embeddings().num_embeddings)

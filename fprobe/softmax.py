@@ -70,6 +70,12 @@ def _chunk_statistics(logits: torch.Tensor, targets: torch.Tensor):
     return logprobs.gather(-1, targets[:, None])[:, 0], -plogp.sum(-1), probs, plogp
 
 
+def logp(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """ℓ = log π(target) of [N, V] logits in float64, the same values as ``logp_and_entropy``'s ℓ,
+    without the entropy's [N, V] temporaries (for passes that read ℓ only)."""
+    return torch.log_softmax(logits.double(), dim=-1).gather(-1, targets[:, None])[:, 0]
+
+
 class _LogpEntropy(torch.autograd.Function):
     """(ℓ, h) of a chunk of logits; forward-mode only (used inside ``cheap_jvp``, under no_grad)."""
 

@@ -70,7 +70,7 @@ def loss_and_grad(
     def batch_loss(stats: TokenStats, mb: Rollouts, rows: slice) -> torch.Tensor:
         return losses.sequence_losses(stats.logp, mb, weights[rows], clip).sum()
 
-    return passes.gradient(policy, params, U, batch_loss, micro_batch)
+    return passes.gradient(policy, params, U, batch_loss, micro_batch, with_entropy=False)
 
 
 def rl_step(

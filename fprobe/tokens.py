@@ -7,37 +7,65 @@ import torch
 from . import softmax
 from .rollouts import Rollouts
 
-CHUNK_TOKENS = 1024
+# Bytes of the float64 temporaries of one chunk of logits: the upcast logits, log π, π and π log π,
+# four [rows, V] float64 arrays. 256 MiB is 1024 rows at a 8k vocabulary, 55 at Qwen's 152k.
+CHUNK_BYTES = 256 * 2**20
 
 
 class TokenStats(NamedTuple):
     """[B, L] float64 tensors aligned with ``input_ids``, zero outside the response mask.
 
-    logp[i, k] = ℓ_ik = log π(y_k | y_<k);  entropy[i, k] = h_ik = −Σ_v π(v | y_<k) log π(v | y_<k).
+    logp[i, k] = ℓ_ik = log π(y_k | y_<k);  entropy[i, k] = h_ik = −Σ_v π(v | y_<k) log π(v | y_<k),
+    or None where a pass does not need it (the RL step's gradient reads ℓ only).
     """
 
     logp: torch.Tensor
-    entropy: torch.Tensor
+    entropy: torch.Tensor | None
 
 
-def logp_and_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk: int = CHUNK_TOKENS):
-    """ℓ and h of [N, V] logits, upcast to float64 ``chunk`` rows at a time (never [N, V] float64 whole)."""
-    logps, entropies = [], []
-    for rows, ys in zip(logits.split(chunk), targets.split(chunk)):
-        logp, entropy = softmax.logp_and_entropy(rows, ys)  # with a cheap jvp rule inside passes.jet
-        logps.append(logp)
-        entropies.append(entropy)
-    return torch.cat(logps), torch.cat(entropies)
+def chunk_rows(vocab_size: int, budget: int = CHUNK_BYTES) -> int:
+    """Rows of logits per chunk so that the chunk's four [rows, V] float64 temporaries fit ``budget`` bytes."""
+    return max(1, budget // (4 * 8 * vocab_size))
 
 
-def token_stats(policy, params, batch: Rollouts, chunk: int = CHUNK_TOKENS) -> TokenStats:
-    """(ℓ, h) of ``batch``'s response tokens under π_params, in float64."""
-    logits = policy.apply(params, batch.input_ids, batch.attention_mask)
-    mask = batch.response_mask.to(logits.device)
-    ids = batch.input_ids.to(logits.device)
-    predicting = mask[:, 1:]
-    logp, entropy = logp_and_entropy(logits[:, :-1][predicting], ids[:, 1:][predicting], chunk)
-    return TokenStats(scatter_rows(logp, mask), scatter_rows(entropy, mask))
+def chunked_statistics(logits: torch.Tensor, targets: torch.Tensor, chunk: int | None = None, with_entropy: bool = True):
+    """(ℓ, h) of [N, V] logits, upcast to float64 ``chunk`` rows at a time (never [N, V] float64 whole);
+    h is None without ``with_entropy``. ``chunk`` defaults to ``chunk_rows(V)``."""
+    chunk = chunk_rows(logits.shape[-1]) if chunk is None else chunk
+    parts = [
+        softmax.logp_and_entropy(rows, ys) if with_entropy else (softmax.logp(rows, ys), None)
+        for rows, ys in zip(logits.split(chunk), targets.split(chunk))
+    ]  # with a cheap jvp rule inside passes.jet
+    logp = torch.cat([p[0] for p in parts])
+    return logp, torch.cat([p[1] for p in parts]) if with_entropy else None
+
+
+def left_aligned(x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each row of ``x`` rotated left by its number of leading padding positions: left padding moves to
+    the right end. Real tokens keep their order, their position ids (cumsum − 1) and their distances,
+    so every logit at a real position is unchanged, and the mask becomes plain causal with padding only
+    after the tokens — which SDPA's ``is_causal`` handles without any [L, L] mask (``fprobe.attention``)."""
+    shift = (attention_mask.cumsum(-1) == 0).sum(-1, keepdim=True)
+    width = x.shape[1]
+    index = (torch.arange(width, device=x.device) + shift) % width
+    return x.gather(1, index)
+
+
+def token_stats(policy, params, batch: Rollouts, with_entropy: bool = True) -> TokenStats:
+    """(ℓ, h) of ``batch``'s response tokens under π_params, in float64 (h None without ``with_entropy``),
+    ``policy.chunk_size`` rows of logits at a time.
+
+    The model sees the rows left-aligned (``left_aligned``). Response tokens are read in row-major
+    order, which the rotation preserves, so they are placed back with the batch's own response mask."""
+    device = policy.device
+    attention_mask = batch.attention_mask.to(device)
+    aligned = lambda x: left_aligned(x.to(device), attention_mask)
+    ids, response = aligned(batch.input_ids), aligned(batch.response_mask)
+    logits = policy.apply(params, ids, aligned(attention_mask))
+    predicting = response[:, 1:]
+    logp, entropy = chunked_statistics(logits[:, :-1][predicting], ids[:, 1:][predicting], policy.chunk_size, with_entropy)
+    mask = batch.response_mask.to(device)
+    return TokenStats(scatter_rows(logp, mask), None if entropy is None else scatter_rows(entropy, mask))
 
 
 def scatter_rows(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
