@@ -45,7 +45,7 @@ def denominators(mask: torch.Tensor, normalize: Normalize) -> torch.Tensor:
     """D_i: T_i per token, 1 per sequence."""
     if normalize not in ("token", "seq"):
         raise ValueError(f"normalize must be 'token' or 'seq', got {normalize!r}")
-    return mask.sum(-1).double() if normalize == "token" else torch.ones(mask.shape[0], dtype=torch.float64)
+    return mask.sum(-1).double() if normalize == "token" else torch.ones(mask.shape[0], dtype=torch.float64, device=mask.device)
 
 
 def log_weights(logp: torch.Tensor, logp0: torch.Tensor) -> torch.Tensor:
@@ -83,12 +83,12 @@ def position_baseline(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     so b_ik does not depend on row i's own sample); 0 where no other row reaches position k."""
     position = (mask.long().cumsum(-1) - 1).clamp(min=0)
     width = int(mask.sum(-1).max())
-    by_position = torch.zeros(mask.shape[0], width, dtype=torch.float64)
+    by_position = torch.zeros(mask.shape[0], width, dtype=torch.float64, device=mask.device)
     counts = torch.zeros_like(by_position)
     by_position.scatter_add_(1, position, values * mask)
     counts.scatter_add_(1, position, mask.double())
     others = (by_position.sum(0) - by_position, counts.sum(0) - counts)
-    mean = torch.where(others[1] > 0, others[0] / others[1].clamp(min=1), torch.zeros(()))
+    mean = torch.where(others[1] > 0, others[0] / others[1].clamp(min=1), 0.0)
     return mean.gather(1, position) * mask
 
 
@@ -106,7 +106,7 @@ def first_order_coefficients(
     ``togo``: the same expectation with H_i ℓ̇_ik → (G_ik − b_ik) ℓ̇_ik and D_i ℓ̇_ik → (D_i − D_≤k) ℓ̇_ik,
     where D_≤k = k per token (0 per sequence, whose D_i ℓ̇_ik term vanishes in expectation).
     """
-    mask = mask.double()
+    mask = mask.to(stats.logp.device).double()  # E's masks may live on the CPU, the statistics on the policy's device
     r = rows(stats, entropy)
     denom = denominators(mask, normalize)
     total = denom.sum()
@@ -136,7 +136,7 @@ def contract(alpha: torch.Tensor, beta: torch.Tensor, tangent: TokenStats) -> to
 def second_order(value: TokenStats, tangent: TokenStats, second: TokenStats, mask, normalize: Normalize, entropy: Entropy):
     """δH₂ = ½ d²/dε² Ĥ(θ₀ + εΔθ) at 0, by forward-over-forward AD of Ĥ along the quadratic Taylor path
     of the per-row statistics (which has the same first two derivatives as the true path)."""
-    denom = denominators(mask, normalize)
+    denom = denominators(mask.to(value.logp.device), normalize)
     r0, r1, r2 = rows(value, entropy), rows(tangent, entropy), rows(second, entropy)
 
     def along(eps):
@@ -148,12 +148,13 @@ def second_order(value: TokenStats, tangent: TokenStats, second: TokenStats, mas
         )
 
     first = lambda eps: torch.func.jvp(along, (eps,), (torch.ones_like(eps),))[1]
-    return 0.5 * torch.func.jvp(first, (torch.zeros((), dtype=torch.float64),), (torch.ones((), dtype=torch.float64),))[1]
+    zero = torch.zeros((), dtype=torch.float64, device=denom.device)
+    return 0.5 * torch.func.jvp(first, (zero,), (torch.ones_like(zero),))[1]
 
 
 def covariance_baseline(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor, lr: float) -> float:
     """Cui et al. (2025): ΔH ≈ −η Cov(log π, A) over the update batch's response tokens."""
-    mask = mask.bool()
+    mask = mask.to(logp.device).bool()
     ell = logp[mask]
-    adv = advantages.double()[:, None].expand_as(logp)[mask]
+    adv = advantages.to(logp.device).double()[:, None].expand_as(logp)[mask]
     return -lr * float(((ell - ell.mean()) * (adv - adv.mean())).mean())

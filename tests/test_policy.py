@@ -230,3 +230,62 @@ def test_a_missing_model_fails_with_a_clear_message(tmp_path):
 def test_position_ids_follow_the_attention_mask():
     mask = torch.tensor([[0, 0, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
     assert position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2, 2], [0, 1, 2, 3, 4, 5]]
+
+
+def own_forward(model, batch):
+    """The model's own forward, as a trainer would run it."""
+    with torch.no_grad():
+        return model(batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["base", "peft"])
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_policy_and_probe_leave_the_models_attention_as_found(model_dir, monkeypatch, implementation, lora):
+    model = AutoModelForCausalLM.from_pretrained(model_dir("qwen2"), attn_implementation=implementation).eval()
+    if lora:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, fprobe.policy.lora_config(LORA["qwen2"])).eval()
+    configs = fprobe.policy.attention_configs(model)
+    batch = make_batch(n=4, width=12, seed=21)
+    before = own_forward(model, batch)
+    inside = []  # the implementation each attention layer finds while fprobe's calls run
+    blocked = fprobe.attention.blocked_attention
+    monkeypatch.setattr(fprobe.attention, "blocked_attention", lambda *a, **k: inside.append(1) or blocked(*a, **k))
+    policy = fprobe.Policy(model)
+    fprobe.probe(policy, batch, batch, fprobe.optim.adamw(lr=1e-3))
+    assert inside, "fprobe's calls must run fprobe's attention"
+    assert [c._attn_implementation for c in configs] == [implementation] * len(configs)
+    assert torch.equal(own_forward(model, batch), before)
+
+
+def test_attention_is_restored_when_a_call_fails(load_policy):
+    policy = load_policy("gpt2", torch.float64)
+    found = policy.model.config._attn_implementation
+    with pytest.raises(RuntimeError, match="inside"):
+        with fprobe.policy.fprobe_attention_installed(policy.model):
+            assert policy.model.config._attn_implementation == "fprobe"
+            raise RuntimeError("inside")
+    assert policy.model.config._attn_implementation == found != "fprobe"
+
+
+def test_chunk_rows_fit_the_budget_of_four_float64_arrays():
+    from fprobe.tokens import CHUNK_BYTES, chunk_rows
+
+    for vocab in (61, 8192, 151936):
+        rows = chunk_rows(vocab)
+        assert 4 * 8 * vocab * rows <= CHUNK_BYTES < 4 * 8 * vocab * (rows + 1)
+    assert chunk_rows(10**12) == 1
+
+
+def test_chunk_size_and_skipping_the_entropy_change_no_value(model_dir):
+    model = AutoModelForCausalLM.from_pretrained(model_dir("qwen2"), dtype=torch.float64).eval()
+    batch = make_batch(n=4, width=12, seed=22)
+    default = fprobe.token_stats(fprobe.Policy(model), fprobe.Policy(model).params, batch)
+    one_row = fprobe.Policy(model, chunk_size=1)
+    chunked = fprobe.token_stats(one_row, one_row.params, batch)
+    logp_only = fprobe.tokens.token_stats(one_row, one_row.params, batch, with_entropy=False)
+    assert torch.equal(chunked.logp, default.logp) and torch.equal(chunked.entropy, default.entropy)
+    assert torch.equal(logp_only.logp, default.logp) and logp_only.entropy is None
+    with pytest.raises(ValueError, match="chunk_size must be a positive number of rows"):
+        fprobe.Policy(model, chunk_size=0)
