@@ -16,31 +16,41 @@ def _save(fig, path):
     return fig
 
 
+def _mark_low_ess(ax, xs, ys, low):
+    if low:
+        ax.scatter([xs[i] for i in low], [ys[i] for i in low], s=120, facecolors="none", edgecolors="red", label="low ESS")
+
+
 def plot_sweep(sweep, path=None):
-    """ΔH_true vs η with the δH₁ and δH₁+δH₂ lines, linear and log–log; low-ESS points circled."""
+    """Left: ΔH_true / δH₁ (and / (δH₁+δH₂)) against η, which is 1 in the linear regime. Right: |ΔH_true|,
+    |δH₁| and |δH₁+δH₂| against η on log–log axes with the fitted slope. Both on a log η axis, the
+    linear-regime radius η₁₀ dashed where δH₂ is known, low-ESS points circled in red."""
     fig, axes = _figure(2)
-    lrs = sweep.lrs
-    series = [("ΔH_true", sweep.delta_h_true, "o-"), ("δH₁", sweep.delta_h1, "--")]
-    if sweep.delta_h12 is not None:
-        series.append(("δH₁+δH₂", sweep.delta_h12, ":"))
+    ratio_ax, loglog_ax = axes[0]
+    lrs = sweep.lr
     low = [i for i, flag in enumerate(sweep.ess_low) if flag]
-    for ax, loglog in zip(axes[0], (False, True)):
-        for label, values, style in series:
-            ys = [abs(v) for v in values] if loglog else values
-            ax.plot(lrs, ys, style, label=label if not loglog else f"|{label}|")
-        if low:
-            ys = [abs(sweep.delta_h_true[i]) if loglog else sweep.delta_h_true[i] for i in low]
-            ax.scatter([lrs[i] for i in low], ys, s=120, facecolors="none", edgecolors="red", label="low ESS")
-        if loglog:
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_title(f"log–log slope {sweep.slope:.3f} (R² {sweep.r2:.3f})")
-        else:
-            ax.axhline(0.0, color="grey", lw=0.5)
-            ax.set_title("entropy change per token vs learning rate")
+    ratios = [("ΔH_true / δH₁", sweep.ratio, "o-")]
+    series = [("|ΔH_true|", sweep.delta_h_true, "o-"), ("|δH₁|", sweep.delta_h1, "--")]
+    if sweep.delta_h12 is not None:
+        second = [t / p if p else float("nan") for t, p in zip(sweep.delta_h_true, sweep.delta_h12)]
+        ratios.append(("ΔH_true / (δH₁+δH₂)", second, "s:"))
+        series.append(("|δH₁+δH₂|", sweep.delta_h12, ":"))
+    for label, values, style in ratios:
+        ratio_ax.plot(lrs, values, style, label=label)
+    _mark_low_ess(ratio_ax, lrs, sweep.ratio, low)
+    ratio_ax.axhline(1.0, color="grey", lw=0.5)
+    ratio_ax.set_title("ratio to the prediction (1 in the linear regime)")
+    for label, values, style in series:
+        loglog_ax.plot(lrs, [abs(v) for v in values], style, label=label)
+    _mark_low_ess(loglog_ax, lrs, [abs(v) for v in sweep.delta_h_true], low)
+    loglog_ax.set_yscale("log")
+    loglog_ax.set_title(f"|entropy change|: log–log slope {sweep.slope:.3f} (R² {sweep.r2:.3f})")
+    for ax in (ratio_ax, loglog_ax):
+        if sweep.eta_10 is not None:
+            ax.axvline(sweep.eta_10, color="grey", ls="--", lw=0.8, label="η₁₀ (δH₂ = δH₁/10)")
+        ax.set_xscale("log")
         ax.set_xlabel("learning rate η")
-        ax.legend()
-    axes[0][0].set_ylabel("ΔH")
+        ax.legend(fontsize="small")
     fig.tight_layout()
     return _save(fig, path)
 
@@ -48,19 +58,25 @@ def plot_sweep(sweep, path=None):
 def plot_contributions(contributions, path=None):
     """Per-sequence parts δH_j of δH₁ against the advantage A_j and against the mean token log-prob at θ₀
     (the two quantities of Cui et al.'s covariance picture), one point per row of U, coloured by group."""
+    import matplotlib.pyplot as plt
+
     fig, axes = _figure(2)
     c = contributions
     ys = c.per_sequence.tolist()
-    colours = c.group_ids.tolist() if c.group_ids is not None else None
+    groups = sorted(set(c.group_ids.tolist())) if c.group_ids is not None else [None]
+    row_group = c.group_ids.tolist() if c.group_ids is not None else [None] * len(ys)
+    colours = plt.get_cmap("tab10" if len(groups) <= 10 else "viridis", len(groups))
     panels = [(axes[0][0], c.advantages.tolist(), "advantage A_j"), (axes[0][1], c.mean_logp.tolist(), "mean token log-prob at θ₀")]
     for ax, xs, label in panels:
-        points = ax.scatter(xs, ys, c=colours, cmap="tab10" if colours is not None else None, s=24)
+        for k, group in enumerate(groups):
+            rows = [i for i, g in enumerate(row_group) if g == group]
+            ax.scatter([xs[i] for i in rows], [ys[i] for i in rows], color=colours(k), s=24, label=group)
         ax.axhline(0.0, color="grey", lw=0.5)
         ax.set_xlabel(label)
         ax.set_ylabel("δH_j")
     axes[0][0].axvline(0.0, color="grey", lw=0.5)
-    if colours is not None and len(set(colours)) <= 10:
-        axes[0][1].legend(*points.legend_elements(), title="group", fontsize="small")
+    if c.group_ids is not None and len(groups) <= 10:
+        axes[0][1].legend(title="group", fontsize="small")
     fig.suptitle(
         f"δH₁ = {c.delta_h1:.4g} = momentum {c.momentum:.3g} + decay {c.decay:.3g} + Σ_j δH_j {c.sequences:.4g}"
     )
