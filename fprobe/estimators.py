@@ -1,9 +1,10 @@
 """Entropy estimators on token statistics: SNIS Ĥ, its first and second ε-derivatives, the
 variance-reduced entropy-to-go form, and the covariance baseline. Pure float64 tensor algebra on
-[n, L] statistics (DESIGN §1); no model passes here.
+[n, L] token statistics (log-probs ℓ_ik, entropies h_ik and their derivatives along Δθ); no model passes here.
 
 Ĥ(θ) = Σ_i w_i H_i / Σ_i w_i D_i,  log w_i = S_i(θ) − S_i(θ₀),  D_i = T_i (per token) or 1 (per sequence),
-H_i = Σ_k h_ik (Rao–Blackwell) or −S_i (naive).
+H_i = Σ_k h_ik (Rao–Blackwell) or −S_i (naive), S_i = Σ_k ℓ_ik. At θ₀ every w_i = 1 and ẇ_i = Ṡ_i, so
+δH₁ = d/dε Ĥ(θ₀ + εΔθ)|₀ = [Σ_i Ḣ_i + Σ_i (H_i − Ĥ D_i) Ṡ_i] / Σ_i D_i (dots: derivatives along Δθ).
 """
 
 from typing import Literal, NamedTuple

@@ -40,7 +40,8 @@ def ref_denoms(mask, normalize):
 
 
 def ref_delta_h1(mask, value, tangent, estimator, normalize, entropy, baseline="none"):
-    """δH₁ by the formulas of DESIGN §1, one sequence and one token at a time."""
+    """δH₁ = [Σ_i Ḣ_i + Σ_i (H_i − Ĥ D_i) Ṡ_i] / Σ_i D_i (snis), or with H_i Ṡ_i and D_i Ṡ_i replaced by their
+    entropy-to-go sums over tokens (togo), one sequence and one token at a time in plain Python."""
     S, H = ref_rows(mask, value, entropy)
     dS, dH = ref_rows(mask, tangent, entropy)
     D = ref_denoms(mask, normalize)
