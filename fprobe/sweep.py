@@ -57,8 +57,8 @@ class SweepResult:
         return results.to_json(self, **kwargs)
 
     def plot(self, path=None):
-        """ΔH_true against η with the δH₁ (and δH₁+δH₂) predictions, on linear and log–log axes;
-        low-ESS points are circled in red. Returns the figure; saves it when ``path`` is given."""
+        """ΔH_true / δH₁ (and / (δH₁+δH₂)) against η, and |ΔH_true|, |δH₁|, |δH₁+δH₂| on log–log axes, with
+        η₁₀ marked and low-ESS points circled in red. Returns the figure; saves it when ``path`` is given."""
         from .plots import plot_sweep
 
         return plot_sweep(self, path)
