@@ -14,6 +14,7 @@ import importlib.util
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,6 +39,7 @@ def parse_args(argv):
     add("--n-update-prompts", type=int, default=16)
     add("--group-size", type=int, default=8)
     add("--max-new-tokens", type=int, default=8)
+    add("--trl-steps", type=int, default=10, help="steps of the TRL GRPO run (0: none)")
     add("--out", default=str(HERE / "README.md"))
     add("--json", default=str(HERE / "predictors.json"), help="every record, one per seed, optimizer and rate")
     add("--plot", default=str(HERE / "predictors.png"), help="predicted vs true Δh for AdamW at lr0, first seed")
@@ -123,14 +125,102 @@ def headline(records: list[dict], lr: float) -> list[str]:
     return lines
 
 
-def trl_note() -> str:
-    if importlib.util.find_spec("fprobe.trl") is None:
-        return ("**TRL GRPO run: not included.** `fprobe.trl` (the trainer hook `fprobe.trl.attach`) did not exist in "
-                "this checkout when the experiment was run, so the steps of a TRL run could not be observed.")
-    return "**TRL GRPO run: not included.** `fprobe.trl` exists now but was not wired into this experiment yet."
+# --- the steps of a short TRL GRPO run ---
 
 
-def readme(args, records, seconds: float, command: str) -> str:
+def trl_available() -> bool:
+    return importlib.util.find_spec("trl") is not None and importlib.util.find_spec("fprobe.trl") is not None
+
+
+def trl_run(args) -> list[dict]:
+    """A short GRPO run of TRL's GRPOTrainer on the built-in policy (float64, AdamW, constant rate lr0):
+    ``fprobe.trl.attach`` measures ΔH_true and δH₁ on E at every step; ``StepCapture`` keeps U (the
+    micro-batches TRL's ``compute_loss`` saw), θ_k and Δθ = θ_{k+1} − θ_k, and compares the predictors."""
+    import fprobe.trl
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    class StepCapture(TrainerCallback):
+        def __init__(self, trainer):
+            self.trainer, self.comparisons, self.micro, self.before = trainer, {}, [], None
+
+        def on_train_begin(self, *_, **__):
+            trainer, compute_loss = self.trainer, self.trainer.compute_loss
+
+            def capturing(model, inputs, *rest, **kw):
+                self.micro.append(fprobe.trl.micro_batch_from_inputs(inputs, trainer.current_gradient_accumulation_steps))
+                return compute_loss(model, inputs, *rest, **kw)
+
+            trainer.compute_loss = capturing
+
+        def on_step_begin(self, *_, **__):
+            self.micro = []
+
+        def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+            params = fprobe.Policy(self.trainer.model).params
+            lr = float(getattr(optimizer, "optimizer", optimizer).param_groups[0]["lr"])
+            self.before = (tree.tree_map(lambda p: p.detach().clone(), params), lr)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            policy = fprobe.Policy(self.trainer.model)
+            params, lr = self.before
+            new = tree.tree_map(lambda p: p.detach().clone(), policy.params)
+            U = fprobe.trl.update_batch(self.micro, self.trainer.max_completion_length)
+            self.comparisons[state.global_step] = predictors.compare(policy, params, tree.sub(new, params), U, lr, new_params=new)
+
+    model = AutoModelForCausalLM.from_pretrained(str(toy.DEFAULT_MODEL_PATH), dtype=torch.float64)
+    tokenizer = AutoTokenizer.from_pretrained(str(toy.DEFAULT_MODEL_PATH))
+
+    def reward(prompts, completions, answer, **_):
+        return [toy.verify(p, c, {"answer": a}) for p, c, a in zip(prompts, completions, answer)]
+
+    with tempfile.TemporaryDirectory() as output_dir:
+        config = GRPOConfig(
+            output_dir=output_dir, per_device_train_batch_size=args.n_update_prompts * args.group_size,
+            num_generations=args.group_size, max_completion_length=args.max_new_tokens, max_steps=args.trl_steps,
+            learning_rate=args.lr0, lr_scheduler_type="constant", loss_type="dr_grpo", report_to=[], use_cpu=True,
+            save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
+        )
+        trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, processing_class=tokenizer,
+                              train_dataset=Dataset.from_list(toy.make_prompts(1024, 0)))
+        probe = fprobe.trl.attach(trainer, every=1, n_eval=args.n_eval)
+        capture = StepCapture(trainer)
+        trainer.add_callback(capture)
+        trainer.train()
+    on_e = {r["step"]: r for r in probe.records}
+    return [
+        {"step": step, **c.to_dict(), "delta_h_true": on_e[step].get("delta_h_true"), "delta_h1": on_e[step].get("delta_h1")}
+        for step, c in sorted(capture.comparisons.items())
+    ]
+
+
+def trl_section(args, steps: list[dict] | None) -> list[str]:
+    if steps is None:
+        return ["**TRL GRPO run: not included.** `fprobe.trl` (the trainer hook `fprobe.trl.attach`) or `trl` was not "
+                "importable in this checkout when the experiment was run, so no TRL steps were observed.", ""]
+    names = list(steps[0]["scores"])
+    lines = [
+        "## The steps of a short TRL GRPO run",
+        "",
+        f"TRL's `GRPOTrainer` on the same policy and task: {len(steps)} steps, {args.n_update_prompts} prompts × "
+        f"{args.group_size} completions per step, `dr_grpo`, AdamW at a constant {args.lr0:g}, float64. "
+        "`fprobe.trl.attach` measures ΔH_true and δH₁ on a fresh E at every step; the experiment's own callback keeps "
+        "U as TRL's `compute_loss` saw it and Δθ = θ_{k+1} − θ_k exactly as TRL applied it. Pearson with Δh_ik on U per step:",
+        "",
+        "| step | U tokens | mean Δh on U | ΔH_true on E | δH₁ on E | " + " | ".join(names) + " |",
+        "|---|---|---|---|---|" + "---|" * len(names),
+    ]
+    for r in steps:
+        cells = [r["n_tokens"], r["delta_h_tokens"], r["delta_h_true"], r["delta_h1"], *(r["scores"][n]["pearson"] for n in names)]
+        lines.append(f"| {r['step']} | " + " | ".join(results.format_number(c) for c in cells) + " |")
+    lines += ["", "Means over the steps:", "", "| predictor | " + " | ".join(STATS[1:]) + " |", "|---|" + "---|" * (len(STATS) - 1)]
+    for n in names:
+        lines.append(f"| {n} | " + " | ".join(results.format_number(mean([r["scores"][n][s] for r in steps])) for s in STATS[1:]) + " |")
+    return lines + [""]
+
+
+def readme(args, records, trl_steps, seconds: float, command: str) -> str:
     tokens = [r["n_tokens"] for r in records]
     zero = mean([r["zero_advantage_tokens"] for r in records])
     lines = [
@@ -159,8 +249,9 @@ def readme(args, records, seconds: float, command: str) -> str:
         "and what was left out: the docstring of `fprobe/predictors.py`.",
         "",
         f"{100 * zero:.0f}% of U's response tokens (mean over seeds) sit in groups whose rewards are all equal, so "
-        "their advantage is 0 and every logit-space predictor predicts no change there, while the shared "
-        "parameters do change their entropy.",
+        "their advantage is 0: Wang et al.'s and STEER's per-token values are 0 there (no change predicted), while "
+        "the shared parameters do change those tokens' entropy; Cui et al.'s centred products are not, through the "
+        "batch means.",
         "",
         "## Headline (means over seeds)",
         "",
@@ -178,7 +269,7 @@ def readme(args, records, seconds: float, command: str) -> str:
     for optimizer in OPTIMIZERS:
         for lr in args.lrs:
             lines += summary_rows(records, optimizer, lr)
-    lines += ["", f"![predicted vs true Δh, AdamW at η₀, seed 0]({Path(args.plot).name})", "", trl_note(), ""]
+    lines += ["", f"![predicted vs true Δh, AdamW at η₀, seed 0]({Path(args.plot).name})", "", *trl_section(args, trl_steps)]
     return "\n".join(lines)
 
 
@@ -188,6 +279,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     start = time.perf_counter()
     records, shown = run(args)
+    trl_steps = trl_run(args) if args.trl_steps and trl_available() else None
     seconds = time.perf_counter() - start
     if shown is not None:
         import matplotlib
@@ -195,8 +287,8 @@ def main(argv=None):
         matplotlib.use("Agg")
         shown.plot(args.plot)
     command = " ".join(["python experiments/predictors.py", *argv])
-    results.write_atomic(args.json, json.dumps(records, indent=1))
-    results.write_atomic(args.out, readme(args, records, seconds, command))
+    results.write_atomic(args.json, json.dumps({"sweep": records, "trl": trl_steps}, indent=1))
+    results.write_atomic(args.out, readme(args, records, trl_steps, seconds, command))
     print(f"wrote {args.out} in {seconds:.0f} s")
 
 
