@@ -20,12 +20,18 @@ Predictors (per token, and the aggregate each paper uses):
            Clip-Cov/KL-Cov (Sec. 4) rank tokens by the centred product (ℓ_i − ℓ̄)(A_i − Ā): that
            product, times −η, is the per-token value; its (weighted) mean is the covariance.
   wang     Wang et al. 2026 (arXiv 2602.03392), Theorem 3.2: one logit update δz = ε e_k changes the
-           entropy by −ε S* + O(ε²), S* = p_k (H + log p_k) the entropy discriminator. The sampled
-           token's logit moves with its advantage, ε = η A; aggregate: the token mean.
+           entropy by −ε S* + O(ε²), S* = p_k (H + log p_k) the entropy discriminator. Our mapping to
+           a step: the sampled token's logit moves with its advantage, ε = η A (the paper's own GRPO
+           form is Theorem 3.3, left out below); aggregate: the token mean.
   steer    Hao et al. 2025 (STEER, arXiv 2510.10150): token weight Ω = (A/π_old) π (1 − π)(log π + H),
            entropy change ∝ −Ω; on-policy π_old = π. Aggregate: the token mean (STEER's token-mean loss).
            The formula is as the authors' released code computes Ω (``compute_token_weights``); the
            stored text of the paper did not give us its equation number.
+
+Sources: the stored copies of the papers gave their abstracts and, for Wang et al., Theorem 3.2's
+statement; Cui et al.'s centred product is as in their released Clip-Cov/KL-Cov code. Theorem numbers
+of Cui et al. follow issue 14. Cui et al.'s Theorems 1 and 2 and Wang et al.'s Theorem 3.2 are checked
+in tests/test_predictors.py where they are exact: a single-state softmax whose parameters are the logits.
 
 Left out: Wang et al.'s Theorem 3.3 (the GRPO-step form −α(S* − …)): the stored text of the paper
 is cut off inside the formula, so it could not be pinned down.

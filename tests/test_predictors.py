@@ -304,3 +304,21 @@ def test_update_batch_without_advantages_is_rejected(probed):
     bare = fprobe.Rollouts(U.input_ids, U.attention_mask, U.response_mask)
     with pytest.raises(ValueError, match="advantages"):
         predictors.compare(policy, result.context.params, result.delta_named, bare, 1e-6)
+
+
+def test_probe_result_method_is_the_comparison_of_its_own_step(probed):
+    _, _, result, comparison = probed
+    assert result.predictors().to_dict() == comparison.to_dict()
+
+
+def test_cli_probe_predictors_flag_adds_the_comparison_to_the_record(tmp_path):
+    from fprobe import cli
+
+    out = tmp_path / "results.json"
+    argv = ["probe", "--predictors", "--quiet", "--n-eval", "8", "--n-update-prompts", "2", "--group-size", "4", "--out", str(out)]
+    assert cli.main(argv) == 0
+    record = json.loads(out.read_text())
+    comparison = record["predictors"]
+    assert list(comparison["scores"]) == [p.name for p in predictors.PREDICTORS] + [predictors.REFERENCE]
+    assert comparison["n_tokens"] == record["sampling"]["update_tokens"]
+    assert (comparison["lr"], comparison["delta_h_true"]) == (record["result"]["lr_used"], record["result"]["delta_h_true"])
