@@ -34,7 +34,9 @@ of Cui et al. follow issue 14. Cui et al.'s Theorems 1 and 2 and Wang et al.'s T
 in tests/test_predictors.py where they are exact: a single-state softmax whose parameters are the logits.
 
 Left out: Wang et al.'s Theorem 3.3 (the GRPO-step form −α(S* − …)): the stored text of the paper
-is cut off inside the formula, so it could not be pinned down.
+is cut off inside the formula, so it could not be pinned down. (Its visible part fits the exact
+first order of one sampled-token step Δz = ηA(e_k − π) on a softmax, −ηA(S*_k − E_{v~π} S*_v), which needs
+Σ_v π_v²(log π_v + H) per state: not among fprobe's token statistics ℓ and h.)
 """
 
 from collections.abc import Callable
@@ -94,6 +96,8 @@ def steer_tokens(logp, entropy, advantages, lr: float) -> torch.Tensor:
 
 
 class Predictor(NamedTuple):
+    """A published predictor: its name, a one-line citation and its per-token values (inputs, η) -> [N]."""
+
     name: str
     citation: str
     tokens: Callable[[TokenInputs, float], torch.Tensor]
