@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from . import decompose, estimators, passes, results, sweep, tree
+from . import decompose, estimators, passes, predictors, results, sweep, tree
 from .evaluation import Context, Method, Settings, first_order, snis_at, warn_if_low_ess
 from .optim import Optimizer
 from .results import internal
@@ -149,6 +149,12 @@ class ProbeResult(EntropyChange):
         """Exact per-sequence and per-token parts of δH₁ (see ``fprobe.decompose``); without
         ``keep_step=True`` this first replays the step (``replay_step``)."""
         return decompose.decompose(self, micro_batch=micro_batch, progress=progress)
+
+    def predictors(self) -> predictors.PredictorComparison:
+        """The published logit-space predictors of the entropy change, scored against the true per-token
+        change Δh_ik at U's states, with fprobe's own ḣ_ik as the reference (see ``fprobe.predictors``).
+        Cost: one jvp on U and one forward pass on U at θ₀+Δθ."""
+        return predictors.from_probe(self)
 
 
 def entropy_change(
