@@ -259,6 +259,11 @@ def relative_error(delta: tree.Params, reference: tree.Params) -> float:
     return float(tree.norm(tree.sub(delta, reference))) / size if size else float("nan")
 
 
+def worst_parameter(delta: tree.Params, reference: tree.Params) -> str:
+    """The name with the largest ‖delta − reference‖."""
+    return tree.top_k(tree.sub(delta, reference), 1)[0][0]
+
+
 # ---------------------------------------------------------------------------------------------
 # the model in fprobe's hands
 
@@ -437,10 +442,18 @@ class TrlProbe(TrainerCallback):
         record["step_seconds"] = step_seconds
         self.records.append(record)
         if distributed.is_main():
-            Trainer.log(self.trainer, {PREFIX + key: record[key] for key in LOGGED if record.get(key) is not None})
+            self._log(control, {PREFIX + key: record[key] for key in LOGGED if record.get(key) is not None})
             if self.settings.out is not None:
                 key = {"output_dir": str(Path(args.output_dir).resolve()), "step": record["step"]}
                 results.append_json_line(self.settings.out, {"key": key, **record}, "key", "probe records")
+
+    def _log(self, control, logs: dict) -> None:
+        """``transformers.Trainer.log``: the log history and every reporting callback get ``logs`` at this step.
+        Not TRL's own ``log``, which would take and clear the metrics TRL is collecting for its next log; and
+        the trainer's pending ``should_log`` (which ``on_log`` clears) is kept, so its own log still happens."""
+        should_log = control.should_log
+        Trainer.log(self.trainer, logs)
+        control.should_log = self.trainer.control.should_log = should_log
 
     # -- E at θ_k
 
@@ -510,7 +523,8 @@ class TrlProbe(TrainerCallback):
         numbers = self._entropy_numbers(policy, before, delta, new_params)
         replay = before.replay
         record.update(numbers, delta_l2=float(tree.norm(delta)), step_check=replay.check,
-                      step_rel_error=None if replay.delta is None else relative_error(replay.delta, delta))
+                      step_rel_error=None if replay.delta is None else relative_error(replay.delta, delta),
+                      step_rel_error_worst=None if replay.delta is None else worst_parameter(replay.delta, delta))
         if replay.contributions is not None:
             record["contributions"] = replay.contributions
         return record

@@ -1,0 +1,381 @@
+"""fprobe.trl: probing TRL GRPOTrainer's own steps. Runs a few real GRPO steps of the built-in tiny policy
+(float64, no bf16 autocast) with and without the probe, and checks every number against an independent
+computation: TRL's applied update (the step cross-check), a plain-torch SNIS estimate from θ_k and θ_{k+1}
+kept by a separate callback, and TRL's own advantages."""
+
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from torch.func import functional_call
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+from trl import GRPOConfig, GRPOTrainer
+
+import fprobe
+import fprobe.trl
+from fprobe import toy
+
+TOKENIZER = AutoTokenizer.from_pretrained(str(toy.DEFAULT_MODEL_PATH))
+DATASET = Dataset.from_list(toy.make_prompts(64, 0))
+MAX_COMPLETION = 6
+
+
+def make_trainer(tmp_path, loss_type="dapo", accumulation=1, lora=False, dtype=torch.float64, steps=3, **config):
+    """A GRPOTrainer on the tiny policy: AdamW with weight decay, a linear schedule, clipping at 0.5 (active
+    on these steps), 2 prompts × 4 completions per micro-batch at temperature 1.5 (varied lengths and rewards). Returns (trainer, the completions its reward saw)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(toy.DEFAULT_MODEL_PATH), dtype=dtype)
+    settings = dict(
+        output_dir=str(tmp_path / "run"), per_device_train_batch_size=8, num_generations=4, temperature=1.5, max_completion_length=MAX_COMPLETION,
+        max_steps=steps, learning_rate=3e-3, weight_decay=0.1, lr_scheduler_type="linear", max_grad_norm=0.5,
+        gradient_accumulation_steps=accumulation, loss_type=loss_type, bf16=False, use_cpu=True, report_to=[],
+        save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
+    )
+    seen = []
+
+    def reward(prompts, completions, answer, **_):
+        seen.extend(completions)
+        return [toy.verify(p, c, {"answer": a}) for p, c, a in zip(prompts, completions, answer)]
+
+    peft = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0) if lora else None
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=GRPOConfig(**{**settings, **config}), train_dataset=DATASET,
+                          processing_class=TOKENIZER, peft_config=peft)
+    return trainer, seen
+
+
+def trainable(model) -> dict:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def logged(trainer, key: str) -> list:
+    return [entry[key] for entry in trainer.state.log_history if key in entry]
+
+
+def model_state(model) -> dict:
+    """Everything about the model that the probe must leave as it found it."""
+    return {
+        "attention": [m.config._attn_implementation for m in model.modules() if hasattr(m, "_can_set_attn_implementation")],
+        "training": [m.training for m in model.modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "checkpointing": getattr(model, "is_gradient_checkpointing", None),
+        "forward_hooks": [len(m._forward_hooks) for m in model.modules()],
+    }
+
+
+def state_dicts_equal(a, b) -> bool:
+    """Equal nested state dicts, tensors bit for bit."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(state_dicts_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(state_dicts_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+# ---------------------------------------------------------------------------------------------
+# attaching changes nothing, and the step cross-check
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("accumulation", [1, 2])
+@pytest.mark.parametrize("loss_type", ["dr_grpo", "grpo", "dapo"])
+def test_attached_run_is_bit_identical_and_fprobe_replays_trl_step(tmp_path, loss_type, accumulation, lora):
+    plain, plain_completions = make_trainer(tmp_path, loss_type, accumulation, lora)
+    plain.train()
+    plain_rng = torch.get_rng_state()
+    probed, probed_completions = make_trainer(tmp_path, loss_type, accumulation, lora)
+    callbacks = list(probed.callback_handler.callbacks)
+    probe = fprobe.trl.attach(probed, every=1, n_eval=8)
+    probed.train()
+
+    assert torch.equal(torch.get_rng_state(), plain_rng), "the probe drew from the global random state"
+    new, old = trainable(probed.model), trainable(plain.model)
+    assert new.keys() == old.keys() and all(torch.equal(new[n], old[n]) for n in new)
+    assert logged(probed, "loss") == logged(plain, "loss") and len(logged(plain, "loss")) == 3
+    assert logged(probed, "grad_norm") == logged(plain, "grad_norm")
+    assert probed_completions == plain_completions
+    assert model_state(probed.model) == model_state(plain.model)
+    assert state_dicts_equal(probed.optimizer.state_dict(), plain.optimizer.state_dict())
+    assert state_dicts_equal(probed.lr_scheduler.state_dict(), plain.lr_scheduler.state_dict())
+    assert "compute_loss" not in vars(probed), "the compute_loss wrapper outlived train()"
+    assert not probed.optimizer.optimizer._optimizer_step_post_hooks, "the update counter outlived train()"
+    assert [c for c in probed.callback_handler.callbacks if c is not probe] == callbacks
+
+    assert [r["step"] for r in probe.records] == [1, 2, 3] and all(r["updates"] == 1 for r in probe.records)
+    assert any(g > 0.5 for g in logged(plain, "grad_norm")), "clipping should act in this run"
+    lrs = [r["lr"] for r in probe.records]
+    assert lrs == logged(plain, "learning_rate") and len(set(lrs)) == 3  # the linear schedule's rate at each step
+    for record in probe.records:
+        assert record["step_check"] == "ok" and record["delta_l2"] > 0
+        # float64 model, but TRL's fused LM head computes log-probs and their gradients in float32, so
+        # TRL's gradient carries ~1e-7 relative rounding; AdamW divides each component by its own √v
+        # (its first step is sign-like), which turns that rounding into update differences wherever |g| is
+        # small (measured 7e-5 to 3e-4). SGD shows the floor itself: test_step_rel_error_in_float64_with_sgd
+        assert record["step_rel_error"] <= 1e-3, record
+
+
+def test_step_rel_error_in_float32(tmp_path):
+    """Measured in float32: TRL and fprobe compute the same loss with differently rounded kernels (SDPA vs
+    fprobe's attention, TRL's chunked float32 LM head vs fprobe's float64 log-softmax), so their gradients
+    differ by float32 rounding, ~1e-6 relative, and so do the updates; AdamW's first, sign-like step
+    amplifies that where |g| is near ε, so the bound is looser than float64's."""
+    trainer, _ = make_trainer(tmp_path, "dapo", dtype=torch.float32, steps=2)
+    probe = fprobe.trl.attach(trainer, every=1, n_eval=4)
+    trainer.train()
+    errors = [r["step_rel_error"] for r in probe.records]
+    print("float32 step_rel_error:", errors)
+    assert all(1e-9 < e < 1e-3 for e in errors)
+
+
+@pytest.mark.parametrize("loss_type", ["dr_grpo", "grpo", "bnpo", "dapo"])
+def test_step_rel_error_in_float64_with_sgd(tmp_path, loss_type):
+    """Two micro-batches per step (bnpo then divides each by its own token count, which is not the token
+    mean of the step), SGD with momentum and weight decay, a linear schedule, clipping at 0.5: fprobe's
+    replay equals TRL's applied update to 1e-5 (measured ~1e-6: TRL's float32 LM head)."""
+    trainer, _ = make_trainer(tmp_path, loss_type, accumulation=2, steps=3, optim="sgd", optim_args="momentum=0.9")
+    probe = fprobe.trl.attach(trainer, every=1, n_eval=4)
+    trainer.train()
+    assert trainer.optimizer.param_groups[0]["momentum"] == 0.9 and trainer.optimizer.param_groups[0]["weight_decay"] == 0.1
+    assert any(g > 0.5 for g in logged(trainer, "grad_norm"))
+    errors = [r["step_rel_error"] for r in probe.records]
+    print(f"{loss_type} float64 SGD step_rel_error:", errors)
+    assert all(r["step_check"] == "ok" for r in probe.records) and all(e <= 1e-5 for e in errors)
+    assert max(errors) > 0, "some step must have a gradient"
+
+
+# ---------------------------------------------------------------------------------------------
+# ΔH_true against an independent SNIS computation
+
+
+class KeepParameters(TrainerCallback):
+    """Saves θ just before each optimizer update and just after each step."""
+
+    def __init__(self, model):
+        self.model, self.before, self.after = model, {}, {}
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.before[state.global_step + 1] = trainable(self.model)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.after[state.global_step] = trainable(self.model)
+
+
+def plain_statistics(model, params, E: fprobe.Rollouts):
+    """(S_i, H_i) of E at ``params``: the model's own float64 forward (eager attention), a plain log-softmax."""
+    positions = (E.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = functional_call(model, params, (E.input_ids,), dict(attention_mask=E.attention_mask, position_ids=positions)).logits
+    logp = torch.log_softmax(logits[:, :-1].double(), -1)
+    token_logp = logp.gather(-1, E.input_ids[:, 1:, None])[..., 0]
+    token_entropy = -(logp.exp() * logp).sum(-1)
+    mask = E.response_mask[:, 1:].double()
+    return (token_logp * mask).sum(-1), (token_entropy * mask).sum(-1)
+
+
+def snis_entropy(S, H, S_sampler, T) -> float:
+    """Σ w H / Σ w T with w = exp(S − S_sampler), in float64."""
+    w = torch.exp(S - S_sampler - (S - S_sampler).max())
+    return float((w * H).sum() / (w * T).sum())
+
+
+def eval_model(trainer):
+    """A separate copy of the trainer's architecture in eval mode, eager attention, for the plain computation."""
+    model = AutoModelForCausalLM.from_pretrained(str(toy.DEFAULT_MODEL_PATH), dtype=torch.float64, attn_implementation="eager")
+    if hasattr(trainer.model, "peft_config"):
+        raise AssertionError("plain_statistics expects a full-parameter run")
+    return model.eval()
+
+
+def test_delta_h_true_equals_an_independent_snis_from_saved_parameters(tmp_path):
+    trainer, _ = make_trainer(tmp_path, "dr_grpo", steps=2)
+    keep = KeepParameters(trainer.model)
+    trainer.add_callback(keep)
+    probe = fprobe.trl.attach(trainer, every=1, n_eval=12)
+    trainer.train()
+    model = eval_model(trainer)
+    for record in probe.records:
+        k = record["step"]
+        E = probe.eval_batches[k]
+        assert len(E) == 12 and record["eval_sampled_at"] == k
+        S0, H0 = plain_statistics(model, keep.before[k], E)
+        S1, H1 = plain_statistics(model, keep.after[k], E)
+        T = E.lengths.double()
+        expected = snis_entropy(S1, H1, S0, T) - snis_entropy(S0, H0, S0, T)
+        # the model's own forward computes RMSNorm and rotary in float32: ~1e-9 on these entropies
+        assert abs(record["delta_h_true"] - expected) <= 1e-7 + 1e-6 * abs(expected), (record["delta_h_true"], expected)
+        assert abs(record["h_orig"] - snis_entropy(S0, H0, S0, T)) <= 1e-7
+
+
+def test_fixed_eval_batch_is_importance_weighted_from_its_sampler(tmp_path):
+    """resample=False: E is drawn at the first probed step and reused; later estimates weight by
+    exp(S(θ) − S(θ_sampler)). Checked against the plain SNIS from the saved parameters, δH₁ against a
+    central finite difference of that plain estimate along Δθ."""
+    trainer, _ = make_trainer(tmp_path, "dapo", steps=3)
+    keep = KeepParameters(trainer.model)
+    trainer.add_callback(keep)
+    probe = fprobe.trl.attach(trainer, every=1, n_eval=12, resample=False, second_order=True, ess_threshold=0.01)
+    trainer.train()
+    model = eval_model(trainer)
+    assert [r["eval_sampled_at"] for r in probe.records] == [1, 1, 1]
+    assert probe.eval_batches[3] is probe.eval_batches[1]
+    E = probe.eval_batches[1]
+    T = E.lengths.double()
+    S_sampler, _ = plain_statistics(model, keep.before[1], E)
+    entropy_at = lambda params: snis_entropy(*plain_statistics(model, params, E), S_sampler, T)
+    for record in probe.records[1:]:
+        k = record["step"]
+        before, after = keep.before[k], keep.after[k]
+        expected = entropy_at(after) - entropy_at(before)
+        assert abs(record["delta_h_true"] - expected) <= 1e-7 + 1e-6 * abs(expected)
+        S_k, _ = plain_statistics(model, before, E)
+        w = torch.exp(S_k - S_sampler - (S_k - S_sampler).max())
+        assert record["sampler_ess_fraction"] == pytest.approx(float(w.sum() ** 2 / (w**2).sum()) / len(w), rel=1e-6)
+        assert record["sampler_ess_fraction"] < 1.0
+        eps = 1e-3
+        along = lambda t: {n: before[n] + t * (after[n] - before[n]) for n in before}
+        central = (entropy_at(along(eps)) - entropy_at(along(-eps))) / (2 * eps)
+        assert record["delta_h1"] == pytest.approx(central, rel=1e-4, abs=1e-8)
+        second = (entropy_at(along(eps)) - 2 * entropy_at(before) + entropy_at(along(-eps))) / (2 * eps**2)
+        assert record["delta_h2"] == pytest.approx(second, rel=1e-2, abs=1e-7)
+
+
+def test_given_eval_batch_is_weighted_from_the_model_at_attach_and_resampled_when_ess_falls(tmp_path):
+    trainer, _ = make_trainer(tmp_path, "grpo", steps=3)
+    initial = trainable(trainer.model)
+    with fprobe.trl.modes_kept(trainer.model):
+        policy = fprobe.Policy(trainer.model)
+        E, _ = fprobe.sample(policy, TOKENIZER, toy.make_prompts(20, 1), n_eval=10, n_update_prompts=1, group_size=1,
+                             reward="toy", max_new_tokens=MAX_COMPLETION, seed=3)
+    keep = KeepParameters(trainer.model)
+    trainer.add_callback(keep)
+    probe = fprobe.trl.attach(trainer, every=1, E=E, ess_threshold=1.0)  # any update makes the ESS fraction < 1
+    trainer.train()
+    model = eval_model(trainer)
+    first = probe.records[0]
+    assert probe.eval_batches[1] is E and first["eval_sampled_at"] == 0
+    T = E.lengths.double()
+    S_sampler, _ = plain_statistics(model, initial, E)
+    entropy_at = lambda params: snis_entropy(*plain_statistics(model, params, E), S_sampler, T)
+    # step 1 starts at the parameters E was sampled from: all weights 1 at θ_1, so E is reused
+    assert first["sampler_ess_fraction"] == pytest.approx(1.0, abs=1e-12)
+    assert abs(first["delta_h_true"] - (entropy_at(keep.after[1]) - entropy_at(keep.before[1]))) <= 1e-7
+    # from step 2 on, the weights from E's sampler to θ_k are not all 1, so a fresh E is drawn at each step
+    assert [r["eval_sampled_at"] for r in probe.records[1:]] == [2, 3]
+    assert probe.eval_batches[2] is not E
+
+
+def test_contributions_and_second_order_are_recorded(tmp_path):
+    trainer, _ = make_trainer(tmp_path, "dr_grpo", steps=1)
+    probe = fprobe.trl.attach(trainer, every=1, n_eval=6, contributions=True, second_order=True)
+    trainer.train()
+    (record,) = probe.records
+    parts = record["contributions"]
+    assert len(parts["per_sequence"]) == 4
+    total = parts["momentum"] + parts["decay"] + sum(parts["per_sequence"])
+    assert total == pytest.approx(parts["delta_h1"], rel=1e-9, abs=1e-15)
+    # the parts decompose δH₁ of fprobe's replayed step, which equals TRL's up to step_rel_error
+    assert parts["delta_h1"] == pytest.approx(record["delta_h1"], rel=1e-4)
+    assert record["delta_h2"] is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# exactly one update, skip reasons, logs and files
+
+
+class ExtraUpdate(TrainerCallback):
+    """At step 2 the optimizer updates a second time; at step 3 its update is skipped."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if state.global_step + 1 == 3:
+            self.trainer.accelerator.gradient_state._set_sync_gradients(False)
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if state.global_step + 1 == 2:
+            optimizer.step()
+
+
+def test_a_step_with_two_updates_or_none_gives_no_numbers_and_says_why(tmp_path):
+    trainer, _ = make_trainer(tmp_path, "dapo", steps=3)
+    trainer.add_callback(ExtraUpdate(trainer))
+    probe = fprobe.trl.attach(trainer, every=1, n_eval=4)
+    trainer.train()
+    first, twice, none = probe.records
+    assert first["updates"] == 1 and "delta_h_true" in first and "skipped" not in first
+    for record, count in ((twice, 2), (none, 0)):
+        assert record["updates"] == count
+        assert f"{count} optimizer updates" in record["skipped"]
+        assert "delta_h_true" not in record and "delta_h1" not in record and record["step_rel_error"] is None
+    probed_steps = {entry["step"] for entry in trainer.state.log_history if "entropy_probe/delta_h_true" in entry}
+    assert probed_steps == {1}
+
+
+def test_unmodelled_loss_terms_skip_the_cross_check_but_keep_the_numbers(tmp_path):
+    trainer, _ = make_trainer(tmp_path, "dapo", steps=1, beta=0.04)
+    probe = fprobe.trl.attach(trainer, every=1, n_eval=4)
+    trainer.train()
+    (record,) = probe.records
+    assert record["step_check"].startswith("skipped:") and "beta" in record["step_check"]
+    assert record["step_rel_error"] is None and record["delta_h_true"] != 0 and record["delta_h1"] != 0
+
+
+def test_records_go_to_trainer_log_and_jsonl(tmp_path):
+    out = tmp_path / "probe.jsonl"
+    trainer, _ = make_trainer(tmp_path, "dapo", steps=4)
+    probe = fprobe.trl.attach(trainer, every=2, n_eval=4, out=out)
+    trainer.train()
+    assert [r["step"] for r in probe.records] == [2, 4]
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2, 4]
+    for line, record in zip(lines, probe.records):
+        assert line["delta_h_true"] == record["delta_h_true"] and line["step_rel_error"] == record["step_rel_error"]
+    entries = {e["step"]: e for e in trainer.state.log_history if "entropy_probe/delta_h1" in e}
+    assert sorted(entries) == [2, 4]
+    for record in probe.records:
+        entry = entries[record["step"]]
+        for key in fprobe.trl.LOGGED:
+            assert entry[f"entropy_probe/{key}"] == record[key]
+    assert logged(trainer, "loss") and all("loss" not in e for e in entries.values())
+
+
+def test_trl_advantages_use_the_same_epsilon_as_group_advantages(tmp_path):
+    """TRL's logged advantages (in generation order) against fprobe.group_advantages of TRL's logged rewards."""
+    trainer, _ = make_trainer(tmp_path, "dapo", steps=1)
+    trainer.train()
+    rewards = torch.tensor(next(iter(trainer._logs["rewards"].values())), dtype=torch.float64)
+    groups = torch.arange(len(rewards)) // trainer.num_generations
+    expected = fprobe.group_advantages(rewards, groups)
+    torch.testing.assert_close(torch.tensor(list(trainer._logs["advantages"]), dtype=torch.float64), expected, rtol=1e-6, atol=1e-6)
+    assert bool((rewards.view(-1, 4).std(-1) > 0).any()), "a group with different rewards makes eps matter"
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: one clear error at attach, before training
+
+
+def test_attach_rejects_bad_input_before_training(tmp_path):
+    trainer, _ = make_trainer(tmp_path, steps=1)
+    callbacks = list(trainer.callback_handler.callbacks)
+    state = model_state(trainer.model)
+    plain = Trainer(model=trainer.model, args=TrainingArguments(output_dir=str(tmp_path / "plain"), report_to=[], use_cpu=True))
+    with pytest.raises(TypeError, match="needs a trl.GRPOTrainer, got Trainer"):
+        fprobe.trl.attach(plain)
+    for every in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="every must be a positive number of steps"):
+            fprobe.trl.attach(trainer, every=every)
+    foreign = fprobe.Rollouts(torch.tensor([[2, 40, 41]]), torch.ones(1, 3), torch.tensor([[0, 1, 1]]).bool())
+    with pytest.raises(ValueError, match="vocabulary of 17"):
+        fprobe.trl.attach(trainer, E=foreign)
+    with pytest.raises(ValueError, match="contributions need a fresh E"):
+        fprobe.trl.attach(trainer, resample=False, contributions=True)
+    trainer.is_fsdp_enabled = True
+    with pytest.raises(ValueError, match="FSDP shards the parameters"):
+        fprobe.trl.attach(trainer)
+    trainer.is_fsdp_enabled = False
+    assert trainer.callback_handler.callbacks == callbacks and trainer.state.global_step == 0
+    assert model_state(trainer.model) == state
