@@ -94,8 +94,8 @@ def common_options(parser: argparse.ArgumentParser) -> None:
     add("--prompts", metavar="FILE",
         help="JSONL prompt records {'prompt': ..., 'answer': ...}; default: toy addition prompts")
     add("--chat-template", action="store_true", help="wrap each prompt in the tokenizer's chat template")
-    add("--reward", metavar="NAME|module:function", help="reward: 'toy', 'numeric' or module:function; "
-        "default: 'toy' for the toy prompts, else 'numeric'")
+    add("--reward", metavar="NAME|module:function", help="reward: 'toy', 'numeric', module:function (the working "
+        "directory is searched too) or path/to/file.py:function; default: 'toy' for the toy prompts, else 'numeric'")
     add("--n-eval", type=int, default=DEFAULT_N_EVAL, help="sequences in the evaluation batch E")
     add("--replace", action="store_true", help="draw E's prompts with replacement")
     add("--n-update-prompts", type=int, default=DEFAULT_N_UPDATE_PROMPTS, help="prompts in the update batch U")
@@ -302,8 +302,8 @@ def check_plot_path(path: str) -> None:
     formats = Figure().canvas.get_supported_filetypes()
     suffix = Path(path).suffix.lower().lstrip(".")
     if suffix not in formats:
-        raise ValueError(f"--plot {path!r}: {'.' + suffix if suffix else 'no'} image suffix that matplotlib writes; "
-                         f"use one of {', '.join('.' + f for f in sorted(formats))}")
+        problem = f"'.{suffix}' is not an image type matplotlib writes" if suffix else "no image suffix"
+        raise ValueError(f"--plot {path!r}: {problem}; use one of {', '.join('.' + f for f in sorted(formats))}")
     results.check_writable(path, "--plot")
 
 
