@@ -2,8 +2,8 @@
 
 Every optimizer case is probed once; each test then checks one property of its decomposition:
 the parts sum to δH₁ (1e-10 relative), each δH_j equals a brute-force ⟨gain ⊙ ∇Ĥ, c·∇L_j⟩ from that
-row's own gradient (a plain autograd loop, with ∇Ĥ written out independently here and the gain from
-the optimizer's affine form, itself tested against its updates in test_optim.py), token parts sum to
+row's own gradient (a plain autograd loop, with ∇Ĥ by autograd through helpers.plain_entropy and the
+gain from the optimizer's affine form, itself tested against its updates in test_optim.py), token parts sum to
 δH_j, and zero-advantage rows contribute exactly zero.
 """
 
@@ -16,7 +16,7 @@ import fprobe
 from fprobe import decompose as dec
 from fprobe import tree
 
-from conftest import make_batch
+from helpers import make_batch, plain_entropy, sequence_log_probs
 
 ADVANTAGES = torch.tensor([0.0, 0.7, -1.2, 0.0, 0.4, -0.9], dtype=torch.float64)
 ZERO_ROWS = [0, 3]
@@ -104,24 +104,15 @@ def affine_trees(result) -> dict[str, tree.Params]:
 
 
 def plain_entropy_gradient(policy, params, E):
-    """u = ∇Ĥ_tok at θ₀ (SNIS, Rao–Blackwell, per-token normalisation), written out with plain autograd."""
+    """u = ∇Ĥ_tok at θ₀ (SNIS, Rao–Blackwell, per-token normalisation) by autograd through the plain Ĥ."""
     p = {n: x.detach().clone().requires_grad_(True) for n, x in params.items()}
-    logprobs = policy.apply(p, E.input_ids, E.attention_mask).double().log_softmax(-1)[:, :-1]
-    mask = E.response_mask[:, 1:].double()
-    ell = logprobs.gather(-1, E.input_ids[:, 1:, None])[..., 0] * mask
-    h = -(logprobs.exp() * logprobs).sum(-1) * mask
-    S, H, T = ell.sum(-1), h.sum(-1), mask.sum(-1)
-    w = torch.exp(S - S.detach())
-    h_hat = (w * H).sum() / (w * T).sum()
-    return dict(zip(p, torch.autograd.grad(h_hat, list(p.values()))))
+    return dict(zip(p, torch.autograd.grad(plain_entropy(policy, p, E), list(p.values()))))
 
 
 def plain_row_gradient(policy, params, U, j, c_j):
     """∇L_j of row j alone, on policy: L_j = −c_j A_j Σ_k ℓ_jk."""
     p = {n: x.detach().clone().requires_grad_(True) for n, x in params.items()}
-    ids, attn = U.input_ids[j : j + 1], U.attention_mask[j : j + 1]
-    logprobs = policy.apply(p, ids, attn).double().log_softmax(-1)[0, :-1]
-    ell = logprobs.gather(-1, ids[0, 1:, None])[:, 0][U.response_mask[j, 1:]]
+    (ell,), _ = sequence_log_probs(policy, p, U.select([j]))
     loss = -c_j * float(U.advantages[j]) * ell.sum()
     return dict(zip(p, torch.autograd.grad(loss, list(p.values()))))
 

@@ -7,7 +7,7 @@ import io
 import optree
 import pytest
 import torch
-from conftest import make_batch
+from helpers import make_batch
 
 import fprobe
 from fprobe import optim, tree
