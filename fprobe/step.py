@@ -37,8 +37,8 @@ def warn_if_update_lost(lost: float | None, params: tree.Params) -> None:
         warn(
             f"{lost:.1%} of the update was rounded away by the {'/'.join(dtypes)} parameters (the step is too "
             "small for their precision), so ΔH and δH₁ describe the rounded step, not the intended one: load the "
-            "policy in float32 (Policy.from_pretrained(..., dtype=torch.float32)); with LoRA only the adapter "
-            "needs float32, the base model may stay bf16",
+            "policy in float32 (Policy.from_pretrained(..., dtype=torch.float32)), or probe a LoRA adapter "
+            "(lora=...), which stays float32 while the base model stays bf16",
             UpdateLostWarning,
         )
 

@@ -345,8 +345,19 @@ def test_bf16_step_that_loses_most_of_its_update_warns(load_policy):
     (warning,) = caught
     message = str(warning.message)
     assert f"{step.update_lost:.1%} of the update was rounded away by the bfloat16 parameters" in message
-    assert "dtype=torch.float32" in message and "LoRA" in message
+    assert "dtype=torch.float32" in message and "LoRA adapter (lora=...)" in message
     assert warning.filename == __file__, "attributed to the caller's line"
+
+
+def test_lora_on_a_bf16_base_keeps_its_update_as_the_warning_says(load_policy):
+    policy = load_policy("gpt2", torch.bfloat16, lora=(2, 4, ["c_attn"]))
+    assert {p.dtype for p in policy.params.values()} == {torch.float32}
+    assert {p.dtype for p in policy.model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    opt = fprobe.optim.adamw(lr=1e-7, weight_decay=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fprobe.UpdateLostWarning)
+        step = fprobe.rl_step(policy, policy.params, opt, opt.init(policy.params), make_batch())
+    assert step.update_lost is None and step.delta_l2 > 0
 
 
 def test_bf16_step_that_keeps_most_of_its_update_does_not_warn(load_policy):
