@@ -125,11 +125,11 @@ def adamw(
         )
 
     def affine(state: AdamWState, new_state: AdamWState, params, lr_override: float | None = None):
-        stale = {n: (state.step[n], new_state.step[n]) for n in params if new_state.step[n] != state.step[n] + 1}
-        if stale:
-            name, (before, after) = next(iter(stale.items()))
+        stale = next((n for n in params if new_state.step[n] != state.step[n] + 1), None)
+        if stale is not None:
             raise ValueError(
-                f"optimizer states do not belong to one step: parameter {name!r} went from step {before} to {after}"
+                f"optimizer states do not belong to one step: parameter {stale!r} went from step "
+                f"{state.step[stale]} to {new_state.step[stale]}"
             )
         return ((name, terms(name, p, state, new_state, lr_override)) for name, p in params.items())
 
@@ -187,6 +187,7 @@ def sgd(
         return AffineTerms(-rate * kappa, momentum, decay)
 
     def affine(state: SGDState, new_state: SGDState, params, lr_override: float | None = None):
+        # SGD's affine form needs only the state before the step (its momentum buffers)
         return ((name, terms(name, p, state, lr_override)) for name, p in params.items())
 
     return Optimizer("sgd", init, update, affine, lr, hyper)
