@@ -167,12 +167,13 @@ def append_json_line(path: str | Path, record: dict, unique: str, what: str = "r
 
 
 def read_json_lines(path: Path, what: str):
-    """(``"FILE:LINE"``, object) for each non-blank line of a JSONL file; a line that is not UTF-8 or
-    not JSON raises ``ValueError`` naming ``what``, the file and the line number."""
+    """(``"FILE:LINE"``, object) for each non-blank line of a JSONL file (a leading byte-order mark is
+    skipped); a line that is not UTF-8 or not JSON raises ``ValueError`` naming ``what``, the file and
+    the line number."""
     with Path(path).open("rb") as lines:
         for number, raw in enumerate(lines, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as error:
                 raise ValueError(
                     f"{path}:{number}: the {what} is not UTF-8 text (byte {error.start + 1} of the line)"

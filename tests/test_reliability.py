@@ -450,6 +450,12 @@ def test_non_utf8_prompt_file_names_the_file_and_line(tmp_path):
         prompts.load_prompts(path)
 
 
+def test_a_prompt_file_with_a_byte_order_mark_loads(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2="}\n')
+    assert prompts.load_prompts(path) == [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2="}]
+
+
 def test_a_truncated_checkpoint_is_named_and_earlier_records_kept(tmp_path, capsys):
     run = tmp_path / "run"
     for step in (1, 2):
