@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import VOCAB, make_batch
+from helpers import VOCAB, make_batch
 from test_cli import SMALL, SUBPROCESS_ENV, save_checkpoint
 from transformers import AutoTokenizer
 
