@@ -16,20 +16,22 @@ from trl import GRPOConfig, GRPOTrainer
 import fprobe
 import fprobe.trl
 from fprobe import toy
+from fprobe.policy import PrimitiveOpsKeepFloat64
 
 TOKENIZER = AutoTokenizer.from_pretrained(str(toy.DEFAULT_MODEL_PATH))
 DATASET = Dataset.from_list(toy.make_prompts(64, 0))
 MAX_COMPLETION = 6
+TEMPERATURE = 1.5
 
 
 def make_trainer(tmp_path, loss_type="dapo", accumulation=1, lora=False, dtype=torch.float64, steps=3, **config):
-    """A GRPOTrainer on the tiny policy: AdamW with weight decay, a linear schedule, clipping at 0.5 (active
+    """A GRPOTrainer on the tiny policy: AdamW with weight decay, a linear schedule, clipping at 0.2 (active
     on these steps), 2 prompts × 4 completions per micro-batch at temperature 1.5 (varied lengths and rewards). Returns (trainer, the completions its reward saw)."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(toy.DEFAULT_MODEL_PATH), dtype=dtype)
     settings = dict(
-        output_dir=str(tmp_path / "run"), per_device_train_batch_size=8, num_generations=4, temperature=1.5, max_completion_length=MAX_COMPLETION,
-        max_steps=steps, learning_rate=3e-3, weight_decay=0.1, lr_scheduler_type="linear", max_grad_norm=0.5,
+        output_dir=str(tmp_path / "run"), per_device_train_batch_size=8, num_generations=4, temperature=TEMPERATURE, max_completion_length=MAX_COMPLETION,
+        max_steps=steps, learning_rate=3e-3, weight_decay=0.1, lr_scheduler_type="linear", max_grad_norm=0.2,
         gradient_accumulation_steps=accumulation, loss_type=loss_type, bf16=False, use_cpu=True, report_to=[],
         save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
     )
@@ -105,7 +107,7 @@ def test_attached_run_is_bit_identical_and_fprobe_replays_trl_step(tmp_path, los
     assert [c for c in probed.callback_handler.callbacks if c is not probe] == callbacks
 
     assert [r["step"] for r in probe.records] == [1, 2, 3] and all(r["updates"] == 1 for r in probe.records)
-    assert any(g > 0.5 for g in logged(plain, "grad_norm")), "clipping should act in this run"
+    assert any(g > 0.2 for g in logged(plain, "grad_norm")), "clipping should act in this run"
     lrs = [r["lr"] for r in probe.records]
     assert lrs == logged(plain, "learning_rate") and len(set(lrs)) == 3  # the linear schedule's rate at each step
     for record in probe.records:
@@ -133,13 +135,13 @@ def test_step_rel_error_in_float32(tmp_path):
 @pytest.mark.parametrize("loss_type", ["dr_grpo", "grpo", "bnpo", "dapo"])
 def test_step_rel_error_in_float64_with_sgd(tmp_path, loss_type):
     """Two micro-batches per step (bnpo then divides each by its own token count, which is not the token
-    mean of the step), SGD with momentum and weight decay, a linear schedule, clipping at 0.5: fprobe's
+    mean of the step), SGD with momentum and weight decay, a linear schedule, clipping at 0.2: fprobe's
     replay equals TRL's applied update to 1e-5 (measured ~1e-6: TRL's float32 LM head)."""
     trainer, _ = make_trainer(tmp_path, loss_type, accumulation=2, steps=3, optim="sgd", optim_args="momentum=0.9")
     probe = fprobe.trl.attach(trainer, every=1, n_eval=4)
     trainer.train()
     assert trainer.optimizer.param_groups[0]["momentum"] == 0.9 and trainer.optimizer.param_groups[0]["weight_decay"] == 0.1
-    assert any(g > 0.5 for g in logged(trainer, "grad_norm"))
+    assert any(g > 0.2 for g in logged(trainer, "grad_norm"))
     errors = [r["step_rel_error"] for r in probe.records]
     print(f"{loss_type} float64 SGD step_rel_error:", errors)
     assert all(r["step_check"] == "ok" for r in probe.records) and all(e <= 1e-5 for e in errors)
@@ -163,16 +165,19 @@ class KeepParameters(TrainerCallback):
         self.after[state.global_step] = trainable(self.model)
 
 
-def plain_statistics(model, params, E: fprobe.Rollouts):
-    """(S_i, H_i) of E at ``params``: the model's own float64 forward (eager attention), a plain log-softmax."""
+def plain_statistics(model, params, E: fprobe.Rollouts, temperature: float = TEMPERATURE):
+    """(S_i, H_i) of E at ``params``: the model's own float64 forward (its SDPA attention; its RMSNorm's
+    float32 casts kept in float64, which would otherwise leave ~1e-7 on these ΔH), a plain log-softmax at
+    the sampling temperature."""
     positions = (E.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
+    with torch.no_grad(), PrimitiveOpsKeepFloat64():
         logits = functional_call(model, params, (E.input_ids,), dict(attention_mask=E.attention_mask, position_ids=positions)).logits
-    logp = torch.log_softmax(logits[:, :-1].double(), -1)
+    logp = torch.log_softmax(logits[:, :-1].double() / temperature, -1)
     token_logp = logp.gather(-1, E.input_ids[:, 1:, None])[..., 0]
     token_entropy = -(logp.exp() * logp).sum(-1)
-    mask = E.response_mask[:, 1:].double()
-    return (token_logp * mask).sum(-1), (token_entropy * mask).sum(-1)
+    mask = E.response_mask[:, 1:]  # padding rows may hold NaN logits: select, do not multiply
+    zero = torch.zeros((), dtype=torch.float64)
+    return torch.where(mask, token_logp, zero).sum(-1), torch.where(mask, token_entropy, zero).sum(-1)
 
 
 def snis_entropy(S, H, S_sampler, T) -> float:
@@ -182,8 +187,9 @@ def snis_entropy(S, H, S_sampler, T) -> float:
 
 
 def eval_model(trainer):
-    """A separate copy of the trainer's architecture in eval mode, eager attention, for the plain computation."""
-    model = AutoModelForCausalLM.from_pretrained(str(toy.DEFAULT_MODEL_PATH), dtype=torch.float64, attn_implementation="eager")
+    """A separate copy of the trainer's architecture in eval mode, transformers' own (SDPA) attention, for the
+    plain computation (its float64 eager attention turns left-padded rows into NaN)."""
+    model = AutoModelForCausalLM.from_pretrained(str(toy.DEFAULT_MODEL_PATH), dtype=torch.float64)
     if hasattr(trainer.model, "peft_config"):
         raise AssertionError("plain_statistics expects a full-parameter run")
     return model.eval()
@@ -204,9 +210,8 @@ def test_delta_h_true_equals_an_independent_snis_from_saved_parameters(tmp_path)
         S1, H1 = plain_statistics(model, keep.after[k], E)
         T = E.lengths.double()
         expected = snis_entropy(S1, H1, S0, T) - snis_entropy(S0, H0, S0, T)
-        # the model's own forward computes RMSNorm and rotary in float32: ~1e-9 on these entropies
-        assert abs(record["delta_h_true"] - expected) <= 1e-7 + 1e-6 * abs(expected), (record["delta_h_true"], expected)
-        assert abs(record["h_orig"] - snis_entropy(S0, H0, S0, T)) <= 1e-7
+        assert abs(record["delta_h_true"] - expected) <= 1e-12, (record["delta_h_true"], expected)
+        assert abs(record["h_orig"] - snis_entropy(S0, H0, S0, T)) <= 1e-12
 
 
 def test_fixed_eval_batch_is_importance_weighted_from_its_sampler(tmp_path):
@@ -229,7 +234,7 @@ def test_fixed_eval_batch_is_importance_weighted_from_its_sampler(tmp_path):
         k = record["step"]
         before, after = keep.before[k], keep.after[k]
         expected = entropy_at(after) - entropy_at(before)
-        assert abs(record["delta_h_true"] - expected) <= 1e-7 + 1e-6 * abs(expected)
+        assert abs(record["delta_h_true"] - expected) <= 1e-12
         S_k, _ = plain_statistics(model, before, E)
         w = torch.exp(S_k - S_sampler - (S_k - S_sampler).max())
         assert record["sampler_ess_fraction"] == pytest.approx(float(w.sum() ** 2 / (w**2).sum()) / len(w), rel=1e-6)
@@ -261,7 +266,7 @@ def test_given_eval_batch_is_weighted_from_the_model_at_attach_and_resampled_whe
     entropy_at = lambda params: snis_entropy(*plain_statistics(model, params, E), S_sampler, T)
     # step 1 starts at the parameters E was sampled from: all weights 1 at θ_1, so E is reused
     assert first["sampler_ess_fraction"] == pytest.approx(1.0, abs=1e-12)
-    assert abs(first["delta_h_true"] - (entropy_at(keep.after[1]) - entropy_at(keep.before[1]))) <= 1e-7
+    assert abs(first["delta_h_true"] - (entropy_at(keep.after[1]) - entropy_at(keep.before[1]))) <= 1e-12
     # from step 2 on, the weights from E's sampler to θ_k are not all 1, so a fresh E is drawn at each step
     assert [r["eval_sampled_at"] for r in probe.records[1:]] == [2, 3]
     assert probe.eval_batches[2] is not E
@@ -273,7 +278,7 @@ def test_contributions_and_second_order_are_recorded(tmp_path):
     trainer.train()
     (record,) = probe.records
     parts = record["contributions"]
-    assert len(parts["per_sequence"]) == 4
+    assert len(parts["per_sequence"]) == 8  # one per completion of the step
     total = parts["momentum"] + parts["decay"] + sum(parts["per_sequence"])
     assert total == pytest.approx(parts["delta_h1"], rel=1e-9, abs=1e-15)
     # the parts decompose δH₁ of fprobe's replayed step, which equals TRL's up to step_rel_error
@@ -339,7 +344,7 @@ def test_records_go_to_trainer_log_and_jsonl(tmp_path):
     for record in probe.records:
         entry = entries[record["step"]]
         for key in fprobe.trl.LOGGED:
-            assert entry[f"entropy_probe/{key}"] == record[key]
+            assert entry.get(f"entropy_probe/{key}") == record[key]  # absent where None (δH₂ not asked)
     assert logged(trainer, "loss") and all("loss" not in e for e in entries.values())
 
 

@@ -1,0 +1,103 @@
+"""Checkpoints of transformers/TRL trainers (``checkpoint-N/``): the saved optimizer state keyed back to
+parameter names, and the learning rate of step N.
+
+``optimizer.pt`` is the ``state_dict`` of the Trainer's torch optimizer, whose parameters are numbered
+0, 1, … in the order of its param groups. ``Trainer.create_optimizer`` builds two groups over the
+trainable parameters in ``named_parameters()`` order: those that get weight decay
+(``Trainer.get_decay_parameter_names``: outside LayerNorm modules, no "bias" or norm in the name), then
+the others. ``trainer_state.json`` logs the learning rate of each logged step. The state is loaded with
+``torch.load(..., weights_only=True)``; ``training_args.bin`` (a pickle) is never read.
+"""
+
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from transformers import Trainer
+
+from . import optim
+
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "trainer_state.json"
+
+
+class TrainerCheckpoint(NamedTuple):
+    """The optimizer and state of ``checkpoint-N``, its rates set to step N's; ``lr_source`` says where
+    that rate came from."""
+
+    optimizer: optim.Optimizer
+    opt_state: object
+    lr: float
+    lr_source: str
+    step: int
+
+
+def is_trainer_checkpoint(folder: str | Path) -> bool:
+    folder = Path(folder)
+    return (folder / OPTIMIZER_FILE).is_file() and (folder / STATE_FILE).is_file()
+
+
+def trainer_parameter_groups(model: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """(names with weight decay, names without), trainable only, as ``Trainer.create_optimizer`` groups them."""
+    decay = set(Trainer.get_decay_parameter_names(None, model))  # uses no trainer state: the model alone decides
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    return [n for n in trainable if n in decay], [n for n in trainable if n not in decay]
+
+
+def parameter_order(state_dict: dict, model: torch.nn.Module) -> list[str]:
+    """Names of the optimizer's parameter indices 0, 1, …; ValueError if its groups are not the Trainer's split."""
+    groups = [names for names in trainer_parameter_groups(model)]
+    saved = [len(group["params"]) for group in state_dict["param_groups"]]
+    if saved != [len(names) for names in groups]:
+        raise ValueError(
+            f"the saved optimizer's param groups hold {saved} parameters, but the Trainer's split of this model's "
+            f"trainable parameters (with / without weight decay) holds {[len(n) for n in groups]}: "
+            "a custom optimizer, or another model; pass --optimizer-state with parameters in named_parameters() order"
+        )
+    return [name for names in groups for name in names]
+
+
+def check_shapes(state_dict: dict, names: list[str], params: dict) -> None:
+    for index, state in state_dict["state"].items():
+        name = names[index]
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != tuple(params[name].shape):
+                raise ValueError(
+                    f"optimizer state {key!r} of parameter {index} has shape {tuple(value.shape)}, but {name!r} "
+                    f"has {tuple(params[name].shape)}: the checkpoint's optimizer does not belong to this model"
+                )
+
+
+def logged_learning_rate(trainer_state: dict, step: int) -> float | None:
+    """The learning rate ``trainer_state.json`` logged at ``step`` (None if that step was not logged)."""
+    rates = [e["learning_rate"] for e in trainer_state.get("log_history", []) if e.get("step") == step and "learning_rate" in e]
+    return float(rates[-1]) if rates else None
+
+
+def with_rate(state_dict: dict, lr: float) -> dict:
+    """``state_dict`` with every param group's rate scaled alike so that the first group's is ``lr``."""
+    base = float(state_dict["param_groups"][0]["lr"])
+    scale = lr / base if base else None
+    groups = [{**g, "lr": lr if scale is None else float(g["lr"]) * scale} for g in state_dict["param_groups"]]
+    return {**state_dict, "param_groups": groups}
+
+
+def load(folder: str | Path, policy) -> TrainerCheckpoint:
+    """The optimizer state of ``folder`` (a ``checkpoint-N``) for ``policy`` (the model loaded from it), with
+    the learning rate of step N: the one ``trainer_state.json`` logged at step N, else the saved optimizer's
+    own (the scheduler's rate for step N + 1, set after step N's update)."""
+    folder = Path(folder)
+    trainer_state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    step = int(trainer_state["global_step"])
+    state_dict = torch.load(folder / OPTIMIZER_FILE, map_location=policy.device, weights_only=True)
+    names = parameter_order(state_dict, policy.model)
+    params = policy.params
+    check_shapes(state_dict, names, params)
+    logged = logged_learning_rate(trainer_state, step)
+    if logged is None:
+        lr, source = float(state_dict["param_groups"][0]["lr"]), f"{OPTIMIZER_FILE} (rate for step {step + 1}; step {step} not logged)"
+    else:
+        lr, source = logged, f"{STATE_FILE} at step {step}"
+    optimizer, opt_state = optim.from_torch(with_rate(state_dict, lr), names, params)
+    return TrainerCheckpoint(optimizer, opt_state, lr, source, step)
