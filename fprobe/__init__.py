@@ -12,6 +12,18 @@ from .sweep import SweepResult
 from .tokens import TokenStats, token_stats
 from .user_warnings import LowESSWarning
 
+
+
+def __getattr__(name: str):
+    """``fprobe.trl`` (probing TRL trainers) and ``fprobe.checkpoints`` load on first use: they import
+    transformers' Trainer, which takes seconds."""
+    if name in ("trl", "checkpoints"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "EntropyChange", "LowESSWarning", "Policy", "ProbeResult", "Rollouts", "Step", "SweepResult", "TokenStats",
     "entropy_change", "group_advantages", "optim", "probe", "rl_step", "token_stats", "tree",

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from transformers import Trainer
 
 from . import optim
 
@@ -40,6 +39,8 @@ def is_trainer_checkpoint(folder: str | Path) -> bool:
 
 def trainer_parameter_groups(model: torch.nn.Module) -> tuple[list[str], list[str]]:
     """(names with weight decay, names without), trainable only, as ``Trainer.create_optimizer`` groups them."""
+    from transformers import Trainer  # here: importing the Trainer takes seconds, which the command line need not pay
+
     decay = set(Trainer.get_decay_parameter_names(None, model))  # uses no trainer state: the model alone decides
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     return [n for n in trainable if n in decay], [n for n in trainable if n not in decay]
