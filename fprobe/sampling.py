@@ -221,6 +221,17 @@ def tokenize_prompts(tokenizer, records: dict[int, dict], chat_template: bool = 
     return ids
 
 
+def check_prompt_vocabulary(prompt_ids: dict[int, list[int]], vocab_size: int) -> None:
+    """Raise ``ValueError`` naming the prompts whose token ids the model has no embedding for (a tokenizer
+    with added tokens, or one that belongs to another model)."""
+    outside = [i for i, row in prompt_ids.items() if min(row) < 0 or max(row) >= vocab_size]
+    if outside:
+        raise ValueError(
+            f"prompts {outside[:5]} ({len(outside)} in all) tokenize to ids outside the model's vocabulary "
+            f"[0, {vocab_size}): the tokenizer does not match the model"
+        )
+
+
 def sample(
     policy,
     tokenizer,
@@ -255,6 +266,7 @@ def sample(
     eval_rows, update_rows = choose_prompts(len(records), n_eval, n_update_prompts, group_size, seed, replace)
     rows = [(EVAL, *r) for r in eval_rows] + [(UPDATE, *r) for r in update_rows]
     prompt_ids = tokenize_prompts(tokenizer, {p: records[p] for _, p, _ in rows}, chat_template)
+    check_prompt_vocabulary(prompt_ids, policy.model.get_input_embeddings().num_embeddings)
     eos_ids = stop_token_ids(policy.model, tokenizer)
     pad_id = pad_token_id(tokenizer, eos_ids)
     row_prompts = [prompt_ids[p] for _, p, _ in rows]
