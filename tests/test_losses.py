@@ -15,8 +15,9 @@ from fprobe.rollouts import Rollouts
 # advantages
 
 
-def advantages_by_loop(rewards: torch.Tensor, group_ids: torch.Tensor, scale: str, eps: float = 1e-6) -> torch.Tensor:
-    """A_i = r_i − mean_group r (÷ (std_group r + eps)), one group at a time, torch.std unbiased."""
+def advantages_by_loop(rewards: torch.Tensor, group_ids: torch.Tensor, scale: str, eps: float = 1e-4) -> torch.Tensor:
+    """A_i = r_i − mean_group r (÷ (std_group r + eps)), one group at a time, torch.std unbiased; eps as TRL's
+    GRPOTrainer adds it (tests/test_trl.py checks it against TRL's own advantages)."""
     rewards = rewards.double()
     out = torch.empty_like(rewards)
     for g in group_ids.unique():
@@ -88,6 +89,8 @@ def trl_loss(logp: torch.Tensor, batch: Rollouts, loss_type: str, clip: float, m
         return (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
     if loss_type == "seq_mean_token_mean":  # TRL's "grpo"
         return ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if isinstance(loss_type, losses.Dapo):  # TRL's "dapo": num_items_in_batch tokens of the generation batch
+        return (per_token_loss * mask).sum() / loss_type.num_items
     raise AssertionError(loss_type)
 
 
@@ -122,8 +125,11 @@ def fprobe_loss(logp, batch, loss_type, clip):
     return losses.sequence_losses(logp, batch, losses.row_weights(batch, loss_type), clip).sum()
 
 
+LOSSES = st.one_of(st.sampled_from(losses.LOSS_TYPES), st.floats(1.0, 200.0).map(losses.Dapo))
+
+
 @settings(max_examples=25, deadline=None)
-@given(update_batches(), st.sampled_from(losses.LOSS_TYPES), st.floats(0.05, 0.5), st.integers(0, 999))
+@given(update_batches(), LOSSES, st.floats(0.05, 0.5), st.integers(0, 999))
 def test_losses_match_trl_in_value_and_gradient(batch, loss_type, clip, seed):
     logp = random_logp(batch, seed)
     max_len = batch.max_response_length or int(batch.lengths.max())
@@ -138,7 +144,7 @@ def test_losses_match_trl_in_value_and_gradient(batch, loss_type, clip, seed):
 
 
 @settings(max_examples=15, deadline=None)
-@given(update_batches(), st.sampled_from(losses.LOSS_TYPES), st.integers(0, 999), st.integers(1, 3))
+@given(update_batches(), LOSSES, st.integers(0, 999), st.integers(1, 3))
 def test_row_weights_make_micro_batch_losses_add_up(batch, loss_type, seed, size):
     logp = random_logp(batch, seed).detach()
     weights = losses.row_weights(batch, loss_type)
@@ -156,6 +162,18 @@ def test_dr_grpo_uses_the_configured_maximum_length_not_the_batchs():
     assert torch.equal(losses.row_weights(batch, "dr_grpo"), torch.full((2,), 1 / 20, dtype=torch.float64))
     assert torch.equal(losses.row_weights(dataclasses.replace(batch, max_response_length=None), "dr_grpo"),
                        torch.full((2,), 1 / 8, dtype=torch.float64))
+
+
+def test_dapo_over_the_batchs_own_tokens_is_token_mean_and_row_weights_are_taken_as_given():
+    response = torch.tensor([[0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 1, 0]]).bool()
+    batch = Rollouts(torch.full((2, 6), 3), torch.ones(2, 6), response, advantages=torch.tensor([1.0, -1.0]))
+    assert torch.equal(losses.row_weights(batch, losses.Dapo(6)), losses.row_weights(batch, "token_mean"))
+    weights = torch.tensor([0.25, 0.5], dtype=torch.float64)
+    assert torch.equal(losses.row_weights(batch, losses.RowWeights(weights)), weights)
+    with pytest.raises(ValueError, match="RowWeights has shape"):
+        losses.row_weights(batch, losses.RowWeights(torch.ones(3)))
+    with pytest.raises(ValueError, match="num_items must be > 0"):
+        losses.row_weights(batch, losses.Dapo(0))
 
 
 def test_unknown_loss_type_is_rejected():
