@@ -65,19 +65,22 @@ def model_config(arch: str, size: str, max_positions: int = 2048):
     )
 
 
-def build_model(arch: str = "qwen2", size: str = "1m", dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0):
-    """A randomly initialised causal LM in eval mode with fprobe's attention (no LoRA)."""
+def build_model(arch: str = "qwen2", size: str = "1m", dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0,
+                max_positions: int = 2048):
+    """A randomly initialised causal LM in eval mode (no LoRA) with transformers' SDPA attention, as a
+    trainer would hold it; fprobe's calls switch it to fprobe's attention and back."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(model_config(arch, size), attn_implementation=fprobe.attention.register())
+    model = AutoModelForCausalLM.from_config(model_config(arch, size, max_positions), attn_implementation="sdpa")
     return model.to(device=device, dtype=dtype).eval()
 
 
-def build_policy(arch="qwen2", size="1m", dtype=torch.float32, device="cpu", lora: bool = False, seed: int = 0):
+def build_policy(arch="qwen2", size="1m", dtype=torch.float32, device="cpu", lora: bool = False, seed: int = 0,
+                 max_positions: int = 2048):
     """``fprobe.Policy`` of ``build_model``; with ``lora`` a rank-8 adapter on the attention projections
     (its B matrices set to small random values, so that the adapter is not a zero function)."""
-    model = build_model(arch, size, dtype, device, seed)
+    model = build_model(arch, size, dtype, device, seed, max_positions)
     if lora:
         from peft import LoraConfig, get_peft_model
 
@@ -125,9 +128,12 @@ def synchronize(device) -> None:
         torch.cuda.synchronize()
 
 
-def time_interleaved(methods: dict[str, Callable], repeats: int = 3, warmup: int = 1, device="cpu") -> dict[str, float]:
-    """Median wall time [s] of each method: ``warmup`` untimed rounds, then ``repeats`` rounds in which
-    every method runs once, in an order rotated each round (so drifting machine load hits all alike)."""
+def time_interleaved(methods: dict[str, Callable], repeats: int = 3, warmup: int = 1, device="cpu",
+                     clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Median time [s] of each method: ``warmup`` untimed rounds, then ``repeats`` rounds in which
+    every method runs once, in an order rotated each round (so drifting machine load hits all alike).
+    ``clock``: wall time by default; ``time.process_time`` (this process's CPU time) is steadier on a
+    busy shared CPU for one-thread runs."""
     names = list(methods)
     for _ in range(warmup):
         for name in names:
@@ -138,10 +144,10 @@ def time_interleaved(methods: dict[str, Callable], repeats: int = 3, warmup: int
         for name in order:
             gc.collect()
             synchronize(device)
-            start = time.perf_counter()
+            start = clock()
             methods[name]()
             synchronize(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 

@@ -82,6 +82,29 @@ class MaskBlocks:
             device=self.device,
         )
 
+    def allowed(self, start: int, stop: int) -> torch.Tensor:
+        """The block a kernel applies: for a ``causal_prefix`` mask only the causal pattern
+        [stop − start, kv_length] (real query rows see no padded key anyway, and padded query rows are
+        treated as SDPA's ``is_causal`` treats them), which is cheaper to build; otherwise ``rows``."""
+        if not self.causal_prefix:
+            return self.rows(start, stop)
+        queries = torch.arange(start, stop, device=self.device)[:, None]
+        return queries >= torch.arange(self.kv_length, device=self.device)
+
+    def bias(self, start: int, stop: int, keys: int, dtype: torch.dtype) -> torch.Tensor:
+        """The additive block of ``allowed`` over the first ``keys`` keys: 0 where allowed, the dtype's
+        lowest value elsewhere (as transformers' eager mask). When one block covers every query row
+        (short sequences) it is built once and shared by all layers of the forward pass."""
+        whole = (start, stop) == (0, self.q_length)
+        cache = self.__dict__.setdefault("_whole_bias", {})
+        if whole and (keys, dtype) in cache:
+            return cache[keys, dtype]
+        allowed = self.allowed(start, stop)[..., :keys]
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=self.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+        if whole:
+            cache[keys, dtype] = bias
+        return bias
+
     def visible_keys(self, stop: int) -> int:
         """Keys [0, n) that query rows before ``stop`` may see: with a causal mask, none after the last row."""
         if self.mask_function is causal_mask_function:
@@ -138,19 +161,18 @@ def block_rows(batch: int, heads: int, kv_length: int, itemsize: int, budget: in
 
 
 def masked_scores(scores: torch.Tensor, mask, start: int, stop: int) -> torch.Tensor:
-    """Scores of query rows [start, stop) with the mask applied: disallowed keys get the dtype's lowest
-    value (probability exactly 0 unless the whole row is masked, as in transformers' eager mask);
-    a 4-D tensor mask given by the caller is used as transformers would (boolean, or additive)."""
+    """Scores of query rows [start, stop) plus the mask's additive block (``MaskBlocks.bias``: built
+    without the head dimension and broadcast in the addition; a broadcast ``masked_fill`` of the
+    scores is several times slower on CPU); a 4-D tensor mask given by the caller is used as
+    transformers would (boolean, or additive)."""
     keys = scores.shape[-1]
     if mask is None:
         return scores
     if isinstance(mask, MaskBlocks):
-        allowed = mask.rows(start, stop)[..., :keys]
-    elif mask.dtype == torch.bool:
-        allowed = mask[..., start:stop, :keys]
-    else:
-        return scores + mask[..., start:stop, :keys].to(scores.dtype)
-    return scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        return scores + mask.bias(start, stop, keys, scores.dtype)
+    if mask.dtype == torch.bool:
+        return scores.masked_fill(~mask[..., start:stop, :keys], torch.finfo(scores.dtype).min)
+    return scores + mask[..., start:stop, :keys].to(scores.dtype)
 
 
 def blocked_attention(query, key, value, mask, scaling: float, softcap: float | None, budget: int | None = None) -> torch.Tensor:
