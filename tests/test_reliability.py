@@ -560,6 +560,31 @@ def test_a_record_torn_by_a_killed_writer_is_cut_off_and_the_run_resumes(tmp_pat
     assert out.read_text() == whole + json.dumps({"key": {"model": "b"}}) + "\n"
 
 
+KILLED_MID_WRITE = textwrap.dedent("""
+    import fcntl, os, sys, time
+    file = open(sys.argv[1], "ab")
+    fcntl.flock(file.fileno(), fcntl.LOCK_EX)
+    os.write(file.fileno(), b'{"key": {"model": "b"}, "res')
+    print("locked", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_a_writer_killed_mid_line_holding_the_lock_blocks_nothing(tmp_path):
+    import fcntl
+
+    out = tmp_path / "r.jsonl"
+    out.write_text(json.dumps({"key": {"model": "a"}}) + "\n")
+    writer = run_python(KILLED_MID_WRITE, str(out))
+    assert writer.stdout.readline() == "locked\n"
+    writer.kill()
+    writer.communicate()
+    with out.open("ab") as probe:
+        fcntl.flock(probe.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if the dead writer's lock remained
+    assert results.append_json_line(out, {"key": {"model": "b"}}, unique="key")
+    assert [r["key"]["model"] for r in map(json.loads, out.read_text().splitlines())] == ["a", "b"]
+
+
 def test_a_whole_last_record_without_its_newline_is_kept(tmp_path):
     out = tmp_path / "r.jsonl"
     out.write_text('{"key": 1}')  # written by hand or by another tool
