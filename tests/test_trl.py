@@ -148,6 +148,34 @@ def test_step_rel_error_in_float64_with_sgd(tmp_path, loss_type):
     assert max(errors) > 0, "some step must have a gradient"
 
 
+@pytest.mark.parametrize("loss_type", ["dr_grpo", "grpo", "bnpo", "dapo"])
+def test_row_weights_are_trls_own_normalisers(tmp_path, loss_type):
+    """TRL's ``_compute_loss`` itself, run on two micro-batches of different lengths with given per-token
+    log-probs: ∂loss/∂ℓ_ik = −c_i A_i must be ``trl_row_weights``' c_i times −A_i."""
+    trainer, _ = make_trainer(tmp_path, loss_type, accumulation=2, steps=1)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 2
+    g = torch.Generator().manual_seed(1)
+    micro, grads = [], []
+    for rows, width, num_items in ((3, 4, 17.0), (5, 6, 17.0)):
+        completion_mask = (torch.arange(width)[None] < torch.randint(1, width + 1, (rows, 1), generator=g)).long()
+        inputs = {
+            "prompt_ids": torch.randint(2, 17, (rows, 3), generator=g), "prompt_mask": torch.ones(rows, 3, dtype=torch.long),
+            "completion_ids": torch.randint(2, 17, (rows, width), generator=g), "completion_mask": completion_mask,
+            "advantages": torch.randn(rows, generator=g), "num_items_in_batch": torch.tensor(num_items),
+        }
+        logp = (-torch.rand(rows, width, generator=g)).requires_grad_()
+        trainer._get_per_token_logps_and_entropies = lambda *a, logp=logp, **k: (logp, torch.zeros_like(logp), None)
+        (grad,) = torch.autograd.grad(trainer._compute_loss(trainer.model, inputs), logp)
+        micro.append(fprobe.trl.micro_batch_from_inputs(inputs, 2))
+        grads.append(grad.double() * completion_mask)
+    weights = fprobe.trl.trl_row_weights(micro, loss_type, 1, trainer.args.steps_per_generation, MAX_COMPLETION)
+    advantages = torch.cat([mb.advantages for mb in micro])
+    for grad, mb, rows in zip(grads, micro, (slice(0, 3), slice(3, 8))):
+        expected = -(weights[rows] * advantages[rows])[:, None] * mb.completion_mask
+        torch.testing.assert_close(grad, expected, rtol=1e-6, atol=1e-9)  # TRL's float32 arithmetic
+
+
 # ---------------------------------------------------------------------------------------------
 # ΔH_true against an independent SNIS computation
 
