@@ -7,8 +7,10 @@ The imperative probe, written plainly here with torch alone: snapshot the model'
 forward E at θ₀+Δθ (SNIS ΔH_true), restore model and optimizer, then a separate forward/backward
 pass on E for ∇Ĥ, and δH₁ = ⟨∇Ĥ, Δθ⟩.
 
-Checks that both give the same numbers (Δθ bit for bit, ΔH_true and δH₁ to rounding) and that the
-imperative probe restored everything, then reports wall time (median of interleaved repeats after
+Checks that both give the same numbers to rounding (Δθ, ΔH_true, δH₁: the imperative probe runs the
+model's own SDPA attention with transformers' padding mask, fprobe's step SDPA on left-aligned rows and
+its E passes fprobe's blocked attention, so Δθ agrees to float32 rounding, which AdamW's first steps
+amplify where a gradient is ~0) and that the imperative probe restored everything, then reports wall time (median of interleaved repeats after
 warm-up) and peak memory (each probe in a fresh process) as ratios.
 
     python benchmarks/probe_vs_imperative.py                     # CPU defaults
@@ -28,6 +30,7 @@ import torch  # noqa: E402
 
 import fprobe  # noqa: E402
 from benchmarks import common  # noqa: E402
+from fprobe import tree  # noqa: E402
 from fprobe.policy import PrimitiveOpsKeepFloat64  # noqa: E402
 
 CHUNK = 1024
@@ -223,10 +226,10 @@ def main(argv=None):
     check_rows = []
     for m in methods:
         delta, dh_true, dh1 = results[m]
-        bitwise = all(torch.equal(delta[k], d_imp[k]) for k in d_imp) and delta.keys() == d_imp.keys()
-        check_rows.append([m, f"{dh_true:.10e}", f"{dh1:.10e}", "yes" if bitwise else "NO",
+        assert delta.keys() == d_imp.keys()
+        check_rows.append([m, f"{dh_true:.10e}", f"{dh1:.10e}", f"{float(tree.norm(tree.sub(delta, d_imp)) / tree.norm(d_imp)):.1e}",
                            f"{rel(dh_true, results['imperative'][1]):.1e}", f"{rel(dh1, results['imperative'][2]):.1e}"])
-    print(common.table(["probe", "ΔH_true", "δH₁", "Δθ bit-equal", "rel ΔH_true", "rel δH₁"], check_rows, "Results"))
+    print(common.table(["probe", "ΔH_true", "δH₁", "rel Δθ", "rel ΔH_true", "rel δH₁"], check_rows, "Results"))
     print(f"\nimperative probe restored model and optimizer bit for bit: {'yes' if restored else 'NO'}\n")
 
     fns = {m: (lambda m=m: run(m, setup, args.micro_batch)) for m in methods}
