@@ -4,6 +4,11 @@ computation: TRL's applied update (the step cross-check), a plain-torch SNIS est
 kept by a separate callback, and TRL's own advantages."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,6 +50,12 @@ def make_trainer(tmp_path, loss_type="dapo", accumulation=1, lora=False, dtype=t
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=GRPOConfig(**{**settings, **config}), train_dataset=DATASET,
                           processing_class=TOKENIZER, peft_config=peft)
     return trainer, seen
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def trainable(model) -> dict:
@@ -412,3 +423,31 @@ def test_attach_rejects_bad_input_before_training(tmp_path):
     trainer.is_fsdp_enabled = False
     assert trainer.callback_handler.callbacks == callbacks and trainer.state.global_step == 0
     assert model_state(trainer.model) == state
+
+
+# ---------------------------------------------------------------------------------------------
+# two processes under accelerate
+
+
+@pytest.mark.slow
+def test_two_processes_under_accelerate_compute_the_same_records_and_only_the_main_one_writes(tmp_path):
+    worker = Path(__file__).parent / "workers" / "trl_two_process.py"
+    # accelerate's --cpu launcher starts a single process unless mpirun is set up; --multi_gpu starts one per
+    # rank through torch.distributed.run, and on a machine without a GPU accelerate runs them on CPU over gloo
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1", "--multi_gpu",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(worker), str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    main, other = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert main["world"] == other["world"] == 2
+    timing = ("probe_seconds", "step_seconds")
+    strip = lambda records: [{k: v for k, v in r.items() if k not in timing} for r in records]
+    assert strip(main["records"]) == strip(other["records"]) and [r["step"] for r in main["records"]] == [1, 2]
+    for step, ids in main["eval_ids"].items():
+        assert torch.equal(ids, other["eval_ids"][step])
+    for record in main["records"]:
+        # the replay gathers both ranks' micro-batches and divides by the two processes as DDP averages
+        assert record["step_check"] == "ok" and record["step_rel_error"] <= 1e-5, record
+    assert [e["step"] for e in main["logged"]] == [1, 2] and other["logged"] == []
+    lines = [json.loads(line) for line in (tmp_path / "probe.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2]
