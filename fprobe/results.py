@@ -2,7 +2,6 @@
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import math
 import os
@@ -78,8 +77,8 @@ def write_atomic(path: str | Path, text: str) -> Path:
     mode = new_file_mode(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, mode)
         with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), mode)
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -134,7 +133,9 @@ def _cut_incomplete_tail(file) -> None:
 @contextlib.contextmanager
 def locked_jsonl(path: Path):
     """The JSONL file ``path`` opened for appending (created if absent, symlinks followed, the umask
-    honoured) under an exclusive ``flock``, its incomplete last line cut off."""
+    honoured) under an exclusive ``flock``, its incomplete last line cut off. POSIX only (Linux, macOS)."""
+    import fcntl  # here, not at the top: the rest of fprobe imports on Windows too
+
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a+b") as file:
         fcntl.flock(file.fileno(), fcntl.LOCK_EX)  # released when the file is closed
