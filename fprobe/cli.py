@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from . import distributed, optim, passes, prompts, results, rewards, toy
+from . import checkpoints, distributed, optim, passes, prompts, results, rewards, toy
 from .losses import LOSS_TYPES
 from .policy import Policy
 from .probe import probe
@@ -104,7 +104,8 @@ def common_options(parser: argparse.ArgumentParser) -> None:
         f"else {FALLBACK_MAX_NEW_TOKENS}")
     add("--temperature", type=float, default=1.0, help="sampling temperature = the temperature of the measured policy")
     add("--seed", type=int, default=0)
-    add("--lr", type=parse_lr, help=f"learning rate of the step (default {DEFAULT_LR:g}, or the optimizer state's)")
+    add("--lr", type=parse_lr, help=f"learning rate of the step (default {DEFAULT_LR:g}, or the optimizer state's, "
+        "or a trainer checkpoint's at its step)")
     add("--optimizer-state", metavar="PATH", help="torch.optim AdamW/SGD state_dict (torch.save), looked up "
         "inside each model folder first; parameters in the order of the model's trainable named_parameters")
     add("--loss", choices=LOSS_TYPES, default="dr_grpo")
@@ -287,8 +288,12 @@ def optimizer_state_file(spec: str, model: str) -> Path:
 
 
 def optimizer_and_state(args: argparse.Namespace, model: str, policy: Policy):
-    """AdamW at the default rate with a fresh state, or the optimizer and moments of a saved torch state."""
+    """AdamW at the default rate with a fresh state; in a transformers/TRL ``checkpoint-N`` folder its saved
+    optimizer, moments and step N's learning rate (``fprobe.checkpoints``); or a saved torch state's."""
     if args.optimizer_state is None:
+        if checkpoints.is_trainer_checkpoint(model):
+            saved = checkpoints.load(model, policy)
+            return saved.optimizer, saved.opt_state
         return optim.adamw(lr=DEFAULT_LR), None
     path = optimizer_state_file(args.optimizer_state, model)
     state_dict = torch.load(path, map_location=policy.device, weights_only=True)
