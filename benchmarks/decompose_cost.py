@@ -14,13 +14,18 @@ and prints each as a ratio to the δH₁ pass and contributions / (vjp_E + jvp_U
 """
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, GPT2Config
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import fprobe
-from fprobe import decompose, passes, tree
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, GPT2Config  # noqa: E402
+
+import fprobe  # noqa: E402
+from benchmarks import common  # noqa: E402
+from fprobe import decompose, passes, tree  # noqa: E402
 
 
 def make_batch(n, width, vocab, seed, advantages):
@@ -62,6 +67,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: CPU time is then compute, not spinning)")
     parser.add_argument("--no-brute", action="store_true", help="skip the per-sample gradient loop")
+    parser.add_argument("--json", default=None, help="also write the measurements to this JSON file")
     args = parser.parse_args(argv)
     if args.quick:
         layers, width_model, vocab, n, width, repeats = 2, 32, 128, 16, 24, 3
@@ -121,6 +127,7 @@ def main(argv=None):
     print(f"\ncontributions() / (vjp on E + jvp on U) = {rows['contributions()'] / expected:.2f}")
     print("inside contributions() (last run, wall clock): " + ", ".join(f"{k} {v:.4f}s" for k, v in contrib.timings.items()))
     print(f"sum check: relative residual {contrib.relative_residual:.2e} (δH₁ = {contrib.delta_h1:.6e})")
+    common.write_json(args.json, {"cpu_seconds": rows, "relative_residual": contrib.relative_residual})
 
 
 if __name__ == "__main__":

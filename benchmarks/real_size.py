@@ -6,6 +6,7 @@ forward pass at θ₀+Δθ (ΔH_true) and the whole probe.
 
     python benchmarks/real_size.py --device cuda             # the GPU measurement (benchmarks/gpu.sh)
     python benchmarks/real_size.py --tiny                    # the same script at a tiny size on the CPU (seconds)
+    python benchmarks/real_size.py --quick                   # the same (smoke test, CI)
 """
 
 import argparse
@@ -50,7 +51,7 @@ def build(shape: dict, device, dtype, rank: int):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--tiny", action="store_true", help="a tiny model and batch (runs on a CPU in seconds)")
+    p.add_argument("--tiny", "--quick", action="store_true", help="a tiny model and batch (runs on a CPU in seconds)")
     p.add_argument("--n-eval", type=int, default=2048)
     p.add_argument("--n-update", type=int, default=64)
     p.add_argument("--prompt", type=int, default=128)

@@ -70,10 +70,43 @@ def _chunk_statistics(logits: torch.Tensor, targets: torch.Tensor):
     return logprobs.gather(-1, targets[:, None])[:, 0], -plogp.sum(-1), probs, plogp
 
 
+def _logp(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.double(), dim=-1).gather(-1, targets[:, None])[:, 0]
+
+
+class _Recomputed(torch.autograd.Function):
+    """(ℓ, h) — or ℓ alone — of a chunk of logits, for reverse mode: the backward pass recomputes π from
+    the saved logits as they came (float32, say) instead of keeping [N, V] float64 log π, π and π log π
+    from the forward pass, so a gradient pass holds no more vocabulary-sized memory than a float32
+    trainer's. ∂ℓ/∂z = e_y − π and ∂h/∂z = −π ⊙ (log π + h); for ℓ alone the gradient is bit for bit
+    autograd's (``grad − exp(log π)·Σ grad``). Written with differentiable ops (double backward works)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, with_entropy):
+        ctx.save_for_backward(logits, targets)
+        if not with_entropy:
+            return _logp(logits, targets), None
+        return tuple(_chunk_statistics(logits, targets)[:2])
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        logits, targets = ctx.saved_tensors
+        logprobs = torch.log_softmax(logits.double(), dim=-1)
+        probs = logprobs.exp()
+        weight = grad_logp[:, None]
+        if grad_entropy is not None:
+            entropy = -(probs * logprobs).sum(-1, keepdim=True)
+            weight = weight + grad_entropy[:, None] * (logprobs + entropy)
+        grad = (-probs * weight).scatter_add(-1, targets[:, None], grad_logp[:, None])
+        return grad.to(logits.dtype), None, None
+
+
 def logp(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """ℓ = log π(target) of [N, V] logits in float64, the same values as ``logp_and_entropy``'s ℓ,
-    without the entropy's [N, V] temporaries (for passes that read ℓ only)."""
-    return torch.log_softmax(logits.double(), dim=-1).gather(-1, targets[:, None])[:, 0]
+    without the entropy's [N, V] temporaries (for passes that read ℓ only); memory-lean in reverse mode."""
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _Recomputed.apply(logits, targets, False)[0]
+    return _logp(logits, targets)
 
 
 class _LogpEntropy(torch.autograd.Function):
@@ -101,5 +134,10 @@ class _LogpEntropy(torch.autograd.Function):
 
 
 def logp_and_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ℓ, h) of [N, V] logits in float64; with the fused first-order jvp rule inside ``cheap_jvp()``."""
-    return _LogpEntropy.apply(logits, targets) if _CHEAP.get() else _chunk_statistics(logits, targets)[:2]
+    """(ℓ, h) of [N, V] logits in float64; with the fused first-order jvp rule inside ``cheap_jvp()``,
+    and a backward pass that recomputes from the logits when a gradient is being taken."""
+    if _CHEAP.get():
+        return _LogpEntropy.apply(logits, targets)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _Recomputed.apply(logits, targets, True)
+    return _chunk_statistics(logits, targets)[:2]

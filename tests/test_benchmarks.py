@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmark scripts: each runs with ``--quick`` in a subprocess (the three at once,
+"""Smoke tests of the benchmark scripts: each runs with ``--quick`` in a subprocess (all at once,
 to keep this file short) and prints its tables. No timing is asserted (timings on shared CI machines
 mean nothing); the numerical agreements that the scripts check are."""
 
@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
-SCRIPTS = ("jvp_vs_grad", "probe_vs_imperative", "scaling")
+SCRIPTS = ("jvp_vs_grad", "probe_vs_imperative", "scaling", "long_sequences", "probe_memory", "real_size", "decompose_cost")
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +67,41 @@ def test_scaling_quick(quick_runs):
     assert set(result) >= {"e_scaling", "sweep", "overhead"}
     assert result["sweep"]["max_rel_diff"] < 5e-2  # float32 parameters round Δθ(η) = fl(θ + u) − θ
     assert "sum of the passes" in stdout
+
+
+def test_long_sequences_quick(quick_runs):
+    stdout, result = result_of(quick_runs, "long_sequences")
+    # blocked and whole-matrix attention are the same function: ΔH_true, δH₁, δH₂ agree to rounding
+    assert max(result["rel_blocked_whole"]) < 1e-6, result["rel_blocked_whole"]
+    assert {r["pass_"] for r in result["memory"]} == {"forward", "jvp", "jvp2", "step"}
+    assert {f"{name}:{impl}" for name in ("forward", "jvp", "jvp2", "step") for impl in ("blocked", "whole")} == set(result["times"])
+    assert "blocked / whole" in stdout
+
+
+def test_probe_memory_quick(quick_runs):
+    stdout, result = result_of(quick_runs, "probe_memory")
+    assert [r["mode"] for r in result["records"]] == ["full", "lora"]
+    assert all(set(r["memory_mib"]) == {"bare step", "probe", "probe (grad)"} for r in result["records"])
+    assert "probe / (step + tree)" in stdout
+
+
+def test_real_size_quick(quick_runs):
+    stdout, result = result_of(quick_runs, "real_size")
+    assert abs(result["ratio"] - 1) < 0.05, "a tiny learning rate must sit in the linear regime"
+    assert {"step", "jvp"} <= set(result["timings"]) and "probe (total)" in stdout
+
+
+def test_decompose_cost_quick(quick_runs):
+    stdout, result = result_of(quick_runs, "decompose_cost")
+    assert result["relative_residual"] < 1e-10, "the per-sequence parts must sum to δH₁"
+    assert "contributions() / (vjp on E + jvp on U)" in stdout
+
+
+def test_gpu_script_runs_every_benchmark_with_existing_flags():
+    script = (BENCHMARKS / "gpu.sh").read_text()
+    for name in ("tests/test_cuda.py", "jvp_vs_grad.py", "probe_vs_imperative.py", "real_size.py --device cuda"):
+        assert name in script
+    assert "--lengths 1024" in script and "--length 1024" in script
 
 
 def test_isolated_measures_memory_in_a_fresh_process():
