@@ -506,7 +506,7 @@ def test_traceback_option_and_environment_variable_reraise(no_model_work, monkey
     one_error_line(capsys)
 
 
-def test_traceback_is_not_part_of_the_resume_key(checkpoint):
+def test_traceback_is_not_part_of_the_resume_key():
     parse = lambda *extra: cli.resolve_defaults(cli.build_parser().parse_args(["probe", *extra]))
     assert cli.settings_key(parse("--traceback"), "m") == cli.settings_key(parse(), "m")
 
