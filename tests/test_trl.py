@@ -3,6 +3,7 @@
 computation: TRL's applied update (the step cross-check), a plain-torch SNIS estimate from θ_k and θ_{k+1}
 kept by a separate callback, and TRL's own advantages."""
 
+import importlib.util
 import json
 import os
 import socket
@@ -451,3 +452,15 @@ def test_two_processes_under_accelerate_compute_the_same_records_and_only_the_ma
     assert [e["step"] for e in main["logged"]] == [1, 2] and other["logged"] == []
     lines = [json.loads(line) for line in (tmp_path / "probe.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2]
+
+
+def test_example_writes_its_records_and_figure(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("trl_grpo", Path(__file__).parents[1] / "examples" / "trl_grpo.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    example.main(["--steps", "4", "--every", "2", "--n-eval", "4", "--out-dir", str(tmp_path)])
+    lines = [json.loads(line) for line in (tmp_path / "probe.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2, 4] and all(line["step_check"] == "ok" for line in lines)
+    assert (tmp_path / "entropy.png").stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "× the training step it probed" in printed
