@@ -68,10 +68,20 @@ def new_file_mode(path: Path) -> int:
     return 0o666 & ~umask
 
 
+def is_stream(path: Path) -> bool:
+    """Whether ``path`` (symlinks followed) is a device or a pipe, e.g. /dev/stdout: written, never replaced."""
+    return path.exists() and not path.is_file() and not path.is_dir()
+
+
 def write_atomic(path: str | Path, text: str) -> Path:
     """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``: never half-written.
 
-    A symlink is written through to its target; the file keeps its mode (a new one follows the umask)."""
+    A symlink is written through to its target; the file keeps its mode (a new one follows the umask).
+    A device or pipe (``is_stream``) is simply written to."""
+    if is_stream(Path(path)):
+        with open(path, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        return Path(path)
     path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = new_file_mode(path)
@@ -91,16 +101,15 @@ def write_atomic(path: str | Path, text: str) -> Path:
 
 def check_writable(path: str | Path, what: str) -> None:
     """Raise unless a file can be written at ``path`` (symlinks followed): not a folder, and either a
-    writable file or a name in a writable folder (folders still to be created count as their nearest
-    existing one)."""
-    target = Path(os.path.realpath(path))
-    if not str(path) or target.is_dir():
+    writable file, device or pipe, or a name in a writable folder (folders still to be created count as
+    their nearest existing one)."""
+    if Path(path).is_dir():
         raise IsADirectoryError(f"{what} {str(path)!r} is a folder, not a file")
-    if target.exists():
-        if not os.access(target, os.W_OK):
+    if Path(path).exists():
+        if not os.access(path, os.W_OK):
             raise PermissionError(f"{what} {str(path)!r}: the file is not writable")
         return
-    folder = target.parent
+    folder = Path(os.path.realpath(path)).parent
     while not folder.exists():
         folder = folder.parent
     if not folder.is_dir():

@@ -206,6 +206,36 @@ def test_a_symlinked_output_is_written_through_to_its_target(tmp_path):
     assert jsonl_link.is_symlink() and jsonl_target.read_text() == '{"key": 1}\n'
 
 
+def test_a_pipe_output_is_written_to_not_replaced(tmp_path):
+    import threading
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()))
+    reader.start()
+    results.check_writable(fifo, "--out")
+    results.write_atomic(fifo, '{"a": 1}\n')
+    reader.join(timeout=10)
+    assert received == ['{"a": 1}\n'] and stat.S_ISFIFO(fifo.stat().st_mode)
+
+
+def test_out_dev_stdout_prints_the_record(tmp_path, checkpoint):
+    """``--out /dev/stdout --quiet``: the JSON record on stdout (before: /dev/stdout renamed over, as root)."""
+    argv = [sys.executable, "-m", "fprobe", "probe", "--model", str(checkpoint), *SMALL, "--out", "/dev/stdout", "--quiet"]
+    done = subprocess.run(argv, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["model"] == str(checkpoint.resolve())
+    assert Path("/dev/stdout").is_symlink() or not Path("/dev/stdout").is_file()
+
+
+def test_jsonl_output_to_a_pipe_is_refused_before_any_work(tmp_path, checkpoint, no_model_work, capsys):
+    fifo = tmp_path / "r.jsonl"
+    os.mkfifo(fifo)
+    assert cli.main(["probe", "--model", str(checkpoint), *SMALL, "--out", str(fifo)]) == 2
+    assert "JSONL results are read back to resume, so they need a regular file" in one_error_line(capsys)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 7. an imported optimizer state is checked, naming the parameter
 
