@@ -189,12 +189,10 @@ def dataset_prompts(trainer) -> tuple[list[dict], bool]:
 
 def micro_batch_from_inputs(inputs: dict, accumulation_steps: int) -> MicroBatch:
     cpu = lambda key: inputs[key].detach().to("cpu", copy=True)
-    advantages = inputs["advantages"].detach()
-    if advantages.dim() != 1:
-        raise ValueError("per-token advantages are not modelled")
     return MicroBatch(
         cpu("prompt_ids"), cpu("prompt_mask"), cpu("completion_ids"), cpu("completion_mask"),
-        advantages.to("cpu", torch.float64, copy=True), float(inputs["num_items_in_batch"]), int(accumulation_steps),
+        inputs["advantages"].detach().to("cpu", torch.float64, copy=True), float(inputs["num_items_in_batch"]),
+        int(accumulation_steps),
     )
 
 
@@ -363,7 +361,8 @@ class TrlProbe(TrainerCallback):
         self._micro: list[MicroBatch] = []
         self._input_reason: str | None = None
         self._before: Before | None = None
-        self._handles: list = []
+        self._hook = None
+        self._own_compute_loss = None  # an instance attribute compute_loss the trainer had before train()
         self._step_started = 0.0
 
     # -- plumbing: hooks live only while train() runs
@@ -376,8 +375,9 @@ class TrlProbe(TrainerCallback):
         return getattr(optimizer, "optimizer", optimizer)
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
-        handle = self._torch_optimizer(optimizer).register_step_post_hook(self._count_update)
+        self._hook = self._torch_optimizer(optimizer).register_step_post_hook(self._count_update)
         trainer, compute_loss = self.trainer, self.trainer.compute_loss
+        self._own_compute_loss = vars(trainer).get("compute_loss")
 
         def capturing_compute_loss(model, inputs, *rest, **kw):
             if self._capturing:
@@ -385,14 +385,14 @@ class TrlProbe(TrainerCallback):
             return compute_loss(model, inputs, *rest, **kw)
 
         trainer.compute_loss = capturing_compute_loss
-        self._handles = [handle]
         self._capturing = False
 
     def on_train_end(self, args, state, control, **kwargs):
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        vars(self.trainer).pop("compute_loss", None)
+        self._hook.remove()
+        if self._own_compute_loss is None:
+            del self.trainer.compute_loss
+        else:
+            self.trainer.compute_loss = self._own_compute_loss
 
     def _count_update(self, optimizer, args, kwargs):
         self._updates += 1
@@ -501,11 +501,15 @@ class TrlProbe(TrainerCallback):
             return Replay(None, f"skipped: {error}")
         max_grad_norm = trainer.args.max_grad_norm if trainer.args.max_grad_norm and trainer.args.max_grad_norm > 0 else None
         common = dict(loss=losses.RowWeights(weights), max_grad_norm=max_grad_norm, micro_batch=self.settings.micro_batch)
+        args = trainer.args
+        check = "ok" if not (args.bf16 or args.fp16) else (
+            "ok (the trainer's forward ran under bf16/fp16 autocast, fprobe's replay in the model's dtype: "
+            "expect step_rel_error of that precision)")
         if not self.settings.contributions:
-            return Replay(rl_step(policy, params, optimizer, opt_state, U, **common).delta, "ok")
+            return Replay(rl_step(policy, params, optimizer, opt_state, U, **common).delta, check)
         result = probe(policy, eval_batch.rollouts, U, optimizer, opt_state, keep_step=True, **common)
         parts = result.contributions()  # now, while the model still holds θ_k (the result refers to its parameters)
-        return Replay(result.delta_named, "ok", {
+        return Replay(result.delta_named, check, {
             "delta_h1": parts.delta_h1, "momentum": parts.momentum, "decay": parts.decay, "per_sequence": parts.per_sequence.tolist(),
         })
 
@@ -543,7 +547,7 @@ class TrlProbe(TrainerCallback):
                 policy, eval_batch, before.params, delta, new_params, self.settings.second_order, self.settings.micro_batch
             )._asdict()
         h1 = numbers["delta_h1"]
-        return {**numbers, "ratio": numbers["delta_h_true"] / h1 if h1 else float("nan")}
+        return {**numbers, "ratio": numbers["delta_h_true"] / h1 if h1 else None}
 
 
 def attach(
