@@ -26,7 +26,7 @@ def main(model_dir, out_dir, mode):
     opt = fprobe.optim.adamw(lr=1e-3, weight_decay=0.01)
     calls = []
     counting = opt._replace(update=lambda *a, **k: calls.append(1) or opt.update(*a, **k))
-    res = fprobe.probe(policy, E, U, counting, lr=1e-3, second_order=True, micro_batch=2)
+    res = fprobe.probe(policy, E, U, counting, lr=1e-3, second_order=True, micro_batch=2, keep_step=True)
     sweep = res.sweep([1e-4, 1e-3])
     parts = res.contributions()
     torch.save(
