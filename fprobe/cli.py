@@ -291,8 +291,9 @@ def optimizer_and_state(args: argparse.Namespace, model: str, policy: Policy):
     """AdamW at the default rate with a fresh state; in a transformers/TRL ``checkpoint-N`` folder its saved
     optimizer, moments and step N's learning rate (``fprobe.checkpoints``); or a saved torch state's."""
     if args.optimizer_state is None:
-        if checkpoints.is_trainer_checkpoint(model):
-            saved = checkpoints.load(model, policy)
+        folder = args.adapter or model  # a LoRA run's checkpoint-N is the adapter folder
+        if checkpoints.is_trainer_checkpoint(folder):
+            saved = checkpoints.load(folder, policy)
             return saved.optimizer, saved.opt_state
         return optim.adamw(lr=DEFAULT_LR), None
     path = optimizer_state_file(args.optimizer_state, model)
@@ -408,8 +409,6 @@ def run(args: argparse.Namespace) -> None:
         check_plot_path(args.plot)
     pool = load_prompt_pool(args)
     reward = rewards.resolve_reward(args.reward)
-    if jsonl and results.is_stream(out):
-        raise ValueError(f"--out {str(out)!r}: JSONL results are read back to resume, so they need a regular file")
     finished_keys(out, jsonl)  # a malformed results file fails now, not after the first model
     for index, model in enumerate(models):
         key = settings_key(args, model)

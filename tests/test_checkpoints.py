@@ -8,7 +8,7 @@ import torch
 from transformers import TrainerCallback
 
 import fprobe
-from fprobe import checkpoints, cli, optim
+from fprobe import checkpoints, cli, optim, toy
 from test_trl import make_trainer
 
 
@@ -97,3 +97,20 @@ def test_command_line_probes_a_checkpoint_with_its_state_and_rate(run, tmp_path)
     assert code == 0
     record = json.loads(out.read_text())
     assert record["result"]["lr_used"] == live.lr[2]
+
+
+def test_a_lora_runs_checkpoint_is_probed_through_its_adapter(tmp_path):
+    trainer, _ = make_trainer(tmp_path, "dapo", lora=True, steps=2, save_strategy="steps", save_steps=2, logging_steps=1)
+    live = LiveOptimizer(trainer.model)
+    trainer.add_callback(live)
+    trainer.train()
+    adapter = tmp_path / "run" / "checkpoint-2"
+    policy = fprobe.Policy.from_pretrained(toy.DEFAULT_MODEL_PATH, dtype=torch.float64, adapter=adapter)
+    saved = checkpoints.load(adapter, policy)
+    _, expected = live.state[2]
+    assert list(policy.params) == list(expected.exp_avg) and all("lora_" in name for name in policy.params)
+    assert all(torch.equal(saved.opt_state.exp_avg_sq[n], expected.exp_avg_sq[n]) for n in policy.params)
+    out = tmp_path / "probe.json"
+    code = cli.main(["probe", "--model", str(toy.DEFAULT_MODEL_PATH), "--adapter", str(adapter), "--out", str(out), "--n-eval", "4",
+                     "--n-update-prompts", "2", "--group-size", "4", "--max-new-tokens", "6", "--quiet"])
+    assert code == 0 and json.loads(out.read_text())["result"]["lr_used"] == live.lr[2]
