@@ -62,14 +62,24 @@ def is_learning_rate(value: float) -> bool:
     return math.isfinite(value) and value >= 0
 
 
-def parse_lr(text: str) -> float:
-    try:
-        lr = float(text)
-    except ValueError:
-        lr = math.nan
-    if not is_learning_rate(lr):
-        raise argparse.ArgumentTypeError(f"expected a finite, non-negative learning rate, got {text!r}")
-    return lr
+def checked(convert, is_valid, expected: str):
+    """An argparse type: ``convert(text)`` if that succeeds and passes ``is_valid``, else a usage error."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not is_valid(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+parse_lr = checked(float, is_learning_rate, "a finite, non-negative learning rate")
+positive_int = checked(int, lambda value: value >= 1, "a positive whole number")
+positive_float = checked(float, lambda value: math.isfinite(value) and value > 0, "a finite number > 0")
 
 
 def parse_lrs(text: str) -> list[float]:
@@ -96,13 +106,13 @@ def common_options(parser: argparse.ArgumentParser) -> None:
     add("--chat-template", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     add("--reward", metavar="NAME|module:function", help="reward: 'toy', 'numeric', module:function (the working "
         "directory is searched too) or path/to/file.py:function; default: 'toy' for the toy prompts, else 'numeric'")
-    add("--n-eval", type=int, default=DEFAULT_N_EVAL, help="sequences in the evaluation batch E")
+    add("--n-eval", type=positive_int, default=DEFAULT_N_EVAL, help="sequences in the evaluation batch E")
     add("--replace", action="store_true", help="draw E's prompts with replacement")
-    add("--n-update-prompts", type=int, default=DEFAULT_N_UPDATE_PROMPTS, help="prompts in the update batch U")
-    add("--group-size", type=int, default=DEFAULT_GROUP_SIZE, help="responses per update prompt")
-    add("--max-new-tokens", type=int, help=f"response length cap; default: the model's generation config, "
+    add("--n-update-prompts", type=positive_int, default=DEFAULT_N_UPDATE_PROMPTS, help="prompts in the update batch U")
+    add("--group-size", type=positive_int, default=DEFAULT_GROUP_SIZE, help="responses per update prompt")
+    add("--max-new-tokens", type=positive_int, help=f"response length cap; default: the model's generation config, "
         f"else {FALLBACK_MAX_NEW_TOKENS}")
-    add("--temperature", type=float, default=1.0, help="sampling temperature = the temperature of the measured policy")
+    add("--temperature", type=positive_float, default=1.0, help="sampling temperature = the temperature of the measured policy")
     add("--seed", type=int, default=0)
     add("--lr", type=parse_lr, help=f"learning rate of the step (default {DEFAULT_LR:g}, or the optimizer state's, "
         "or a trainer checkpoint's at its step)")
@@ -112,11 +122,11 @@ def common_options(parser: argparse.ArgumentParser) -> None:
     add("--second-order", action="store_true", help="also compute δH₂ (forward over forward)")
     add("--dtype", choices=("float32", "float64"), help="model dtype; default float64 on CPU, float32 on GPU")
     add("--device", help="default: cuda if available, else cpu")
-    add("--micro-batch", type=int, default=passes.DEFAULT_MICRO_BATCH, help="rows per forward/backward pass")
-    add("--generation-batch", type=int, default=DEFAULT_GENERATION_BATCH,
+    add("--micro-batch", type=positive_int, default=passes.DEFAULT_MICRO_BATCH, help="rows per forward/backward pass")
+    add("--generation-batch", type=positive_int, default=DEFAULT_GENERATION_BATCH,
         help="rows per generate call (the samples do not depend on it)")
     add("--quiet", action="store_true", help="no progress bars, no tables")
-    add("--timeout", type=float, default=300.0, help="seconds a torchrun rank waits in a collective before failing")
+    add("--timeout", type=positive_float, default=300.0, help="seconds a torchrun rank waits in a collective before failing")
     add("--traceback", action="store_true", help=f"on an error, the full Python traceback instead of one line "
         f"(also {TRACEBACK_ENV}=1)")
 

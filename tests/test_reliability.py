@@ -443,6 +443,20 @@ def test_negative_or_non_finite_learning_rates_are_usage_errors(text, capsys):
     assert f"got '1e-6,{text}'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("option", "text", "expected"),
+    [(o, t, "a positive whole number") for o in ("--n-eval", "--n-update-prompts", "--group-size", "--max-new-tokens",
+                                                "--micro-batch", "--generation-batch") for t in ("0", "-2", "1.5")]
+    + [(o, t, "a finite number > 0") for o in ("--temperature", "--timeout") for t in ("0", "-1", "nan", "inf")],
+)
+def test_sizes_and_temperature_are_checked_by_the_parser(option, text, expected, capsys):
+    """Before any model is loaded (a large model takes minutes), not after it."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["probe", f"{option}={text}"])
+    assert exit_info.value.code == 2
+    assert f"argument {option}: expected {expected}, got {text!r}" in capsys.readouterr().err
+
+
 def test_zero_learning_rate_stays_allowed():
     assert cli.parse_lr("0") == 0.0 and cli.parse_lr("1e-6") == 1e-6
     assert cli.parse_lrs("0,1e-6") == [0.0, 1e-6]
