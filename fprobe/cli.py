@@ -415,12 +415,12 @@ def run(args: argparse.Namespace) -> None:
     models = expand_models(args.model)
     out, jsonl = output_file(args.out, len(models))
     results.check_writable(out, "--out")
+    if jsonl and results.is_stream(out):
+        raise ValueError(f"--out {str(out)!r}: JSONL results are read back to resume, so they need a regular file")
     if args.plot is not None:
         check_plot_path(args.plot)
     pool = load_prompt_pool(args)
     reward = rewards.resolve_reward(args.reward)
-    if jsonl and results.is_stream(out):
-        raise ValueError(f"--out {str(out)!r}: JSONL results are read back to resume, so they need a regular file")
     finished_keys(out, jsonl)  # a malformed results file fails now, not after the first model
     for index, model in enumerate(models):
         key = settings_key(args, model)
