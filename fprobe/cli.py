@@ -119,6 +119,8 @@ def common_options(parser: argparse.ArgumentParser) -> None:
     add("--optimizer-state", metavar="PATH", help="torch.optim AdamW/SGD state_dict (torch.save), looked up "
         "inside each model folder first; parameters in the order of the model's trainable named_parameters")
     add("--loss", choices=LOSS_TYPES, default="dr_grpo")
+    add("--predictors", action="store_true",
+        help="also score the published entropy-change predictors against Δh on U (fprobe.predictors)")
     add("--second-order", action="store_true", help="also compute δH₂ (forward over forward)")
     add("--dtype", choices=("float32", "float64"), help="model dtype; default float64 on CPU, float32 on GPU")
     add("--device", help="default: cuda if available, else cpu")
@@ -363,6 +365,8 @@ def probe_model(args, model: str, pool: list[dict], reward, key: dict, plot: Pat
         "timings": {"load": loaded - start, "sample": sampled - loaded},
         "result": result.to_dict(),
     }
+    if args.predictors:
+        record["predictors"] = result.predictors().to_dict()
     sweep = None
     if args.command == "sweep" or plot is not None:
         sweep = result.sweep(sweep_lrs(args, result.lr_used), progress=not args.quiet)

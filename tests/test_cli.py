@@ -138,7 +138,7 @@ def test_sweep_with_lora_writes_table_and_plot(tmp_path, checkpoints, rewards_im
     ]
     assert cli.main(argv) == 0
     record = json.loads(out.read_text())
-    assert record["sweep"]["lrs"] == [1e-5, 1e-4, 1e-3] and len(record["sweep"]["delta_h_true"]) == 3
+    assert record["sweep"]["lr"] == [1e-5, 1e-4, 1e-3] and len(record["sweep"]["delta_h_true"]) == 3
     assert record["result"]["grad_norm"] > 0 and record["result"]["delta_h1"] != 0
     assert all("lora_" in name for name, _ in record["result"]["top_params"])
     assert (tmp_path / "sweep.png").stat().st_size > 0 and record["plot"] == str(tmp_path / "sweep.png")
