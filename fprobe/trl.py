@@ -149,14 +149,11 @@ def static_skip_reason(trainer) -> str | None:
     return next((why for bad, why in reasons if bad), None)
 
 
-def embedding_rows(model) -> int:
-    return model.get_input_embeddings().num_embeddings
-
-
 def check_eval_batch(E, model) -> None:
+    """TypeError/ValueError unless E is a Rollouts of token ids within the model's vocabulary."""
     if not isinstance(E, Rollouts):
         raise TypeError(f"E must be an fprobe.Rollouts, got {type(E).__name__}")
-    vocabulary = embedding_rows(model)
+    vocabulary = model.get_input_embeddings().num_embeddings
     largest = int(E.input_ids.max())
     if int(E.input_ids.min()) < 0 or largest >= vocabulary:
         raise ValueError(
@@ -188,6 +185,7 @@ def dataset_prompts(trainer) -> tuple[list[dict], bool]:
 
 
 def micro_batch_from_inputs(inputs: dict, accumulation_steps: int) -> MicroBatch:
+    """CPU copies of what TRL's ``compute_loss`` gets (``_generate_and_score_completions``' output slice)."""
     cpu = lambda key: inputs[key].detach().to("cpu", copy=True)
     return MicroBatch(
         cpu("prompt_ids"), cpu("prompt_mask"), cpu("completion_ids"), cpu("completion_mask"),
@@ -251,10 +249,10 @@ def trl_row_weights(
     return torch.cat(parts)
 
 
-def relative_error(delta: tree.Params, reference: tree.Params) -> float:
-    """‖delta − reference‖ / ‖reference‖ (float64)."""
+def relative_error(delta: tree.Params, reference: tree.Params) -> float | None:
+    """‖delta − reference‖ / ‖reference‖ (float64); None when the reference is 0."""
     size = float(tree.norm(reference))
-    return float(tree.norm(tree.sub(delta, reference))) / size if size else float("nan")
+    return float(tree.norm(tree.sub(delta, reference))) / size if size else None
 
 
 def worst_parameter(delta: tree.Params, reference: tree.Params) -> str:
@@ -579,6 +577,8 @@ def attach(
     per probed step. Every input is checked here, before training starts.
     """
     check_trainer(trainer)
+    if any(isinstance(c, TrlProbe) for c in trainer.callback_handler.callbacks):
+        raise ValueError("an fprobe probe is already attached to this trainer")
     if not (isinstance(every, int) and every >= 1):
         raise ValueError(f"every must be a positive number of steps, got {every!r}")
     if not (isinstance(n_eval, int) and n_eval >= 1):

@@ -432,6 +432,9 @@ def test_attach_rejects_bad_input_before_training(tmp_path):
     trainer.is_fsdp_enabled = False
     assert trainer.callback_handler.callbacks == callbacks and trainer.state.global_step == 0
     assert model_state(trainer.model) == state
+    fprobe.trl.attach(trainer)
+    with pytest.raises(ValueError, match="already attached"):
+        fprobe.trl.attach(trainer)
 
 
 # ---------------------------------------------------------------------------------------------
