@@ -43,11 +43,12 @@ def warn_if_update_lost(lost: float | None, params: tree.Params) -> None:
         )
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, kw_only=True)
 class Step:
     """The result of one optimizer update. ``delta`` = ``params`` − old params, exactly as the model
-    sees it; ``logp`` holds U's token log-probs at the old parameters; ``update_lost`` is the fraction ‖intended − applied‖/‖intended‖ of the update that the
-    parameter dtype rounded away (None for float32/float64 parameters)."""
+    sees it; ``logp`` holds U's token log-probs at the old parameters; ``update_lost`` is the fraction
+    ‖intended − applied‖/‖intended‖ of the update that the parameter dtype rounded away (None for
+    float32/float64 parameters)."""
 
     params: tree.Params
     opt_state: object
@@ -56,9 +57,9 @@ class Step:
     lr: float
     loss: float
     grad_norm: float
-    clip_coef: float = 1.0
-    update_lost: float | None = None
-    logp: torch.Tensor | None = field(default=None, repr=False)
+    clip_coef: float
+    update_lost: float | None
+    logp: torch.Tensor = field(repr=False)
 
 
 def loss_and_grad(
@@ -102,6 +103,7 @@ def rl_step(
     if max_grad_norm is not None:
         grads, clip_coef = clip_by_global_norm(grads, max_grad_norm)
     new_params, new_state, lost = apply_update(optimizer, grads, opt_state, params, lr)
+    del grads  # one parameter-sized tree less at the step's peak
     tree.check_finite(new_params, "the updated value")
     warn_if_update_lost(lost, params)
     delta = tree.sub(new_params, params)
