@@ -48,7 +48,7 @@ def trainer_parameter_groups(model: torch.nn.Module) -> tuple[list[str], list[st
 
 def parameter_order(state_dict: dict, model: torch.nn.Module) -> list[str]:
     """Names of the optimizer's parameter indices 0, 1, …; ValueError if its groups are not the Trainer's split."""
-    groups = [names for names in trainer_parameter_groups(model)]
+    groups = trainer_parameter_groups(model)
     saved = [len(group["params"]) for group in state_dict["param_groups"]]
     if saved != [len(names) for names in groups]:
         raise ValueError(
