@@ -264,13 +264,13 @@ def worst_parameter(delta: tree.Params, reference: tree.Params) -> str:
 # the model in fprobe's hands
 
 
-INPUT_GRAD_HOOK = "make_inputs_require_grads"
+INPUT_GRAD_HOOKS = ("make_inputs_require_grads", "make_inputs_require_grad")  # transformers', PEFT's
 
 
 @contextlib.contextmanager
 def modes_kept(model: torch.nn.Module):
-    """Within: the model in eval mode (no dropout, no gradient checkpointing) and without transformers'
-    ``enable_input_require_grads`` forward hooks (they call ``requires_grad_`` inside forward, which breaks
+    """Within: the model in eval mode (no dropout, no gradient checkpointing) and without transformers' or
+    PEFT's input-require-grads forward hooks (they call ``requires_grad_`` inside forward, which breaks
     ``jvp``; with gradient checkpointing every generation adds one more, and only the last is on record
     in ``_require_grads_hooks``); on exit every module's ``training`` flag and forward hooks, in their
     order, are put back as they were."""
@@ -278,7 +278,7 @@ def modes_kept(model: torch.nn.Module):
     hooks = [(module._forward_hooks, list(module._forward_hooks.items())) for module in model.modules()]
     for table, items in hooks:
         for key, hook in items:
-            if getattr(hook, "__name__", None) == INPUT_GRAD_HOOK:
+            if getattr(hook, "__name__", None) in INPUT_GRAD_HOOKS:
                 del table[key]
     model.eval()
     try:
