@@ -342,7 +342,16 @@ def reweighted_change(policy, eval_batch: EvalBatch, params, delta, new_params, 
 
 
 class TrlProbe(TrainerCallback):
-    """The callback ``attach`` adds to the trainer; ``records`` and ``eval_batches`` fill as it trains."""
+    """The callback ``attach`` adds to the trainer; ``records`` and ``eval_batches`` fill as it trains.
+
+    A record: ``step``, ``updates`` (optimizer updates counted in the step), ``lr``, ``n_eval``,
+    ``eval_sampled_at`` (the step whose policy sampled E) and ``sampler_ess_fraction`` (of the weights from
+    that policy to π_θk; 1 for a fresh E); then ``h_orig``, ``h_upd``, ``delta_h_true``, ``delta_h1``,
+    ``delta_h2`` (None unless asked), ``ratio``, ``ess_fraction`` (at θ_{k+1}), ``delta_l2``; ``step_check``
+    ("ok", or why the replay was skipped), ``step_rel_error`` and ``step_rel_error_worst`` (the parameter
+    where the replay differs most); ``contributions`` when asked; ``probe_seconds`` and ``step_seconds``
+    (the trainer's own time for the step). A step without exactly one update has no numbers and says why
+    in ``skipped``."""
 
     def __init__(self, trainer, settings: ProbeSettings, prompts: list[dict], chat_template: bool, E: EvalBatch | None):
         self.trainer = trainer
@@ -489,17 +498,16 @@ class TrlProbe(TrainerCallback):
         if reason is not None:
             return Replay(None, f"skipped: {reason}")
         micro = distributed.gather_lists(self._micro)
-        trainer = self.trainer
+        trainer, args = self.trainer, self.trainer.args
         U = update_batch(micro, trainer.max_completion_length)
-        weights = trl_row_weights(micro, trainer.loss_type, distributed.world()[1], trainer.args.steps_per_generation,
+        weights = trl_row_weights(micro, trainer.loss_type, distributed.world()[1], args.steps_per_generation,
                                   trainer.max_completion_length)
         try:
             optimizer, opt_state = optim.from_torch_optimizer(torch_optimizer, self.model.named_parameters(), params)
         except ValueError as error:
             return Replay(None, f"skipped: {error}")
-        max_grad_norm = trainer.args.max_grad_norm if trainer.args.max_grad_norm and trainer.args.max_grad_norm > 0 else None
+        max_grad_norm = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None
         common = dict(loss=losses.RowWeights(weights), max_grad_norm=max_grad_norm, micro_batch=self.settings.micro_batch)
-        args = trainer.args
         check = "ok" if not (args.bf16 or args.fp16) else (
             "ok (the trainer's forward ran under bf16/fp16 autocast, fprobe's replay in the model's dtype: "
             "expect step_rel_error of that precision)")
