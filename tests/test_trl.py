@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy
 import pytest
@@ -405,6 +406,18 @@ def test_trl_advantages_use_the_same_epsilon_as_group_advantages(tmp_path):
     expected = fprobe.group_advantages(rewards, groups)
     torch.testing.assert_close(torch.tensor(list(trainer._logs["advantages"]), dtype=torch.float64), expected, rtol=1e-6, atol=1e-6)
     assert bool((rewards.view(-1, 4).std(-1) > 0).any()), "a group with different rewards makes eps matter"
+
+
+def test_eval_prompts_come_from_the_dataset_as_text_or_single_user_turns():
+    text = SimpleNamespace(train_dataset=Dataset.from_list([{"prompt": "1+2="}, {"prompt": "3+4="}]))
+    assert fprobe.trl.dataset_prompts(text) == ([{"prompt": "1+2="}, {"prompt": "3+4="}], False)
+    chat = SimpleNamespace(train_dataset=Dataset.from_list([{"prompt": [{"role": "user", "content": "1+2="}]}]))
+    assert fprobe.trl.dataset_prompts(chat) == ([{"prompt": "1+2="}], True)
+    turns = [{"role": "system", "content": "add"}, {"role": "user", "content": "1+2="}]
+    with pytest.raises(ValueError, match="pass prompts="):
+        fprobe.trl.dataset_prompts(SimpleNamespace(train_dataset=Dataset.from_list([{"prompt": turns}])))
+    with pytest.raises(ValueError, match="no 'prompt' column"):
+        fprobe.trl.dataset_prompts(SimpleNamespace(train_dataset=Dataset.from_list([{"question": "1+2="}])))
 
 
 # ---------------------------------------------------------------------------------------------
