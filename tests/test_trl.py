@@ -153,12 +153,14 @@ def test_step_rel_error_in_float32(tmp_path, optimizer, bound):
     assert all(e < bound for e in errors) and max(errors) > 1e-9  # steps without a gradient (weight decay alone) replay exactly
 
 
-@pytest.mark.parametrize("loss_type", ["dr_grpo", "grpo", "bnpo", "dapo"])
-def test_step_rel_error_in_float64_with_sgd(tmp_path, loss_type):
+@pytest.mark.parametrize("loss_type, generations", [("dr_grpo", 1), ("grpo", 1), ("bnpo", 1), ("dapo", 1), ("dapo", 2)])
+def test_step_rel_error_in_float64_with_sgd(tmp_path, loss_type, generations):
     """Two micro-batches per step (bnpo then divides each by its own token count, which is not the token
-    mean of the step), SGD with momentum and weight decay, a linear schedule, clipping at 0.2: fprobe's
-    replay equals TRL's applied update to 1e-5 (measured ~1e-6: TRL's float32 LM head)."""
-    trainer, _ = make_trainer(tmp_path, loss_type, accumulation=2, steps=3, optim="sgd", optim_args="momentum=0.9")
+    mean of the step; with two generations per step, dapo divides each by its own generation's tokens
+    times 2), SGD with momentum and weight decay, a linear schedule, clipping at 0.2: fprobe's replay
+    equals TRL's applied update to 1e-5 (measured 1e-8 to 1e-7: TRL's float32 LM head)."""
+    trainer, _ = make_trainer(tmp_path, loss_type, accumulation=2, steps=3, optim="sgd", optim_args="momentum=0.9",
+                              steps_per_generation=2 // generations)
     probe = fprobe.trl.attach(trainer, every=1, n_eval=4)
     trainer.train()
     assert trainer.optimizer.param_groups[0]["momentum"] == 0.9 and trainer.optimizer.param_groups[0]["weight_decay"] == 0.1
