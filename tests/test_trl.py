@@ -371,12 +371,13 @@ def test_a_step_with_two_updates_or_none_gives_no_numbers_and_says_why(tmp_path)
     assert probed_steps == {1}
 
 
-def test_unmodelled_loss_terms_skip_the_cross_check_but_keep_the_numbers(tmp_path):
-    trainer, _ = make_trainer(tmp_path, "dapo", steps=1, beta=0.04)
-    probe = fprobe.trl.attach(trainer, every=1, n_eval=4)
+@pytest.mark.parametrize("config, options, reason", [({"beta": 0.04}, {}, "beta"), ({}, {"check_step": False}, "check_step=False")])
+def test_unmodelled_loss_terms_or_no_check_skip_the_replay_but_keep_the_numbers(tmp_path, config, options, reason):
+    trainer, _ = make_trainer(tmp_path, "dapo", steps=1, **config)
+    probe = fprobe.trl.attach(trainer, every=1, n_eval=4, **options)
     trainer.train()
     (record,) = probe.records
-    assert record["step_check"].startswith("skipped:") and "beta" in record["step_check"]
+    assert record["step_check"].startswith("skipped:") and reason in record["step_check"]
     assert record["step_rel_error"] is None and record["delta_h_true"] != 0 and record["delta_h1"] != 0
 
 
