@@ -514,7 +514,8 @@ class TrlProbe(TrainerCallback):
         if not self.settings.contributions:
             return Replay(rl_step(policy, params, optimizer, opt_state, U, **common).delta, check)
         result = probe(policy, eval_batch.rollouts, U, optimizer, opt_state, keep_step=True, **common)
-        parts = result.contributions(micro_batch=self.settings.micro_batch)  # now, while the model holds θ_k (the result refers to its parameters)
+        # now, while the model still holds θ_k: the result refers to the model's parameters
+        parts = result.contributions(micro_batch=self.settings.micro_batch)
         return Replay(result.delta_named, check, {
             "delta_h1": parts.delta_h1, "momentum": parts.momentum, "decay": parts.decay, "per_sequence": parts.per_sequence.tolist(),
         })
