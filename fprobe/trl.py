@@ -162,6 +162,11 @@ def check_eval_batch(E, model) -> None:
         )
 
 
+def is_single_user_turn(prompt) -> bool:
+    """A conversational prompt that is one user message with text content."""
+    return isinstance(prompt, list) and len(prompt) == 1 and prompt[0].get("role") == "user" and isinstance(prompt[0].get("content"), str)
+
+
 def dataset_prompts(trainer) -> tuple[list[dict], bool]:
     """(prompt records, chat template?) from the trainer's dataset: plain prompts as they are, conversational
     ones that are a single user turn through the tokenizer's chat template; anything else needs ``prompts=``."""
@@ -171,8 +176,7 @@ def dataset_prompts(trainer) -> tuple[list[dict], bool]:
     prompts = list(dataset["prompt"])
     if all(isinstance(p, str) for p in prompts):
         return [{"prompt": p} for p in prompts], False
-    single_user_turn = lambda p: isinstance(p, list) and len(p) == 1 and p[0].get("role") == "user" and isinstance(p[0].get("content"), str)
-    if all(single_user_turn(p) for p in prompts):
+    if all(is_single_user_turn(p) for p in prompts):
         return [{"prompt": p[0]["content"]} for p in prompts], True
     raise ValueError(
         "the trainer's prompts are conversations that fprobe cannot re-render (more than one turn, or "

@@ -35,12 +35,13 @@ TEMPERATURE = 1.5
 
 def make_trainer(tmp_path, loss_type="dapo", accumulation=1, lora=False, dtype=torch.float64, steps=3, **config):
     """A GRPOTrainer on the tiny policy: AdamW with weight decay, a linear schedule, clipping at 0.2 (active
-    on these steps), 2 prompts × 4 completions per micro-batch at temperature 1.5 (varied lengths and rewards). Returns (trainer, the completions its reward saw)."""
+    on these steps), 2 prompts × 4 completions per micro-batch at temperature 1.5 (varied lengths and
+    rewards). Returns (trainer, the completions its reward saw)."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(toy.DEFAULT_MODEL_PATH), dtype=dtype)
     settings = dict(
-        output_dir=str(tmp_path / "run"), per_device_train_batch_size=8, num_generations=4, temperature=TEMPERATURE, max_completion_length=MAX_COMPLETION,
-        max_steps=steps, learning_rate=3e-3, weight_decay=0.1, lr_scheduler_type="linear", max_grad_norm=0.2,
+        output_dir=str(tmp_path / "run"), per_device_train_batch_size=8, num_generations=4, temperature=TEMPERATURE,
+        max_completion_length=MAX_COMPLETION, max_steps=steps, learning_rate=3e-3, weight_decay=0.1, lr_scheduler_type="linear", max_grad_norm=0.2,
         gradient_accumulation_steps=accumulation, loss_type=loss_type, bf16=False, use_cpu=True, report_to=[],
         save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
     )
