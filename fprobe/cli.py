@@ -172,6 +172,9 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     args.reward = args.reward or ("toy" if args.prompts is None else "numeric")
     if args.command == "sweep" and args.plot is None:
         args.plot = str(Path(args.out).with_suffix(".png"))
+    if args.lr == 0 and (args.command == "sweep" or args.plot is not None):
+        raise ValueError("--lr 0 takes no step, so there is no sweep or plot to make from it: give --lr > 0"
+                         + (" or leave out --plot" if args.command == "probe" else ""))
     return args
 
 
@@ -368,7 +371,10 @@ def probe_model(args, model: str, pool: list[dict], reward, key: dict, plot: Pat
     if args.predictors:
         record["predictors"] = result.predictors().to_dict()
     sweep = None
-    if args.command == "sweep" or plot is not None:
+    if (args.command == "sweep" or plot is not None) and result.lr_used == 0:
+        warnings.warn(f"{model}: the step's learning rate is 0 (its optimizer state's), so there is no sweep or plot")
+        plot = None
+    elif args.command == "sweep" or plot is not None:
         sweep = result.sweep(sweep_lrs(args, result.lr_used), progress=not args.quiet)
         record["sweep"] = sweep.to_dict()
     if plot is not None:
@@ -442,7 +448,7 @@ def run(args: argparse.Namespace) -> None:
         if not distributed.is_main():
             continue
         written = save_record(out, jsonl, record)
-        if plot is not None:
+        if plot is not None and sweep is not None:
             import matplotlib.pyplot as plt
 
             plt.close(sweep.plot(plot))

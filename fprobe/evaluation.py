@@ -59,6 +59,15 @@ class Settings:
             raise ValueError(f"ess_threshold is a fraction of the batch size, in [0, 1]; got {self.ess_threshold!r}")
 
 
+def version_of(x: torch.Tensor) -> int | None:
+    """The tensor's in-place version counter (shared by a parameter and its detached views); None for an
+    inference-mode tensor, which has none."""
+    try:
+        return x._version
+    except RuntimeError:
+        return None
+
+
 @dataclass(frozen=True)
 class Context:
     """What a learning-rate sweep or a decomposition reuses: the policy, θ₀, E, and Ĥ's ingredients at
@@ -72,6 +81,26 @@ class Context:
     alpha: torch.Tensor
     beta: torch.Tensor
     settings: Settings
+    versions: dict | None = None  # {name: (tensor, its version counter)} of θ₀ when measured: see check_unchanged
+
+    def __post_init__(self):
+        if self.versions is None:
+            object.__setattr__(self, "versions", {name: (x, version_of(x)) for name, x in self.params.items()})
+
+    def check_unchanged(self) -> None:
+        """Raise if a tensor of θ₀ was changed in place since the measurement (e.g. the model was trained
+        further: ``policy.params`` are views of its weights), which would mix two models in one result."""
+        changed = [
+            name for name, (x, version) in self.versions.items()
+            if self.params.get(name) is x and version is not None and version_of(x) != version
+        ]
+        if changed:
+            raise RuntimeError(
+                f"the parameters θ₀ of this result were changed in place since it was measured ({changed[:3]}"
+                f"{'...' if len(changed) > 3 else ''}, e.g. by training the model further): its sweep, contributions "
+                "or predictors would mix two models; probe again, or probe with params the model does not share "
+                "(e.g. fprobe.tree.tree_map(torch.clone, policy.params))"
+            )
 
 
 class FirstOrder(typing.NamedTuple):
@@ -116,6 +145,7 @@ def first_order(policy, params, delta, E: Rollouts, settings: Settings, second_o
 
 def snis_at(context: Context, params, progress: bool = False) -> estimators.Snis:
     """Ĥ and ESS on E at ``params``: one micro-batched forward pass."""
+    context.check_unchanged()
     stats = passes.forward(context.policy, params, context.E, context.settings.micro_batch, progress)
     return estimators.snis(estimators.rows(stats, context.settings.entropy), context.rows0.logp, context.denom)
 

@@ -39,6 +39,7 @@ first order of one sampled-token step Δz = ηA(e_k − π) on a softmax, −ηA
 Σ_v π_v²(log π_v + H) per state: not among fprobe's token statistics ℓ and h.)
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
@@ -63,6 +64,9 @@ def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None = None) -> 
 
 
 def centred(values: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``values`` less their (weighted) mean; exactly 0 for constant values (their rounded mean can be an ulp off)."""
+    if len(values) and bool((values == values[0]).all()):
+        return torch.zeros_like(values)
     return values - weighted_mean(values, weights)
 
 
@@ -140,13 +144,17 @@ def average_ranks(x: torch.Tensor) -> torch.Tensor:
 
 
 def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Spearman rank correlation: Pearson of the average ranks."""
+    """Spearman rank correlation: Pearson of the average ranks (NaN when either side holds a NaN)."""
+    if bool(x.isnan().any() or y.isnan().any()):
+        return float("nan")
     return pearson(average_ranks(x), average_ranks(y))
 
 
 def sign_agreement(predicted: torch.Tensor, truth: torch.Tensor) -> float:
-    """Fraction of tokens where sign(prediction) = sign(truth) (NaN for no tokens)."""
-    return float((predicted.sign() == truth.sign()).double().mean()) if len(predicted) else float("nan")
+    """Fraction of tokens where sign(prediction) = sign(truth) ≠ 0: a zero prediction counts as wrong, even
+    where the truth is 0 too (NaN for no tokens)."""
+    right = (predicted.sign() == truth.sign()) & (predicted != 0)
+    return float(right.double().mean()) if len(predicted) else float("nan")
 
 
 class Score(NamedTuple):
@@ -277,7 +285,16 @@ def compare(
     micro_batch=passes.DEFAULT_MICRO_BATCH,
 ) -> PredictorComparison:
     """Every predictor of ``PREDICTORS`` and fprobe's ḣ_ik against Δh_ik on U's response tokens, for the
-    step Δθ = ``delta`` taken at learning rate ``lr`` from θ₀ = ``params``."""
+    step Δθ = ``delta`` taken at learning rate ``lr`` from θ₀ = ``params``. The inputs are checked before any pass."""
+    params = tree.check_like(policy.params, params, "params")
+    delta = tree.check_like(params, delta, "delta")
+    tree.check_finite(delta, "delta")
+    if new_params is not None:
+        new_params = tree.check_like(params, new_params, "new_params")
+    if isinstance(lr, bool) or not math.isfinite(float(lr)) or float(lr) < 0:
+        raise ValueError(f"lr must be a finite learning rate >= 0, got {lr!r}")
+    if U.advantages is None:
+        raise ValueError("the update batch U has no advantages: the predictors need them")
     t = truths(policy, params, delta, U, new_params, micro_batch)
     predicted = {p.name: p.tokens(t.inputs, lr) for p in PREDICTORS} | {REFERENCE: t.first_order}
     return PredictorComparison(
@@ -295,6 +312,7 @@ def compare(
 
 def from_probe(result) -> PredictorComparison:
     """``compare`` on a probe's own step (U, θ₀, Δθ, its learning rate), with its ΔH_true and δH₁ on E."""
+    result.context.check_unchanged()
     return compare(
         result.context.policy, result.context.params, result.delta_named, result.U, result.lr_used,
         delta_h_true=result.delta_h_true, delta_h1=result.delta_h1, micro_batch=result.context.settings.micro_batch,

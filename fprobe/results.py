@@ -15,7 +15,7 @@ import torch
 def _plain(value):
     """JSON-ready form of a result field (tensors become numbers or lists)."""
     if isinstance(value, torch.Tensor):
-        return value.item() if value.numel() == 1 else value.tolist()
+        return _plain(value.item() if value.numel() == 1 else value.tolist())  # NaN/Inf entries too
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):

@@ -85,6 +85,9 @@ def sweep(change, lrs, progress: bool = False) -> SweepResult:
         raise ValueError("the probe's learning rate is 0, so its Δθ = 0 cannot be rescaled to other learning rates")
     ctx = change.context
     lrs = [float(lr) for lr in lrs]
+    bad = [lr for lr in lrs if not (math.isfinite(lr) and lr >= 0)]
+    if bad:
+        raise ValueError(f"learning rates must be finite and >= 0, got {bad}")
     true, first, both, ratio, ess, low = [], [], [], [], [], []
     for lr in lrs:
         s = lr / lr0

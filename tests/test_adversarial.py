@@ -1,0 +1,225 @@
+"""Adversarial cases of the lean ProbeResult, the predictors, the step options and the command line: each
+failed before its fix (a silently wrong number, a NaN token in JSON, a lost record, or an error only after
+the whole computation), and each is checked against an independent computation."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import fprobe
+from fprobe import cli, passes, predictors, results, tree
+from helpers import CONFIGS, make_batch
+
+
+def strict_json(text: str):
+    """json.loads that refuses the NaN/Infinity tokens Python's json writes by default."""
+    return json.loads(text, parse_constant=lambda token: (_ for _ in ()).throw(ValueError(f"non-JSON token {token}")))
+
+
+@pytest.fixture
+def gpt2():
+    torch.manual_seed(0)
+    return fprobe.Policy(AutoModelForCausalLM.from_config(CONFIGS["gpt2"]()).double().eval())
+
+
+@pytest.fixture
+def batches():
+    return make_batch(6, seed=1, with_advantages=False), make_batch(6, seed=2)
+
+
+# --- a result refers to θ₀ = policy.params, which are views of the model's weights ---
+
+
+@pytest.mark.parametrize("keep_step", [False, True])
+def test_a_result_refuses_to_be_reused_after_the_model_was_changed_in_place(gpt2, batches, keep_step):
+    E, U = batches
+    res = fprobe.probe(gpt2, E, U, fprobe.optim.adamw(lr=1e-4), keep_step=keep_step)
+    lr = 1e-4 * (1 + 1e-7)
+    before = res.sweep([lr]).delta_h_true[0]
+    assert before == pytest.approx(res.delta_h_true, rel=1e-3)  # (η/η₀ − 1) = 1e-7: nearly the step itself
+    with torch.no_grad():  # the user trains the model further, in place
+        for p in gpt2.model.parameters():
+            p.add_(1e-4 * torch.randn_like(p))
+    # Before the fix the sweep evaluated Ĥ at the *new* weights + Δθ against H(θ₀): ΔH_true off by 20×.
+    for use in (lambda: res.sweep([lr]), res.predictors, res.contributions, res.replay_step):
+        with pytest.raises(RuntimeError, match="changed in place"):
+            use()
+
+
+def test_a_result_on_params_the_model_does_not_share_survives_training(gpt2, batches):
+    E, U = batches
+    theta0 = tree.tree_map(torch.clone, gpt2.params)
+    delta = tree.tree_map(lambda p: 1e-4 * torch.randn_like(p), theta0)
+    change = fprobe.entropy_change(gpt2, E, delta, params=theta0, lr=1e-4)
+    expected = change.sweep([2e-4]).delta_h_true[0]
+    with torch.no_grad():
+        for p in gpt2.model.parameters():
+            p.add_(1e-3)
+    assert change.sweep([2e-4]).delta_h_true[0] == expected  # θ₀ is the clone: nothing mixed, nothing refused
+
+
+# --- step options are checked before any pass ---
+
+
+def no_pass(*args, **kwargs):
+    raise AssertionError("a pass ran before the options were checked")
+
+
+def other_state(opt, params):
+    torch.manual_seed(1)
+    other = AutoModelForCausalLM.from_config(CONFIGS["llama"]()).double()
+    return opt.init(fprobe.Policy(other).params)
+
+
+@pytest.mark.parametrize(
+    "kw,error,match",
+    [
+        (dict(max_grad_norm=-1.0), ValueError, "max_grad_norm"),  # was: clip coefficient −1.65, the step reversed
+        (dict(max_grad_norm=0.0), ValueError, "max_grad_norm"),  # was: a zero step (HF's 0 means "no clipping")
+        (dict(max_grad_norm=float("nan")), ValueError, "max_grad_norm"),
+        (dict(lr=-1e-3), ValueError, "learning rate"),  # was: gradient ascent, accepted
+        (dict(lr=float("nan")), ValueError, "learning rate"),
+        (dict(opt=fprobe.optim.adamw(lr=-1e-3)), ValueError, "learning rate"),
+        (dict(clip=-1.0), ValueError, "clip"),  # was: δH₁ changed 4×
+        (dict(clip=float("nan")), ValueError, "clip"),
+        (dict(state=lambda opt, p: opt.init({k: v[..., :1] for k, v in p.items()})), ValueError, r"exp_avg\[.*shape"),
+        (dict(state=lambda opt, p: opt.init({k: v.float() for k, v in p.items()})), ValueError, r"exp_avg\[.*dtype"),
+        (dict(state=other_state), ValueError, "not the policy's parameters"),  # was: KeyError after the gradient
+        (dict(state=lambda opt, p: fprobe.optim.sgd(lr=1e-3, momentum=0.9).init(p)), TypeError, "SGDState"),
+    ],
+)
+def test_bad_step_options_are_refused_before_any_pass(gpt2, batches, monkeypatch, kw, error, match):
+    E, U = batches
+    opt = kw.pop("opt", fprobe.optim.adamw(lr=1e-3))
+    state = kw.pop("state")(opt, gpt2.params) if "state" in kw else None
+    for name in ("gradient", "forward", "jet"):
+        monkeypatch.setattr(passes, name, no_pass)
+    with pytest.raises(error, match=match):
+        fprobe.probe(gpt2, E, U, opt, state, **kw)
+
+
+def test_a_real_optimizer_state_is_still_accepted(gpt2, batches):
+    E, U = batches
+    opt = fprobe.optim.adamw(lr=1e-3)
+    first = fprobe.rl_step(gpt2, gpt2.params, opt, opt.init(gpt2.params), U)
+    second = fprobe.rl_step(gpt2, gpt2.params, opt, first.opt_state, U)
+    res = fprobe.probe(gpt2, E, U, opt, first.opt_state, max_grad_norm=1e3, clip=0.0)
+    assert res.delta_l2 == second.delta_l2  # the same step, taken independently by rl_step
+
+
+# --- predictors ---
+
+
+def plain_sign_agreement(p, t):
+    return sum(a != 0 and (a > 0) == (b > 0) and (a < 0) == (b < 0) for a, b in zip(p, t)) / len(p)
+
+
+def test_a_zero_prediction_is_a_wrong_sign_even_where_the_truth_is_zero():
+    p, t = [0.0, 0.0, 1.0, -1.0, 2.0], [0.0, 1.0, 1.0, 1.0, 3.0]
+    got = predictors.sign_agreement(torch.tensor(p, dtype=torch.float64), torch.tensor(t, dtype=torch.float64))
+    assert got == plain_sign_agreement(p, t) == 0.4  # was 0.6: 0 = 0 counted as a right sign
+
+
+def test_a_zero_step_scores_no_predictor_as_right_and_writes_strict_json(gpt2, batches):
+    E, U = batches
+    res = fprobe.probe(gpt2, E, U, fprobe.optim.adamw(lr=0.0))
+    comparison = res.predictors()
+    assert comparison.delta_h_tokens == 0.0 and float(comparison.truth.abs().max()) == 0.0
+    for name, s in strict_json(comparison.to_json())["scores"].items():
+        assert s["sign_agreement"] == 0.0, name  # was 1.0 for every predictor: nothing was predicted
+        assert s["pearson"] is None and s["spearman"] is None and s["scale"] is None  # 0/0: undefined
+    assert strict_json(res.to_json())["ratio"] is None
+
+
+def test_constant_advantages_give_exactly_zero_covariance_and_undefined_correlations():
+    n = 7
+    advantages = torch.full((n,), 0.1, dtype=torch.float64)  # REINFORCE-style: every row the same advantage
+    logp = torch.linspace(-3.0, -0.1, n, dtype=torch.float64)
+    truth = torch.tensor([0.3, -1.0, 0.2, 0.5, -0.4, 0.9, -0.6], dtype=torch.float64)
+    predicted = predictors.cui_npg_tokens(logp, advantages, 1e-6)
+    assert predicted.tolist() == [0.0] * n  # Cov(log π, A) of a constant A is exactly 0 (was ~1e-23 of rounding)
+    s = predictors.score(predicted, truth)
+    assert math.isnan(s.pearson) and math.isnan(s.scale)  # was Pearson −0.44: a correlation with rounding noise
+    assert math.isnan(predictors.pearson(advantages, truth))  # "NaN when either side is constant" (was 2.7e-17)
+
+
+# --- JSON of tensors ---
+
+
+def test_non_finite_tensor_fields_become_null_in_json():
+    @dataclasses.dataclass(frozen=True)
+    class Record:
+        scalar: torch.Tensor
+        vector: torch.Tensor
+
+    record = Record(torch.tensor(float("nan")), torch.tensor([1.0, float("inf"), -float("inf")]))
+    assert strict_json(results.to_json(record)) == {"scalar": None, "vector": [1.0, None, None]}
+
+
+# --- command line: a zero learning rate and a sweep or plot ---
+
+SMALL = ["--n-eval", "2", "--n-update-prompts", "1", "--group-size", "2", "--max-new-tokens", "2", "--quiet"]
+
+
+def test_cli_refuses_lr_zero_with_a_sweep_or_plot_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "load_policy", no_pass)
+    for argv in (["probe", "--lr", "0", "--plot", str(tmp_path / "p.png")], ["sweep", "--lr", "0"]):
+        assert cli.main([*argv, "--out", str(tmp_path / "r.json")]) == cli.EXIT_ERROR
+        assert "--lr 0" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_keeps_the_record_when_the_optimizer_states_rate_is_zero(tmp_path, capsys):
+    model = AutoModelForCausalLM.from_pretrained(str(fprobe.toy.DEFAULT_MODEL_PATH))
+    torch.save(torch.optim.AdamW(list(model.parameters()), lr=0.0).state_dict(), tmp_path / "state.pt")
+    out, plot = tmp_path / "r.json", tmp_path / "p.png"
+    argv = ["probe", *SMALL, "--optimizer-state", str(tmp_path / "state.pt"), "--out", str(out), "--plot", str(plot)]
+    assert cli.main(argv) == 0  # was: exit 2 after the whole run, no record written
+    record = strict_json(out.read_text())
+    assert record["result"]["lr_used"] == 0.0 and record["result"]["delta_l2"] == 0.0
+    assert "sweep" not in record and "plot" not in record and not plot.exists()
+    assert "learning rate is 0" in capsys.readouterr().err
+
+
+# --- predictors.compare and sweep: inputs checked before any pass ---
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (lambda d, U: (tree.tree_map(lambda x: x.float(), d), U, 1e-4), ValueError, "dtype"),  # was: torch matmul error
+        (lambda d, U: (dict(list(d.items())[1:]), U, 1e-4), ValueError, "missing"),  # was: KeyError
+        (lambda d, U: (tree.scale(d, float("nan")), U, 1e-4), FloatingPointError, "not finite"),  # was: Spearman 1.0
+        (lambda d, U: (d, U, float("nan")), ValueError, "lr"),  # was: NaN predictions with a Spearman of 0.22
+        (lambda d, U: (d, fprobe.Rollouts(U.input_ids, U.attention_mask, U.response_mask), 1e-4), ValueError,
+         "advantages"),  # was: refused only after a jvp and a forward pass on U
+    ],
+)
+def test_compare_checks_its_inputs_before_any_pass(gpt2, batches, monkeypatch, change, error, match):
+    _, U = batches
+    delta = tree.tree_map(lambda p: 1e-4 * torch.randn_like(p), gpt2.params)
+    args = change(delta, U)
+    for name in ("forward", "jet"):
+        monkeypatch.setattr(passes, name, no_pass)
+    with pytest.raises(error, match=match):
+        predictors.compare(gpt2, gpt2.params, *args)
+
+
+def test_spearman_of_a_side_with_nan_is_nan():
+    x = torch.tensor([1.0, float("nan"), 3.0, 4.0], dtype=torch.float64)
+    y = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    assert math.isnan(predictors.spearman(x, y)) and math.isnan(predictors.spearman(y, x))  # was 0.4 and 0.4
+    assert math.isnan(predictors.pearson(x, y))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1e-4])
+def test_sweep_refuses_a_non_finite_or_negative_rate_before_any_pass(gpt2, batches, monkeypatch, bad):
+    E, U = batches
+    res = fprobe.probe(gpt2, E, U, fprobe.optim.adamw(lr=1e-4))
+    monkeypatch.setattr(passes, "forward", no_pass)
+    with pytest.raises(ValueError, match="finite and >= 0"):  # was: nan/inf → an error about importance weights
+        res.sweep([1e-4, bad])  # after a forward pass; −1e-4: evaluated as if a step at a negative rate existed
