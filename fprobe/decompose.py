@@ -25,6 +25,7 @@ parameter at a time.
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -68,7 +69,7 @@ class Contributions:
     optimizer: str
     lr: float
     timings: dict = field(default_factory=dict)
-    token_ids: torch.Tensor | None = field(default=None, repr=False)
+    token_ids: torch.Tensor | None = results.internal(default=None)
 
     @property
     def sequences(self) -> float:
@@ -151,19 +152,22 @@ class Contributions:
         return plot_token_contributions(self, row, path, labels)
 
 
-def decompose(result, *, micro_batch: int | None = None, progress: bool = False) -> Contributions:
+def decompose(result, *, micro_batch: int | None | Literal["probe"] = "probe", progress: bool = False) -> Contributions:
     """Exact per-sequence and per-token parts of a ``ProbeResult``'s δH₁ (see the module docstring).
 
     Cost: one vjp of Ĥ's linear functional on E (u = ∇Ĥ, the same functional whose contraction with
     the jvp tangents gives δH₁) and one jvp of U's token log-probs along gain ⊙ u; no per-sample
-    gradient is materialised. ``micro_batch`` defaults to the probe's.
+    gradient is materialised; without ``probe(..., keep_step=True)`` the step is first replayed
+    (``ProbeResult.replay_step``: one more gradient pass on U). ``micro_batch``: rows per pass, the
+    probe's own setting by default (None: the whole batch).
     """
-    step, ctx, U, optimizer = result.step, result.context, result.U, result.optimizer
-    if step is None or U is None or optimizer is None or result.opt_state is None:
+    if not hasattr(result, "replay_step"):
         raise ValueError("decompose needs a ProbeResult from fprobe.probe (its step, U, optimizer and starting state)")
+    ctx, U, optimizer = result.context, result.U, result.optimizer
     if U.advantages is None:
         raise ValueError("the update batch has no advantages")
-    micro_batch = ctx.settings.micro_batch if micro_batch is None else micro_batch
+    micro_batch = ctx.settings.micro_batch if micro_batch == "probe" else micro_batch
+    step, start_state = result.replay_step(), result.start_state
     policy, params = ctx.policy, ctx.params
     timings = {}
 
@@ -173,7 +177,7 @@ def decompose(result, *, micro_batch: int | None = None, progress: bool = False)
 
     start = time.perf_counter()
     tangent, momentum, decay = {}, torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-    for name, terms in optimizer.affine(result.opt_state, step.opt_state, params, step.lr):
+    for name, terms in optimizer.affine(start_state, step.opt_state, params, step.lr):
         u = grad_h[name].double()
         tangent[name] = (u * terms.gain).to(params[name].dtype)
         if terms.momentum is not None:
