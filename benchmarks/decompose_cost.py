@@ -88,14 +88,14 @@ def main(argv=None):
           f"{torch.get_num_threads()} threads; E and U: {n} rows × {width} tokens; fastest of {repeats}")
 
     opt = fprobe.optim.adamw(lr=1e-4, weight_decay=0.01)
-    result = fprobe.probe(policy, E, U, opt, micro_batch=mb)
+    result = fprobe.probe(policy, E, U, opt, micro_batch=mb, keep_step=True)  # contributions() then replays no step
     ctx = result.context
 
     functional = passes.linear_functional(ctx.alpha, ctx.beta)
     _, u, _ = passes.gradient(policy, params, E, functional, mb)
     direction = tree.tree_map(lambda x: x * 1e-3, u)
     phases = {
-        "δH₁ pass (jvp on E)": lambda: passes.jet(policy, params, result.step.delta, E, 1, mb),
+        "δH₁ pass (jvp on E)": lambda: passes.jet(policy, params, result.delta_named, E, 1, mb),
         "vjp on E": lambda: passes.gradient(policy, params, E, functional, mb),
         "jvp on U": lambda: passes.jet(policy, params, direction, U, 1, mb),
         "contributions()": lambda: decompose.decompose(result),

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from fprobe import estimators, passes, tree  # noqa: E402
-from fprobe.probe import Settings, _first_order  # noqa: E402
+from fprobe.evaluation import Settings, first_order  # noqa: E402
 from fprobe.tokens import TokenStats, token_stats  # noqa: E402
 
 METHODS = ("jvp", "grad", "double_backward")
@@ -44,7 +44,7 @@ def make_case(arch, size, length, n, lora, dtype, device, seed=0):
 def delta_h1_fprobe(policy, E, delta, method, micro_batch):
     """δH₁ exactly as ``fprobe.entropy_change`` computes it with ``method`` ('jvp' or 'grad')."""
     settings = Settings(method=method, micro_batch=micro_batch)
-    return _first_order(policy, policy.params, delta, E, settings, False, False, {})[3]
+    return first_order(policy, policy.params, delta, E, settings).delta_h1
 
 
 def delta_h1_double_backward(policy, E, delta, micro_batch):

@@ -40,6 +40,11 @@ BLOCK_BYTES = 32 * 2**20
 _REVERSE = contextvars.ContextVar("fprobe_attention_reverse_mode", default=False)
 
 
+def in_reverse_mode() -> bool:
+    """Whether the current pass is differentiated in reverse mode (inside ``for_reverse_mode()``)."""
+    return _REVERSE.get()
+
+
 @contextlib.contextmanager
 def for_reverse_mode():
     """Within: attention for a pass that is differentiated in reverse mode (SDPA where the mask allows)."""
@@ -210,7 +215,7 @@ def fprobe_attention(
     key = repeat_kv_heads(key, query.shape[1])
     value = repeat_kv_heads(value, query.shape[1])
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    if _REVERSE.get() and softcap is None and isinstance(attention_mask, MaskBlocks) and attention_mask.causal_prefix:
+    if in_reverse_mode() and softcap is None and isinstance(attention_mask, MaskBlocks) and attention_mask.causal_prefix:
         out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
     else:
         out = blocked_attention(query, key, value, attention_mask, scaling, softcap)

@@ -83,27 +83,27 @@ def jet(policy, params, delta, batch: Rollouts, order: int = 1, micro_batch=DEFA
 
 def gradient(policy, params, batch: Rollouts, functional, micro_batch=DEFAULT_MICRO_BATCH, progress=False, with_entropy=True):
     """(Σ value, ∇_θ Σ value, stats) for ``functional(stats, micro_batch, rows) -> scalar`` summed over
-    micro-batches (``rows`` is the micro-batch's slice of the batch), gradients by ``torch.autograd.grad``
-    on fresh leaves, as ``loss.backward()`` (``torch.func.vjp`` decomposes some backward kernels, SiLU's
-    among them, which rounds differently, and is slower); ``stats`` are the detached token statistics at
-    ``params`` (``stats.entropy`` None without ``with_entropy``, for functionals of ℓ only). Attention
-    runs in its reverse-mode form (``fprobe.attention.for_reverse_mode``: SDPA, memory linear in L)."""
-    primals = tree.detach(params)
+    micro-batches (``rows`` is the micro-batch's slice of the batch). Gradients accumulate in place in
+    fresh leaves' ``.grad`` by ``torch.autograd.backward``, as ``loss.backward()`` accumulates them in a
+    training loop (bit for bit; one gradient tree in memory; ``torch.func.vjp`` decomposes some backward
+    kernels, SiLU's among them, which rounds differently, and is slower); ``stats`` are the detached
+    token statistics at ``params`` (``stats.entropy`` None without ``with_entropy``, for functionals of
+    ℓ only). Attention runs in its reverse-mode form (``fprobe.attention.for_reverse_mode``: SDPA,
+    memory linear in L)."""
+    leaves = {name: x.detach().requires_grad_() for name, x in tree.detach(params).items()}
     local, start = _local(batch)
-    total, grads, parts = 0.0, None, []
+    total, parts = 0.0, []
     for mb in _progress(local.micro_batches(micro_batch), "vjp", progress):
         rows = slice(start, start + len(mb))
         start += len(mb)
-        leaves = {name: x.detach().requires_grad_() for name, x in primals.items()}
         with torch.enable_grad(), attention.for_reverse_mode():
             stats = token_stats(policy, leaves, mb, with_entropy)
             value = functional(stats, mb, rows)
-            g = torch.autograd.grad(value, list(leaves.values()), allow_unused=True, materialize_grads=True)
-        g = dict(zip(leaves, g))
+            torch.autograd.backward(value, inputs=list(leaves.values()))
         total += float(value.detach())
-        grads = g if grads is None else tree.add(grads, g)
         parts.append(TokenStats(*(None if x is None else x.detach() for x in stats)))
-    device = next(iter(primals.values())).device
+    grads = {name: torch.zeros_like(x) if x.grad is None else x.grad for name, x in leaves.items()}
+    device = next(iter(leaves.values())).device
     return distributed.all_reduce_sum(total, device), distributed.all_reduce_tree(grads), _cat(parts)
 
 

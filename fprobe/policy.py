@@ -108,14 +108,16 @@ PRIMITIVE = {torch.nn.functional.layer_norm: layer_norm, torch.nn.functional.sil
 
 
 class PrimitiveOpsKeepFloat64(torch.overrides.TorchFunctionMode):
-    """The numerics of every fprobe call, whatever the model's dtype: ``F.layer_norm`` and ``F.silu`` run
-    from primitive ops (``PRIMITIVE``: correct second-order forward-mode derivatives), and casts of
-    float64 tensors to float32 keep float64 (Llama/Qwen RMSNorm does one, which would put a float32
-    floor of ~1e-8 under ΔH of a float64 model; float32 and bf16 tensors are not cast by it)."""
+    """The numerics of every fprobe call, whatever the model's dtype: in forward and forward-mode passes
+    ``F.layer_norm`` and ``F.silu`` run from primitive ops (``PRIMITIVE``: correct second-order
+    forward-mode derivatives; reverse-mode passes keep torch's fused kernels, whose backward is right
+    and saves less), and casts of float64 tensors to float32 keep float64 (Llama/Qwen RMSNorm does
+    one, which would put a float32 floor of ~1e-8 under ΔH of a float64 model; float32 and bf16
+    tensors are not cast by it)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in PRIMITIVE:
+        if func in PRIMITIVE and not attention.in_reverse_mode():
             return PRIMITIVE[func](*args, **kwargs)
         if func is torch.Tensor.float and _float32_target(func, args, kwargs):
             return args[0]

@@ -8,8 +8,9 @@ from . import softmax
 from .rollouts import Rollouts
 
 # Bytes of the float64 temporaries of one chunk of logits: the upcast logits, log π, π and π log π,
-# four [rows, V] float64 arrays. 256 MiB is 1024 rows at a 8k vocabulary, 55 at Qwen's 152k.
-CHUNK_BYTES = 256 * 2**20
+# four [rows, V] float64 arrays (a backward pass recomputes three of them, while every activation of
+# the model is still held). 64 MiB is 256 rows at an 8k vocabulary, 13 at Qwen's 152k.
+CHUNK_BYTES = 64 * 2**20
 
 
 class TokenStats(NamedTuple):
