@@ -389,13 +389,14 @@ def probe_model(args, model: str, pool: list[dict], reward, key: dict, plot: Pat
     return record, sweep, "\n".join(report + ([str(sweep)] if sweep is not None else []))
 
 
-def say(text: str) -> None:
-    """Print to stdout; if its reader went away (``fprobe … | head``), the rest of the output is dropped
-    and the run goes on: the records are in the results file, not on stdout."""
+def say(text: str, stream=None) -> None:
+    """Print to stdout (or ``stream``, e.g. stderr); if its reader went away (``fprobe … 2>&1 | head``), the
+    rest of that stream's output is dropped and the run goes on: the records are in the results file."""
+    stream = sys.stdout if stream is None else stream
     try:
-        print(text, flush=True)
+        print(text, file=stream, flush=True)
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
 @contextlib.contextmanager
@@ -410,7 +411,7 @@ def command_line_output():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
-        warnings.showwarning = lambda message, *_, **__: print(f"fprobe: warning: {message}", file=sys.stderr)
+        warnings.showwarning = lambda message, *_, **__: say(f"fprobe: warning: {message}", sys.stderr)
         try:
             yield
         finally:
@@ -470,11 +471,11 @@ def main(argv: list[str] | None = None) -> int:
         with command_line_output():
             run(args)
     except KeyboardInterrupt:
-        print("fprobe: interrupted (the records written so far are complete)", file=sys.stderr)
+        say("fprobe: interrupted (the records written so far are complete)", sys.stderr)
         return 130
     except Exception as error:  # every failure is reported as one line, without a traceback unless asked
         if args.traceback or os.environ.get(TRACEBACK_ENV) == "1":
             raise
-        print(f"fprobe: error: {one_line(error)}", file=sys.stderr)
+        say(f"fprobe: error: {one_line(error)}", sys.stderr)
         return EXIT_ERROR
     return 0

@@ -5,6 +5,8 @@ the whole computation), and each is checked against an independent computation."
 import dataclasses
 import json
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -223,3 +225,25 @@ def test_sweep_refuses_a_non_finite_or_negative_rate_before_any_pass(gpt2, batch
     monkeypatch.setattr(passes, "forward", no_pass)
     with pytest.raises(ValueError, match="finite and >= 0"):  # was: nan/inf → an error about importance weights
         res.sweep([1e-4, bad])  # after a forward pass; −1e-4: evaluated as if a step at a negative rate existed
+
+
+def test_a_closed_stderr_loses_no_record(tmp_path, monkeypatch):
+    """``fprobe probe 2>&1 | head -c5``: head gone, a warning written to stderr raised BrokenPipeError inside
+    the run, which ended with no results file (and exit 1, from printing the error to the same pipe)."""
+    record = {"key": {"model": "stub"}, "result": {"delta_h1": 1.5}}
+
+    def probe_model(args, model, pool, reward, key, plot):
+        import warnings
+
+        warnings.warn("a warning on the way")
+        return record, None, "report"
+
+    monkeypatch.setattr(cli, "probe_model", probe_model)
+    read, write = os.pipe()
+    os.close(read)  # the reader went away
+    with os.fdopen(write, "w") as stderr:
+        monkeypatch.setattr(sys, "stderr", stderr)
+        assert cli.main(["probe", "--quiet", "--out", str(tmp_path / "r.json")]) == 0
+        absent = ["probe", "--quiet", "--prompts", str(tmp_path / "absent.jsonl"), "--out", str(tmp_path / "s.json")]
+        assert cli.main(absent) == cli.EXIT_ERROR  # the error line to the closed pipe: no BrokenPipeError out of main
+    assert strict_json((tmp_path / "r.json").read_text()) == record
