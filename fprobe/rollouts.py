@@ -47,6 +47,9 @@ class Rollouts:
         for name in ("attention_mask", "response_mask"):
             if getattr(self, name).shape != ids.shape:
                 raise ValueError(f"{name} has shape {tuple(getattr(self, name).shape)}, input_ids {tuple(ids.shape)}")
+        not_binary = _rows(((attn != 0) & (attn != 1)).any(-1))
+        if not_binary:
+            raise ValueError(f"attention_mask must hold 0 (padding) and 1 (a token) only; rows {not_binary} hold other values")
         object.__setattr__(self, "attention_mask", attn.to(torch.long))
         object.__setattr__(self, "response_mask", resp.to(torch.bool))
         resp = self.response_mask
@@ -69,6 +72,8 @@ class Rollouts:
                 continue
             if value.shape != (ids.shape[0],):
                 raise ValueError(f"{name} must have one entry per row ({ids.shape[0]}), got shape {tuple(value.shape)}")
+            if name != "group_ids" and (value.is_complex() or value.dtype == torch.bool):
+                raise TypeError(f"{name} must be real numbers, got dtype {value.dtype}")
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 raise ValueError(f"{name} are not finite in rows {_rows(~torch.isfinite(value))}")
         if self.max_response_length is not None and self.max_response_length < int(self.lengths.max()):

@@ -247,3 +247,26 @@ def test_a_closed_stderr_loses_no_record(tmp_path, monkeypatch):
         absent = ["probe", "--quiet", "--prompts", str(tmp_path / "absent.jsonl"), "--out", str(tmp_path / "s.json")]
         assert cli.main(absent) == cli.EXIT_ERROR  # the error line to the closed pipe: no BrokenPipeError out of main
     assert strict_json((tmp_path / "r.json").read_text()) == record
+
+
+# --- Rollouts: masks and advantages that were read as something else ---
+
+
+def test_a_non_binary_attention_mask_is_refused_not_reread(gpt2):
+    E = make_batch(6, seed=1, with_advantages=False)
+    delta = tree.tree_map(lambda p: 1e-4 * torch.randn_like(p), gpt2.params)
+    reference = fprobe.entropy_change(gpt2, E, delta)
+    as_bool = fprobe.Rollouts(E.input_ids, E.attention_mask.bool(), E.response_mask)  # 0/1 in another dtype: fine
+    assert fprobe.entropy_change(gpt2, as_bool, delta).delta_h1 == reference.delta_h1
+    # was: 2·mask accepted with δH₁ −2.5e-6 instead of −4.8e-6, −mask with its sign flipped; 0.5·mask read as all padding
+    for scale in (2, -1, 0.5):
+        with pytest.raises(ValueError, match="attention_mask must hold 0 .* and 1"):
+            fprobe.Rollouts(E.input_ids, E.attention_mask * scale, E.response_mask)
+
+
+@pytest.mark.parametrize("name", ["advantages", "rewards"])
+@pytest.mark.parametrize("values", [torch.tensor([True, False] * 3), torch.ones(6, dtype=torch.complex64)])
+def test_bool_or_complex_advantages_and_rewards_are_refused(name, values):
+    U = make_batch(6, seed=2)
+    with pytest.raises(TypeError, match=f"{name} must be real numbers"):  # was: read as 1/0, or the imaginary part dropped
+        fprobe.Rollouts(U.input_ids, U.attention_mask, U.response_mask, **{name: values})
