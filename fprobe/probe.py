@@ -258,6 +258,7 @@ def check_step_options(optimizer: Optimizer, opt_state, params, lr, clip, max_gr
             if unknown:
                 raise ValueError(f"opt_state.{field} holds names that are not the policy's parameters: {unknown[:8]}")
             tree.check_like({name: params[name] for name in value}, value, f"opt_state.{field}")
+            tree.check_finite(value, f"opt_state.{field}")
 
 
 def probe(

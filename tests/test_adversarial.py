@@ -91,6 +91,8 @@ def other_state(opt, params):
         (dict(state=lambda opt, p: opt.init({k: v[..., :1] for k, v in p.items()})), ValueError, r"exp_avg\[.*shape"),
         (dict(state=lambda opt, p: opt.init({k: v.float() for k, v in p.items()})), ValueError, r"exp_avg\[.*dtype"),
         (dict(state=other_state), ValueError, "not the policy's parameters"),  # was: KeyError after the gradient
+        (dict(state=lambda opt, p: opt.init(p)._replace(exp_avg={k: v + float("nan") for k, v in opt.init(p).exp_avg.items()})),
+         FloatingPointError, r"opt_state.exp_avg of parameter .* not finite"),  # was: "the updated value" after the gradient
         (dict(state=lambda opt, p: fprobe.optim.sgd(lr=1e-3, momentum=0.9).init(p)), TypeError, "SGDState"),
     ],
 )
