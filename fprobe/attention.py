@@ -34,8 +34,10 @@ from .softmax import softmax
 NAME = "fprobe"
 
 # Bytes of one block of attention scores [B, H, b, L] (the block's softmax, its tangent and the
-# products take a few times this): big enough that short sequences run as a single block.
-BLOCK_BYTES = 32 * 2**20
+# products take a few times this), by device type. On a CPU, blocks that stay small use less memory
+# than one block of the same size would as a whole (a jvp at L = 1024: 110 MiB with 8 MiB blocks,
+# 243 MiB with one 32 MiB block, 183 MiB unblocked); a GPU needs large blocks to keep busy.
+BLOCK_BYTES = {"cpu": 8 * 2**20, "cuda": 256 * 2**20}
 
 _REVERSE = contextvars.ContextVar("fprobe_attention_reverse_mode", default=False)
 
@@ -158,10 +160,10 @@ def repeat_kv_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     return x.repeat_interleave(n_heads // n_kv, dim=1)
 
 
-def block_rows(batch: int, heads: int, kv_length: int, itemsize: int, budget: int | None = None) -> int:
-    """Query rows per block so that one block of scores [batch, heads, rows, kv_length] fits ``budget``
-    bytes (default ``BLOCK_BYTES``, read at call time)."""
-    budget = BLOCK_BYTES if budget is None else budget
+def block_rows(batch: int, heads: int, kv_length: int, itemsize: int, device_type: str = "cpu") -> int:
+    """Query rows per block so that one block of scores [batch, heads, rows, kv_length] fits the
+    device's ``BLOCK_BYTES`` (read at call time; other accelerators take CUDA's)."""
+    budget = BLOCK_BYTES.get(device_type, BLOCK_BYTES["cuda"])
     return max(1, budget // (batch * heads * max(1, kv_length) * itemsize))
 
 
@@ -180,10 +182,10 @@ def masked_scores(scores: torch.Tensor, mask, start: int, stop: int) -> torch.Te
     return scores + mask[..., start:stop, :keys].to(scores.dtype)
 
 
-def blocked_attention(query, key, value, mask, scaling: float, softcap: float | None, budget: int | None = None) -> torch.Tensor:
+def blocked_attention(query, key, value, mask, scaling: float, softcap: float | None) -> torch.Tensor:
     """softmax(Q Kᵀ·s (soft-capped) + M) V over blocks of query rows; [B, H, L, D] → [B, H, L, D]."""
     B, H, L, _ = query.shape
-    step = block_rows(B, H, key.shape[-2], query.element_size(), budget)
+    step = block_rows(B, H, key.shape[-2], query.element_size(), query.device.type)
     blocks = []
     for start in range(0, L, step):
         stop = min(L, start + step)

@@ -85,7 +85,7 @@ def max_rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture
 def tiny_blocks(monkeypatch):
-    monkeypatch.setattr(attention, "BLOCK_BYTES", TINY_BLOCKS)
+    monkeypatch.setitem(attention.BLOCK_BYTES, "cpu", TINY_BLOCKS)
 
 
 @pytest.mark.parametrize("arch", ARCHS + list(WINDOWED))
@@ -158,7 +158,7 @@ def reference_attention(q, k, v, additive_mask, scaling):
 
 @pytest.mark.parametrize("budget", [1, 2 * 4 * 7 * 8 * 2, 2**30], ids=["row_blocks", "two_row_blocks", "one_block"])
 def test_kernel_matches_a_per_head_reference_in_float64_with_grouped_kv_heads(budget, monkeypatch):
-    monkeypatch.setattr(attention, "BLOCK_BYTES", budget)
+    monkeypatch.setitem(attention.BLOCK_BYTES, "cpu", budget)
     g = torch.Generator().manual_seed(0)
     B, H, KV, L, D = 2, 4, 2, 7, 3
     q, k, v = (torch.randn(B, n, L, D, generator=g, dtype=torch.float64) for n in (H, KV, KV))
@@ -280,14 +280,14 @@ def every_pass(policy, batch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_no_pass_forms_an_l_by_l_tensor(dtype, monkeypatch):
     length = 80  # longer than the vocabulary (61), so that [.., L, L] can only be attention
-    monkeypatch.setattr(attention, "BLOCK_BYTES", 3 * 4 * length * 8 * 16)
+    monkeypatch.setitem(attention.BLOCK_BYTES, "cpu", 3 * 4 * length * 8 * 16)
     policy = fprobe.Policy(build("qwen2", dtype))
     batch = make_batch(n=3, width=length, seed=8)
     for name, run in every_pass(policy, batch).items():
         with SquareTensors(length) as seen:
             run()
         assert not seen.found, f"{name} formed {seen.found[:3]}"
-    monkeypatch.setattr(attention, "BLOCK_BYTES", 2**30)  # the detector itself: one block is [.., L, L]
+    monkeypatch.setitem(attention.BLOCK_BYTES, "cpu", 2**30)  # the detector itself: one block is [.., L, L]
     with SquareTensors(length) as seen:
         every_pass(policy, batch)["forward"]()
     assert seen.found
