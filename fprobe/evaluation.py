@@ -5,6 +5,7 @@ parameters and the low-ESS warning. ``probe`` and ``sweep`` both build on this m
 Ĥ(θ) = Σ_i w_i H_i / Σ_i w_i D_i with log w_i = S_i(θ) − S_i(θ₀) (see ``fprobe.estimators``).
 """
 
+import dataclasses
 import time
 import typing
 from dataclasses import dataclass
@@ -68,6 +69,16 @@ def version_of(x: torch.Tensor) -> int | None:
         return None
 
 
+def tensor_versions(tensors: dict, prefix: str) -> dict:
+    """{``prefix[name]``: (tensor, its version counter)} for ``Context.check_unchanged``."""
+    return {f"{prefix}[{name!r}]": (x, version_of(x)) for name, x in tensors.items()}
+
+
+def batch_tensors(batch: Rollouts) -> dict:
+    """The tensor fields of a batch by name."""
+    return {f.name: x for f in dataclasses.fields(batch) if isinstance(x := getattr(batch, f.name), torch.Tensor)}
+
+
 @dataclass(frozen=True)
 class Context:
     """What a learning-rate sweep or a decomposition reuses: the policy, θ₀, E, and Ĥ's ingredients at
@@ -81,25 +92,22 @@ class Context:
     alpha: torch.Tensor
     beta: torch.Tensor
     settings: Settings
-    versions: dict | None = None  # {name: (tensor, its version counter)} of θ₀ when measured: see check_unchanged
+    versions: dict | None = None  # {label: (tensor, its version counter)} when measured: see check_unchanged
 
     def __post_init__(self):
         if self.versions is None:
-            object.__setattr__(self, "versions", {name: (x, version_of(x)) for name, x in self.params.items()})
+            object.__setattr__(self, "versions", tensor_versions(self.params, "θ₀") | tensor_versions(batch_tensors(self.E), "E"))
 
     def check_unchanged(self) -> None:
-        """Raise if a tensor of θ₀ was changed in place since the measurement (e.g. the model was trained
-        further: ``policy.params`` are views of its weights), which would mix two models in one result."""
-        changed = [
-            name for name, (x, version) in self.versions.items()
-            if self.params.get(name) is x and version is not None and version_of(x) != version
-        ]
+        """Raise if a tensor of θ₀ or of a batch was changed in place since the measurement (e.g. the model was
+        trained further: ``policy.params`` are views of its weights), which would mix two models in one result."""
+        changed = [label for label, (x, version) in self.versions.items() if version is not None and version_of(x) != version]
         if changed:
             raise RuntimeError(
-                f"the parameters θ₀ of this result were changed in place since it was measured ({changed[:3]}"
-                f"{'...' if len(changed) > 3 else ''}, e.g. by training the model further): its sweep, contributions "
-                "or predictors would mix two models; probe again, or probe with params the model does not share "
-                "(e.g. fprobe.tree.tree_map(torch.clone, policy.params))"
+                f"tensors of this result were changed in place since it was measured ({', '.join(changed[:3])}"
+                f"{'...' if len(changed) > 3 else ''}; e.g. the model trained further): its sweep, contributions or "
+                "predictors would mix two models or batches; probe again, or probe with params the model does not "
+                "share (e.g. fprobe.tree.tree_map(torch.clone, policy.params))"
             )
 
 

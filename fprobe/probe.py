@@ -10,7 +10,7 @@ from typing import ClassVar, Literal
 import torch
 
 from . import decompose, estimators, passes, predictors, results, sweep, tree
-from .evaluation import Context, Method, Settings, first_order, snis_at, warn_if_low_ess
+from .evaluation import Context, Method, Settings, batch_tensors, first_order, snis_at, tensor_versions, warn_if_low_ess
 from .optim import Optimizer
 from .results import internal
 from .rollouts import Rollouts
@@ -311,6 +311,8 @@ def probe(
         progress=progress, **estimate,
     )
     fields = {f.name: getattr(change, f.name) for f in dataclasses.fields(change)}
+    versions = fields["context"].versions | tensor_versions(batch_tensors(U), "U")  # U is reused by contributions, predictors
+    fields["context"] = dataclasses.replace(fields["context"], versions=versions)
     return ProbeResult(
         **{**fields, "timings": {"step": step_time, **change.timings}},
         **taken,

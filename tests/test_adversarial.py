@@ -295,3 +295,21 @@ def test_a_decomposition_warning_points_at_the_callers_line(gpt2, batches, monke
     with pytest.warns(decompose.DecompositionWarning) as caught:
         res.contributions()
     assert [w.filename for w in caught] == [__file__]  # it is fprobe/probe.py
+
+
+def test_a_result_refuses_to_be_reused_after_a_batch_was_changed_in_place(gpt2):
+    E, U = make_batch(6, seed=1, with_advantages=False), make_batch(6, seed=2)
+    res = fprobe.probe(gpt2, E, U, fprobe.optim.adamw(lr=1e-4))
+    comparison = res.predictors()
+    U.advantages.mul_(-1.0)  # a buffer reused for the next batch
+    # was: every predictor's per-token values flipped sign against the same truth
+    with pytest.raises(RuntimeError, match=r"changed in place .*U\['advantages'\]"):
+        res.predictors()
+    U.advantages.mul_(-1.0)  # the values are back, but the result cannot know: still refused
+    with pytest.raises(RuntimeError, match="changed in place"):
+        res.contributions()
+    res2 = fprobe.probe(gpt2, E, make_batch(6, seed=2), fprobe.optim.adamw(lr=1e-4))
+    assert res2.predictors().scores == comparison.scores  # an untouched batch: the same comparison as before
+    E.input_ids[:, -1] = 5  # E's last column rewritten in place
+    with pytest.raises(RuntimeError, match=r"changed in place .*E\['input_ids'\]"):
+        res2.sweep([2e-4])  # was: Ĥ at θ₀+Δθ on the new tokens against H(θ₀) on the old ones
