@@ -191,6 +191,8 @@ def entropy_change(
         estimator=estimator, normalize=normalize, entropy=entropy, baseline=baseline, method=method,
         micro_batch=micro_batch, ess_threshold=ess_threshold,
     )
+    if lr is not None and (isinstance(lr, bool) or not math.isfinite(float(lr)) or float(lr) < 0):
+        raise ValueError(f"lr (the learning rate that produced delta) must be a finite number >= 0, got {lr!r}")
     params = tree.check_like(policy.params, policy.params if params is None else params, "params")
     delta = tree.check_like(params, delta, "delta")
     tree.check_finite(delta, "delta")

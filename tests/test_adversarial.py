@@ -313,3 +313,13 @@ def test_a_result_refuses_to_be_reused_after_a_batch_was_changed_in_place(gpt2):
     E.input_ids[:, -1] = 5  # E's last column rewritten in place
     with pytest.raises(RuntimeError, match=r"changed in place .*E\['input_ids'\]"):
         res2.sweep([2e-4])  # was: Ĥ at θ₀+Δθ on the new tokens against H(θ₀) on the old ones
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -1e-4, float("inf")])
+def test_entropy_change_refuses_a_bad_learning_rate_before_any_pass(gpt2, batches, monkeypatch, bad):
+    E, _ = batches
+    delta = tree.tree_map(lambda p: 1e-4 * torch.randn_like(p), gpt2.params)
+    for name in ("forward", "jet"):
+        monkeypatch.setattr(passes, name, no_pass)
+    with pytest.raises(ValueError, match="lr"):  # was: accepted; its sweep then scaled Δθ by NaN or flipped it
+        fprobe.entropy_change(gpt2, E, delta, lr=bad)
