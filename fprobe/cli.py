@@ -88,8 +88,8 @@ def parse_lrs(text: str) -> list[float]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated learning rates (e.g. 1e-6,1e-5), got {text!r}") \
             from None
-    if not lrs or not all(map(is_learning_rate, lrs)):
-        raise argparse.ArgumentTypeError(f"expected finite, non-negative learning rates, got {text!r}")
+    if not lrs or not all(map(is_learning_rate, lrs)) or not any(lr > 0 for lr in lrs):
+        raise argparse.ArgumentTypeError(f"expected finite, non-negative learning rates, at least one > 0, got {text!r}")
     return lrs
 
 

@@ -88,6 +88,8 @@ def sweep(change, lrs, progress: bool = False) -> SweepResult:
     bad = [lr for lr in lrs if not (math.isfinite(lr) and lr >= 0)]
     if bad:
         raise ValueError(f"learning rates must be finite and >= 0, got {bad}")
+    if not any(lr > 0 for lr in lrs):
+        raise ValueError(f"a sweep needs at least one learning rate > 0, got {lrs}")
     true, first, both, ratio, ess, low = [], [], [], [], [], []
     for lr in lrs:
         s = lr / lr0

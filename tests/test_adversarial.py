@@ -323,3 +323,17 @@ def test_entropy_change_refuses_a_bad_learning_rate_before_any_pass(gpt2, batche
         monkeypatch.setattr(passes, name, no_pass)
     with pytest.raises(ValueError, match="lr"):  # was: accepted; its sweep then scaled Δθ by NaN or flipped it
         fprobe.entropy_change(gpt2, E, delta, lr=bad)
+
+
+@pytest.mark.parametrize("lrs", [[], [0.0], [0.0, 0.0]])
+def test_a_sweep_without_a_positive_rate_is_refused(gpt2, batches, lrs):
+    E, U = batches
+    res = fprobe.probe(gpt2, E, U, fprobe.optim.adamw(lr=1e-5))
+    with pytest.raises(ValueError, match="at least one learning rate > 0"):  # was: a sweep whose plot raised
+        res.sweep(lrs)  # matplotlib's "cannot be log-scaled"
+
+
+def test_cli_lrs_without_a_positive_rate_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_:  # was: the run, the record, then exit 2 from the plot
+        cli.main(["sweep", "--lrs", "0,0"])
+    assert exit_.value.code == cli.EXIT_ERROR and "at least one > 0" in capsys.readouterr().err
