@@ -42,6 +42,8 @@ class Rollouts:
             raise ValueError(f"input_ids must be [batch, length], got shape {tuple(ids.shape)}")
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise TypeError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
+        if ids.dtype not in (torch.long, torch.int):  # uint8/int16 ids: embeddings take long or int only
+            object.__setattr__(self, "input_ids", ids := ids.to(torch.long))
         if ids.shape[0] == 0 or ids.shape[1] == 0:
             raise ValueError(f"empty batch: input_ids has shape {tuple(ids.shape)}")
         for name in ("attention_mask", "response_mask"):

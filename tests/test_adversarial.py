@@ -337,3 +337,13 @@ def test_cli_lrs_without_a_positive_rate_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_:  # was: the run, the record, then exit 2 from the plot
         cli.main(["sweep", "--lrs", "0,0"])
     assert exit_.value.code == cli.EXIT_ERROR and "at least one > 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16])
+def test_narrow_integer_token_ids_give_the_same_numbers_as_long_ones(gpt2, dtype):
+    E = make_batch(6, seed=1, with_advantages=False)
+    delta = tree.tree_map(lambda p: 1e-4 * torch.randn_like(p), gpt2.params)
+    reference = fprobe.entropy_change(gpt2, E, delta)
+    narrow = fprobe.Rollouts(E.input_ids.to(dtype), E.attention_mask, E.response_mask)
+    got = fprobe.entropy_change(gpt2, narrow, delta)  # was: torch's "Expected ... indices ... Long, Int" at the pass
+    assert (got.h_orig, got.delta_h_true, got.delta_h1) == (reference.h_orig, reference.delta_h_true, reference.delta_h1)
