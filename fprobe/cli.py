@@ -389,10 +389,12 @@ def probe_model(args, model: str, pool: list[dict], reward, key: dict, plot: Pat
     return record, sweep, "\n".join(report + ([str(sweep)] if sweep is not None else []))
 
 
-def say(text: str, stream=None) -> None:
-    """Print to stdout (or ``stream``, e.g. stderr); if its reader went away (``fprobe … 2>&1 | head``), the
-    rest of that stream's output is dropped and the run goes on: the records are in the results file."""
-    stream = sys.stdout if stream is None else stream
+def say(text: str, stderr: bool = False) -> None:
+    """Print to stdout (or stderr); if its reader went away (``fprobe … 2>&1 | head``), the rest of that
+    stream's output is dropped and the run goes on: the records are in the results file."""
+    stream = sys.stderr if stderr else sys.stdout
+    if stream is None:  # started with the stream closed (2>&-)
+        return
     try:
         print(text, file=stream, flush=True)
     except BrokenPipeError:
@@ -411,7 +413,7 @@ def command_line_output():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
-        warnings.showwarning = lambda message, *_, **__: say(f"fprobe: warning: {message}", sys.stderr)
+        warnings.showwarning = lambda message, *_, **__: say(f"fprobe: warning: {message}", stderr=True)
         try:
             yield
         finally:
@@ -471,11 +473,11 @@ def main(argv: list[str] | None = None) -> int:
         with command_line_output():
             run(args)
     except KeyboardInterrupt:
-        say("fprobe: interrupted (the records written so far are complete)", sys.stderr)
+        say("fprobe: interrupted (the records written so far are complete)", stderr=True)
         return 130
     except Exception as error:  # every failure is reported as one line, without a traceback unless asked
         if args.traceback or os.environ.get(TRACEBACK_ENV) == "1":
             raise
-        say(f"fprobe: error: {one_line(error)}", sys.stderr)
+        say(f"fprobe: error: {one_line(error)}", stderr=True)
         return EXIT_ERROR
     return 0

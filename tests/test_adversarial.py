@@ -347,3 +347,19 @@ def test_narrow_integer_token_ids_give_the_same_numbers_as_long_ones(gpt2, dtype
     narrow = fprobe.Rollouts(E.input_ids.to(dtype), E.attention_mask, E.response_mask)
     got = fprobe.entropy_change(gpt2, narrow, delta)  # was: torch's "Expected ... indices ... Long, Int" at the pass
     assert (got.h_orig, got.delta_h_true, got.delta_h1) == (reference.h_orig, reference.delta_h_true, reference.delta_h1)
+
+
+def test_a_stderr_closed_from_the_start_sends_no_warning_to_stdout(tmp_path, monkeypatch, capsys):
+    """``fprobe probe --out /dev/stdout 2>&-``: Python sets sys.stderr to None; the warnings must not land in stdout."""
+
+    def probe_model(args, model, pool, reward, key, plot):
+        import warnings
+
+        warnings.warn("a warning on the way")
+        return {"key": {"model": "stub"}}, None, "report"
+
+    monkeypatch.setattr(cli, "probe_model", probe_model)
+    monkeypatch.setattr(sys, "stderr", None)
+    assert cli.main(["probe", "--out", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "report" in out and "warning" not in out
