@@ -314,6 +314,9 @@ def probe(
     )
     fields = {f.name: getattr(change, f.name) for f in dataclasses.fields(change)}
     versions = fields["context"].versions | tensor_versions(batch_tensors(U), "U")  # U is reused by contributions, predictors
+    for field, value in zip(getattr(opt_state, "_fields", ()), opt_state or ()):  # and the starting state by replay_step
+        if isinstance(value, Mapping):
+            versions |= tensor_versions({k: v for k, v in value.items() if isinstance(v, torch.Tensor)}, f"opt_state.{field}")
     fields["context"] = dataclasses.replace(fields["context"], versions=versions)
     return ProbeResult(
         **{**fields, "timings": {"step": step_time, **change.timings}},

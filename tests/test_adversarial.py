@@ -363,3 +363,17 @@ def test_a_stderr_closed_from_the_start_sends_no_warning_to_stdout(tmp_path, mon
     assert cli.main(["probe", "--out", str(tmp_path / "r.json")]) == 0
     out = capsys.readouterr().out
     assert "report" in out and "warning" not in out
+
+
+def test_contributions_refuse_a_starting_optimizer_state_changed_in_place(gpt2, batches):
+    E, U = batches
+    opt = fprobe.optim.adamw(lr=1e-4)
+    first = fprobe.rl_step(gpt2, gpt2.params, opt, opt.init(gpt2.params), U)
+    res = fprobe.probe(gpt2, E, U, opt, first.opt_state, keep_step=True)
+    parts = res.contributions()
+    assert parts.momentum + parts.decay + float(parts.per_sequence.sum()) == pytest.approx(res.delta_h1, rel=1e-9)
+    for m in first.opt_state.exp_avg.values():
+        m.mul_(4.0)  # the caller's state object, reused
+    # was: parts missing δH₁ by 1.4× of its size, with a warning blaming the policy's precision (float64 here)
+    with pytest.raises(RuntimeError, match=r"changed in place .*opt_state.exp_avg\["):
+        res.contributions()
