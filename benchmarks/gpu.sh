@@ -27,20 +27,17 @@ run() {  # run NAME SECONDS COMMAND...: output to $OUT/NAME.txt (and the termina
     [ "$rc" -eq 0 ] || status=1
 }
 
-if [ "$TINY" = 1 ]; then
-    run real_size 300 "$PY" benchmarks/real_size.py --tiny --json "$OUT/real_size.json"
-    run jvp_vs_grad 300 "$PY" benchmarks/jvp_vs_grad.py --quick --json "$OUT/jvp_vs_grad.json"
-    run probe_vs_imperative 300 "$PY" benchmarks/probe_vs_imperative.py --quick --json "$OUT/probe_vs_imperative.json"
-    run long_sequences 300 "$PY" benchmarks/long_sequences.py --quick --json "$OUT/long_sequences.json"
-    run probe_memory 300 "$PY" benchmarks/probe_memory.py --quick --json "$OUT/probe_memory.json"
+if [ "$TINY" = 1 ]; then  # the same command lines on the CPU, each script cut to its --quick size
+    DEV=cpu; QUICK=--quick
 else
+    DEV=cuda; QUICK=
     "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())" || exit 2
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-    run test_cuda 240 "$PY" -m pytest -q -rs tests/test_cuda.py
-    run real_size 240 "$PY" benchmarks/real_size.py --device cuda --json "$OUT/real_size.json"
-    run jvp_vs_grad 180 "$PY" benchmarks/jvp_vs_grad.py --device cuda --sizes 15m,60m --lengths 1024 --json "$OUT/jvp_vs_grad.json"
-    run probe_vs_imperative 120 "$PY" benchmarks/probe_vs_imperative.py --device cuda --size 60m --length 1024 --n-u 16 --n-e 32 --micro-batch 8 --json "$OUT/probe_vs_imperative.json"
-    run long_sequences 180 "$PY" benchmarks/long_sequences.py --device cuda --size 15m --lengths 1024,2048,4096,8192 --whole-lengths 1024,2048 --time-length 1024 --json "$OUT/long_sequences.json"
-    run probe_memory 120 "$PY" benchmarks/probe_memory.py --device cuda --size 60m --length 1024 --micro-batch 8 --json "$OUT/probe_memory.json"
 fi
+run test_cuda 240 "$PY" -m pytest -q -rs tests/test_cuda.py
+run real_size 240 "$PY" benchmarks/real_size.py --device $DEV $QUICK --json "$OUT/real_size.json"
+run jvp_vs_grad 180 "$PY" benchmarks/jvp_vs_grad.py --device $DEV --sizes 15m,60m --lengths 1024 $QUICK --json "$OUT/jvp_vs_grad.json"
+run probe_vs_imperative 120 "$PY" benchmarks/probe_vs_imperative.py --device $DEV --size 60m --length 1024 --n-u 16 --n-e 32 --micro-batch 8 $QUICK --json "$OUT/probe_vs_imperative.json"
+run long_sequences 180 "$PY" benchmarks/long_sequences.py --device $DEV --size 15m --lengths 1024,2048,4096,8192 --whole-lengths 1024,2048 --time-length 1024 $QUICK --json "$OUT/long_sequences.json"
+run probe_memory 120 "$PY" benchmarks/probe_memory.py --device $DEV --size 60m --length 1024 --micro-batch 8 $QUICK --json "$OUT/probe_memory.json"
 exit $status

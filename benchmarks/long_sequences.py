@@ -105,7 +105,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     common.setup(args)
     if args.quick:
-        args.lengths, args.whole_lengths, args.time_length = "64,128", "64", 64
+        args.size, args.lengths, args.whole_lengths, args.time_length = "1m", "64,128", "64", 64
     lengths = [int(x) for x in args.lengths.split(",")]
     whole_lengths = [int(x) for x in args.whole_lengths.split(",") if x]
     isolated = common.isolated(args)

@@ -207,7 +207,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     common.setup(args)
     if args.quick:
-        args.n_u, args.n_e, args.length, args.micro_batch = 4, 8, 16, 4
+        args.size, args.n_u, args.n_e, args.length, args.micro_batch = "1m", 4, 8, 16, 4
     isolated = common.isolated(args)
     setup_args = (args.arch, args.size, args.lora, args.dtype, args.device, args.n_u, args.n_e, args.length, args.lr)
     setup = make_setup(*setup_args)
