@@ -28,6 +28,7 @@ each line appended atomically) from the main process only.
 
 import contextlib
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,9 +163,53 @@ def check_eval_batch(E, model) -> None:
         )
 
 
+def open_records_file(out: Path, output_dir: str) -> None:
+    """Open ``out`` for appending now (created, with its folders, if absent), so that a place that cannot take
+    the records fails at attach and not at the first probed step: OSError where it cannot be opened,
+    ValueError where it holds lines that are not JSON. Warns when it already holds records of this
+    ``output_dir`` (a rerun): a step already there is not written again."""
+    try:
+        with results.locked_jsonl(out):
+            existing = [line for _, line in results.read_json_lines(out, "probe records")]
+    except OSError as error:
+        raise type(error)(f"out {str(out)!r} cannot be opened for appending: {error}") from error
+    run = str(Path(output_dir).resolve())
+    steps = sorted(line["key"]["step"] for line in existing
+                   if isinstance(line, dict) and isinstance(line.get("key"), dict) and line["key"].get("output_dir") == run)
+    if steps:
+        warnings.warn(f"out {str(out)!r} already holds {len(steps)} probe record(s) of {run} (steps {steps[0]} to "
+                      f"{steps[-1]}): those steps are not written again; remove the file for a fresh run", stacklevel=3)
+
+
 def is_single_user_turn(prompt) -> bool:
     """A conversational prompt that is one user message with text content."""
     return isinstance(prompt, list) and len(prompt) == 1 and prompt[0].get("role") == "user" and isinstance(prompt[0].get("content"), str)
+
+
+class TrainerChatTemplate:
+    """The trainer's tokenizer, whose ``apply_chat_template`` renders as TRL's ``GRPOTrainer`` does: with the
+    trainer's own template (if it set one), its tools and its ``chat_template_kwargs``. Anything else is the
+    tokenizer's."""
+
+    def __init__(self, trainer):
+        self._tokenizer = trainer.processing_class
+        self._template = getattr(trainer, "chat_template", None)
+        self._tools = getattr(trainer, "tools", None) or None
+        self._kwargs = dict(getattr(trainer, "chat_template_kwargs", None) or {})
+
+    @property
+    def chat_template(self):
+        return self._template or self._tokenizer.chat_template
+
+    def apply_chat_template(self, conversation, **kwargs):
+        return self._tokenizer.apply_chat_template(
+            conversation, chat_template=self._template, tools=self._tools, **{**self._kwargs, **kwargs})
+
+    def __call__(self, *args, **kwargs):
+        return self._tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
 
 
 def dataset_prompts(trainer) -> tuple[list[dict], bool]:
@@ -373,6 +418,7 @@ class TrlProbe(TrainerCallback):
         self._input_reason: str | None = None
         self._before: Before | None = None
         self._hook = None
+        self._wrapper = None  # the compute_loss wrapper while installed
         self._own_compute_loss = None  # an instance attribute compute_loss the trainer had before train()
         self._step_started = 0.0
 
@@ -386,6 +432,7 @@ class TrlProbe(TrainerCallback):
         return getattr(optimizer, "optimizer", optimizer)
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        self._uninstall()  # what a train() that raised (Ctrl-C, an error) left, which would count and capture twice
         self._hook = self._torch_optimizer(optimizer).register_step_post_hook(self._count_update)
         trainer, compute_loss = self.trainer, self.trainer.compute_loss
         self._own_compute_loss = vars(trainer).get("compute_loss")
@@ -395,15 +442,36 @@ class TrlProbe(TrainerCallback):
                 self._capture(inputs)
             return compute_loss(model, inputs, *rest, **kw)
 
-        trainer.compute_loss = capturing_compute_loss
+        trainer.compute_loss = self._wrapper = capturing_compute_loss
         self._capturing = False
+        self._before = None
 
     def on_train_end(self, args, state, control, **kwargs):
-        self._hook.remove()
-        if self._own_compute_loss is None:
-            del self.trainer.compute_loss
-        else:
-            self.trainer.compute_loss = self._own_compute_loss
+        self._uninstall()
+
+    def _uninstall(self) -> None:
+        """Remove the update counter and the ``compute_loss`` wrapper, if installed (idempotent)."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self._wrapper is not None:
+            if vars(self.trainer).get("compute_loss") is self._wrapper:
+                if self._own_compute_loss is None:
+                    del self.trainer.compute_loss
+                else:
+                    self.trainer.compute_loss = self._own_compute_loss
+            self._wrapper = self._own_compute_loss = None
+        self._capturing = False
+
+    @contextlib.contextmanager
+    def _cleaned_up_on_error(self):
+        """An exception (or Ctrl-C) inside the probe ends train(): take the probe's hooks off the trainer then."""
+        try:
+            yield
+        except BaseException:
+            self._uninstall()
+            self._before = None
+            raise
 
     def _count_update(self, optimizer, args, kwargs):
         self._updates += 1
@@ -432,7 +500,7 @@ class TrlProbe(TrainerCallback):
         step = state.global_step + 1
         torch_optimizer = self._torch_optimizer(optimizer)
         dropout = active_dropout(self.model)
-        with modes_kept(self.model):
+        with self._cleaned_up_on_error(), modes_kept(self.model):
             policy = Policy(self.model, temperature=self.trainer.temperature)
             params = tree.tree_map(lambda p: p.detach().clone(), policy.params)
             eval_batch, sampler_ess = self._eval_batch(policy, params, step)
@@ -447,7 +515,7 @@ class TrlProbe(TrainerCallback):
             return
         start = time.perf_counter()
         step_seconds = start - self._step_started - before.seconds
-        with modes_kept(self.model):
+        with self._cleaned_up_on_error(), modes_kept(self.model):
             record = self._measure(state.global_step, before)
         record["probe_seconds"] = before.seconds + time.perf_counter() - start
         record["step_seconds"] = step_seconds
@@ -470,8 +538,9 @@ class TrlProbe(TrainerCallback):
 
     def _sample(self, policy, step: int) -> Rollouts:
         """A fresh E from π_θk: the run's prompts, the trainer's temperature, fprobe's own per-row streams."""
+        tokenizer = TrainerChatTemplate(self.trainer) if self.chat_template else self.trainer.processing_class
         E, _ = sampling.sample(
-            policy, self.trainer.processing_class, self.prompts,
+            policy, tokenizer, self.prompts,
             n_eval=self.settings.n_eval, n_update_prompts=1, group_size=1, reward=lambda *_: 0.0,
             max_new_tokens=self.trainer.max_completion_length, seed=sampling.stream_seed(self.settings.seed, "trl", step),
             replace=self.settings.n_eval > len(self.prompts), chat_template=self.chat_template,
@@ -537,9 +606,12 @@ class TrlProbe(TrainerCallback):
         delta = tree.sub(new_params, before.params)
         numbers = self._entropy_numbers(policy, before, delta, new_params)
         replay = before.replay
-        record.update(numbers, delta_l2=float(tree.norm(delta)), step_check=replay.check,
-                      step_rel_error=None if replay.delta is None else relative_error(replay.delta, delta),
-                      step_rel_error_worst=None if replay.delta is None else worst_parameter(replay.delta, delta))
+        error = None if replay.delta is None else relative_error(replay.delta, delta)
+        check = replay.check
+        if replay.delta is not None and error is None:
+            check = f"no relative error: TRL's update is 0 (fprobe's replay: ‖Δθ‖ = {float(tree.norm(replay.delta)):.3g})"
+        record.update(numbers, delta_l2=float(tree.norm(delta)), step_check=check, step_rel_error=error,
+                      step_rel_error_worst=None if error is None else worst_parameter(replay.delta, delta))
         if replay.contributions is not None:
             record["contributions"] = replay.contributions
         return record
@@ -602,6 +674,8 @@ def attach(
         raise ValueError("contributions need a fresh E at each step (resample=True, no E) and the step cross-check (check_step=True)")
     if out is not None:
         results.check_writable(out, "out")
+    if prompts is not None and (isinstance(prompts, str) or not all(isinstance(p, str) and p for p in prompts)):
+        raise TypeError("prompts must be a list of non-empty texts (one text would be read as its characters)")
     model = trainer.model
     records = [{"prompt": p} for p in prompts] if prompts is not None else None
     chat_template = False
@@ -617,6 +691,8 @@ def attach(
         if E is not None:
             check_eval_batch(E, model)
             fixed = EvalBatch(E, sequence_logp(policy, policy.params, E, micro_batch), trainer.state.global_step)
+    if out is not None and distributed.is_main():
+        open_records_file(Path(out), trainer.args.output_dir)
     probe_callback = TrlProbe(trainer, settings, records, chat_template, fixed)
     trainer.add_callback(probe_callback)
     return probe_callback

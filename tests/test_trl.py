@@ -121,6 +121,7 @@ def test_attached_run_is_bit_identical_and_fprobe_replays_trl_step(tmp_path, los
     assert logged(probed, "grad_norm") == logged(plain, "grad_norm")
     assert probed_completions == plain_completions
     assert model_state(probed.model) == model_state(plain.model)
+    assert model_state(plain.model)["checkpointing"] is True  # TRL's default, which fprobe's passes turn off and restore
     assert state_dicts_equal(probed.optimizer.state_dict(), plain.optimizer.state_dict())
     assert state_dicts_equal(probed.lr_scheduler.state_dict(), plain.lr_scheduler.state_dict())
     assert "compute_loss" not in vars(probed), "the compute_loss wrapper outlived train()"
@@ -133,11 +134,69 @@ def test_attached_run_is_bit_identical_and_fprobe_replays_trl_step(tmp_path, los
     assert lrs == logged(plain, "learning_rate") and len(set(lrs)) == 3  # the linear schedule's rate at each step
     for record in probe.records:
         assert record["step_check"] == "ok" and record["delta_l2"] > 0
-        # float64 model, but TRL's fused LM head computes log-probs and their gradients in float32, so
-        # TRL's gradient carries ~1e-7 relative rounding; AdamW divides each component by its own √v
-        # (its first step is sign-like), which turns that rounding into update differences wherever |g| is
-        # small (measured 7e-5 to 3e-4). SGD shows the floor itself: test_step_rel_error_in_float64_with_sgd
+        # float64 model, but TRL's forward rounds to float32 in its fused LM head, Qwen2's RMSNorm and the
+        # rotary angles, so TRL's gradient carries ~1e-7 relative rounding; AdamW divides each component by
+        # its own √v (its first step is sign-like), which turns that rounding into update differences
+        # wherever |g| is small (measured 7e-5 to 3e-4; with those three in float64, 1e-13:
+        # test_step_rel_error_with_adamw_is_trls_float32_rounding)
         assert record["step_rel_error"] <= 1e-3, record
+
+
+CHAT_TEMPLATE = "{{ bos_token }}{% for m in messages %}{% if doubled %}{{ bos_token }}{% endif %}{{ m['content'] }}{% endfor %}"
+
+
+def make_chat_trainer(tmp_path, **options):
+    """``make_trainer`` with conversational prompts (one user turn each) rendered by a chat template that TRL
+    and fprobe must both apply, with the run's ``chat_template_kwargs`` (a second <bos> before the turn, which
+    plain-text prompts and the template without them do not have)."""
+    trainer, seen = make_trainer(tmp_path, chat_template_kwargs={"doubled": True}, **options)
+    tokenizer = AutoTokenizer.from_pretrained(str(toy.DEFAULT_MODEL_PATH))
+    tokenizer.chat_template = CHAT_TEMPLATE
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]} for r in toy.make_prompts(64, 0)])
+
+    def reward(prompts, completions, answer, **_):
+        seen.extend(c[0]["content"] for c in completions)
+        return [toy.verify(p[0]["content"], c[0]["content"], {"answer": a}) for p, c, a in zip(prompts, completions, answer)]
+
+    trainer = GRPOTrainer(model=trainer.model, reward_funcs=reward, args=trainer.args, train_dataset=dataset, processing_class=tokenizer)
+    return trainer, seen
+
+
+@pytest.mark.parametrize("case", ["bf16_autocast", "two_iterations", "conversational"])
+def test_attaching_changes_nothing_in_other_kinds_of_run(tmp_path, case):
+    """bf16 autocast on CPU (a float32 model), two iterations per generation (old log-probs, no replay),
+    conversational prompts: bit-identical weights, losses, completions and model state with and without the
+    probe, and records that say what they could not check."""
+    build = {
+        "bf16_autocast": lambda: make_trainer(tmp_path, dtype=torch.float32, bf16=True, steps=2),
+        "two_iterations": lambda: make_trainer(tmp_path, num_iterations=2, steps=2),
+        "conversational": lambda: make_chat_trainer(tmp_path, steps=2),
+    }[case]
+    plain, plain_completions = build()
+    plain.train()
+    probed, probed_completions = build()
+    probe = fprobe.trl.attach(probed, every=1, n_eval=4)
+    probed.train()
+    new, old = trainable(probed.model), trainable(plain.model)
+    assert all(torch.equal(new[n], old[n]) for n in old)
+    assert logged(probed, "loss") == logged(plain, "loss") and probed_completions == plain_completions
+    assert model_state(probed.model) == model_state(plain.model)
+    assert [r["step"] for r in probe.records] == [1, 2] and all(r["delta_h1"] != 0 for r in probe.records)
+    checks = [r["step_check"] for r in probe.records]
+    if case == "bf16_autocast":
+        assert all(c.startswith("ok (the trainer's forward ran under bf16/fp16 autocast") for c in checks)
+    elif case == "two_iterations":
+        assert all(c.startswith("skipped: num_iterations = 2") for c in checks)
+        assert all(r["step_rel_error"] is None for r in probe.records)
+    else:
+        assert checks == ["ok", "ok"] and max(r["step_rel_error"] for r in probe.records) <= 1e-3
+        tokenizer = probed.processing_class
+        rendered = {tuple(tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, doubled=True)["input_ids"])
+                    for row in probed.train_dataset}  # TRL's own rendering of the prompts
+        E = probe.eval_batches[1]
+        prompts = {tuple(ids[(mask & ~response).bool()].tolist()) for ids, mask, response in
+                   zip(E.input_ids, E.attention_mask.bool(), E.response_mask)}
+        assert prompts <= rendered and all(p[:2] == (tokenizer.bos_token_id,) * 2 for p in prompts)
 
 
 @pytest.mark.parametrize("optimizer, bound", [("sgd", 3e-5), ("adamw_torch", 1e-3)])
@@ -170,6 +229,63 @@ def test_step_rel_error_in_float64_with_sgd(tmp_path, loss_type, generations):
     print(f"{loss_type} float64 SGD step_rel_error:", errors)
     assert all(r["step_check"] == "ok" for r in probe.records) and all(e <= 1e-5 for e in errors)
     assert max(errors) > 0, "some step must have a gradient"
+
+
+class ExactFloat64LogProbs:
+    """Stands in for TRL's ``ChunkedLogProbFunction`` (the fused LM head, which computes in float32 whatever
+    the model's dtype): the same per-token log-probs (and entropies) from whole logits in the model's dtype,
+    differentiated by autograd."""
+
+    @staticmethod
+    def apply(hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale, outputs):
+        logits = hidden @ weight.t() + (0 if bias is None else bias)
+        logits = logits * logit_scale
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        logp = torch.log_softmax(logits / temperature, -1)
+        entropy = -(logp.exp() * logp).sum(-1) if "entropy" in outputs else None
+        return logp.gather(-1, targets[:, None])[:, 0], entropy, None, None, None
+
+
+def rms_norm_in_input_dtype(self, hidden):
+    """Qwen2RMSNorm without its float32 cast."""
+    return self.weight * (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+def rotary_in_float64(self, x, position_ids):
+    """Qwen2RotaryEmbedding with its angles in float64 instead of float32."""
+    angles = position_ids[..., None].double() * self.inv_freq.double()
+    angles = torch.cat((angles, angles), dim=-1)
+    return (angles.cos() * self.attention_scaling).to(x.dtype), (angles.sin() * self.attention_scaling).to(x.dtype)
+
+
+@pytest.mark.parametrize("float64_forward", [False, True], ids=["trl_as_is", "trl_in_float64"])
+def test_step_rel_error_with_adamw_is_trls_float32_rounding(tmp_path, monkeypatch, float64_forward):
+    """AdamW with weight decay, a linear schedule, clipping active, two micro-batches per step. TRL's forward of
+    a float64 model still rounds to float32 in three places: its fused LM head, Qwen2's RMSNorm and its rotary
+    angles (fprobe keeps all three in float64). Adam's first, sign-like step magnifies that rounding where |g|
+    is small: measured step_rel_error 1.6e-4 then 1.6e-5. Making those three float64 (and nothing else of
+    TRL's step) leaves 1e-13: fprobe's replay is TRL's update; each of the three alone leaves > 1e-5."""
+    if float64_forward:
+        from transformers.models.qwen2 import modeling_qwen2
+        from trl.trainer import utils as trl_utils
+
+        monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", ExactFloat64LogProbs)
+        monkeypatch.setattr(modeling_qwen2.Qwen2RMSNorm, "forward", rms_norm_in_input_dtype)
+        monkeypatch.setattr(modeling_qwen2.Qwen2RotaryEmbedding, "forward", rotary_in_float64)
+    trainer, _ = make_trainer(tmp_path, "dapo", accumulation=2, steps=2)
+    probe = fprobe.trl.attach(trainer, every=1, n_eval=4)
+    trainer.train()
+    assert trainer.args.optim.startswith("adamw") and trainer.optimizer.param_groups[0]["weight_decay"] == 0.1
+    assert all(g > 0.2 for g in logged(trainer, "grad_norm")), "clipping should act on both steps"
+    assert [r["lr"] for r in probe.records] == [3e-3, 1.5e-3]
+    errors = [r["step_rel_error"] for r in probe.records]
+    print(f"float64 AdamW step_rel_error ({'float64 forward' if float64_forward else 'TRL as is'}):", errors)
+    assert all(r["step_check"] == "ok" for r in probe.records)
+    if float64_forward:
+        assert max(errors) <= 1e-10
+    else:
+        assert 1e-5 < max(errors) <= 1e-3
 
 
 @pytest.mark.parametrize("loss_type", ["dr_grpo", "grpo", "bnpo", "dapo"])
@@ -217,12 +333,12 @@ class KeepParameters(TrainerCallback):
         self.after[state.global_step] = trainable(self.model)
 
 
-def plain_statistics(model, params, E: fprobe.Rollouts, temperature: float = TEMPERATURE):
+def plain_statistics(model, params, E: fprobe.Rollouts, temperature: float = TEMPERATURE, grad: bool = False):
     """(S_i, H_i) of E at ``params``: the model's own float64 forward (its SDPA attention; its RMSNorm's
     float32 casts kept in float64, which would otherwise leave ~1e-7 on these ΔH), a plain log-softmax at
-    the sampling temperature."""
+    the sampling temperature; differentiable if ``grad``."""
     positions = (E.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad(), PrimitiveOpsKeepFloat64():
+    with torch.enable_grad() if grad else torch.no_grad(), PrimitiveOpsKeepFloat64():
         logits = functional_call(model, params, (E.input_ids,), dict(attention_mask=E.attention_mask, position_ids=positions)).logits
     logp = torch.log_softmax(logits[:, :-1].double() / temperature, -1)
     token_logp = logp.gather(-1, E.input_ids[:, 1:, None])[..., 0]
@@ -251,19 +367,26 @@ def test_delta_h_true_equals_an_independent_snis_from_saved_parameters(tmp_path)
     trainer, _ = make_trainer(tmp_path, "dr_grpo", steps=2)
     keep = KeepParameters(trainer.model)
     trainer.add_callback(keep)
-    probe = fprobe.trl.attach(trainer, every=1, n_eval=12)
+    probe = fprobe.trl.attach(trainer, every=1, n_eval=12, second_order=True)
     trainer.train()
     model = eval_model(trainer)
     for record in probe.records:
         k = record["step"]
         E = probe.eval_batches[k]
         assert len(E) == 12 and record["eval_sampled_at"] == k
-        S0, H0 = plain_statistics(model, keep.before[k], E)
-        S1, H1 = plain_statistics(model, keep.after[k], E)
+        before, after = keep.before[k], keep.after[k]
+        S0, H0 = plain_statistics(model, before, E)
+        S1, H1 = plain_statistics(model, after, E)
         T = E.lengths.double()
         expected = snis_entropy(S1, H1, S0, T) - snis_entropy(S0, H0, S0, T)
         assert abs(record["delta_h_true"] - expected) <= 1e-12, (record["delta_h_true"], expected)
         assert abs(record["h_orig"] - snis_entropy(S0, H0, S0, T)) <= 1e-12
+        # δH₁ and δH₂ of a fresh E: the first and half the second derivative of the same plain estimate along Δθ
+        entropy_at = lambda t: snis_entropy(*plain_statistics(model, {n: before[n] + t * (after[n] - before[n]) for n in before}, E), S0, T)
+        eps = 1e-3
+        plus, minus = entropy_at(eps), entropy_at(-eps)
+        assert record["delta_h1"] == pytest.approx((plus - minus) / (2 * eps), rel=1e-5)
+        assert record["delta_h2"] == pytest.approx((plus - 2 * entropy_at(0.0) + minus) / (2 * eps**2), rel=1e-3)
 
 
 def test_fixed_eval_batch_is_importance_weighted_from_its_sampler(tmp_path):
@@ -324,6 +447,54 @@ def test_given_eval_batch_is_weighted_from_the_model_at_attach_and_resampled_whe
     assert probe.eval_batches[2] is not E
 
 
+def test_per_sequence_contributions_against_plain_gradients(tmp_path):
+    """contributions=True with SGD (weight decay 0.1 on transformers' decay group, clipping at 0.2 active, no
+    momentum): Δθ = lr·(s Σ_j c_j A_j ∇S_j − wd θ_decay), so with u = ∇Ĥ(θ_k) on E the part of row j is
+    lr·s·c_j·A_j·⟨u, ∇S_j⟩ and the decay part −lr·wd·⟨u, θ_decay⟩. All of it from plain autograd on a separate
+    float64 model, from the micro-batch TRL's compute_loss saw (dr_grpo: c_j = 1 / (B · max_completion_length))
+    and θ_k kept by a separate callback; s = 0.2 / (‖g‖ + 1e-6) (torch's clipping) from the plain gradient."""
+    trainer, _ = make_trainer(tmp_path, "dr_grpo", steps=1, optim="sgd")
+    seen, own = [], trainer.compute_loss
+    trainer.compute_loss = lambda model, inputs, *rest, **kw: (seen.append(dict(inputs)), own(model, inputs, *rest, **kw))[1]
+    keep = KeepParameters(trainer.model)
+    trainer.add_callback(keep)
+    probe = fprobe.trl.attach(trainer, every=1, n_eval=6, contributions=True)
+    trainer.train()
+    (record,) = probe.records
+    (inputs,) = seen
+    parts = record["contributions"]
+    model = eval_model(trainer)
+    theta = {n: p.clone().requires_grad_() for n, p in keep.before[1].items()}
+
+    E = probe.eval_batches[1]
+    S, H = plain_statistics(model, theta, E, grad=True)
+    w = torch.exp(S - S.detach())  # SNIS weights from θ_k's sample: 1 in value, not in derivative
+    u = torch.autograd.grad((w * H).sum() / (w * E.lengths.double()).sum(), list(theta.values()))
+
+    prompt_mask, completion_mask = inputs["prompt_mask"], inputs["completion_mask"]
+    U = fprobe.Rollouts(torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1), torch.cat([prompt_mask, completion_mask], 1),
+                        torch.cat([torch.zeros_like(prompt_mask), completion_mask], 1).bool())
+    S_U, _ = plain_statistics(model, theta, U, grad=True)
+    grads = [torch.autograd.grad(S_U[j], list(theta.values()), retain_graph=True) for j in range(len(S_U))]
+    dot = lambda a, b: sum(float((x.double() * y.double()).sum()) for x, y in zip(a, b))
+    c = 1.0 / (len(S_U) * MAX_COMPLETION)
+    A = inputs["advantages"].double()
+    g = [sum(c * float(A[j]) * grads[j][i] for j in range(len(grads))) for i in range(len(theta))]  # −∇loss
+    norm = dot(g, g) ** 0.5
+    assert norm == pytest.approx(logged(trainer, "grad_norm")[0], rel=1e-5) and norm > 0.2
+    scale, lr, wd = 0.2 / (norm + 1e-6), record["lr"], trainer.args.weight_decay  # torch's clip_grad_norm_
+    expected = [lr * scale * c * float(A[j]) * dot(u, grads[j]) for j in range(len(grads))]
+    assert parts["per_sequence"] == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    assert max(map(abs, expected)) > 1e-4 and sum(a != 0 for a in A) >= 4
+
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    decayed = {names[id(p)] for group in trainer.optimizer.param_groups if group["weight_decay"] > 0 for p in group["params"]}
+    assert decayed and decayed != set(theta)  # biases and norms are not decayed
+    decay = -lr * wd * sum(float((ui * theta[n]).sum()) for n, ui in zip(theta, u) if n in decayed)
+    assert parts["decay"] == pytest.approx(decay, rel=1e-9) and parts["momentum"] == 0
+    assert parts["delta_h1"] == pytest.approx(record["delta_h1"], rel=1e-6)
+
+
 def test_contributions_and_second_order_are_recorded(tmp_path):
     trainer, _ = make_trainer(tmp_path, "dr_grpo", steps=1)
     probe = fprobe.trl.attach(trainer, every=1, n_eval=6, contributions=True, second_order=True)
@@ -372,6 +543,61 @@ def test_a_step_with_two_updates_or_none_gives_no_numbers_and_says_why(tmp_path)
     assert probed_steps == {1}
 
 
+class InterruptAt(TrainerCallback):
+    """Ctrl-C at the end of step ``step``."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_an_interrupt_inside_the_probe_leaves_whole_lines_and_a_clean_trainer_for_the_next_train(tmp_path, monkeypatch):
+    """Ctrl-C while the probe measures step 2: the JSONL holds step 1's line, whole; the weights, the model's
+    modes, the trainer's compute_loss and the optimizer's hooks are as the same interrupt leaves a run without
+    the probe; after that and after a Ctrl-C outside the probe, training again counts one update per step (a
+    hook left from an interrupted run would count two) and captures each micro-batch once."""
+    out = tmp_path / "probe.jsonl"
+    plain, _ = make_trainer(tmp_path, "dapo", steps=3)
+    plain.add_callback(InterruptAt(2))
+    with pytest.raises(KeyboardInterrupt):
+        plain.train()
+    trainer, _ = make_trainer(tmp_path, "dapo", steps=3)
+    probe = fprobe.trl.attach(trainer, every=1, n_eval=4, out=out)
+    measure = probe._measure
+
+    def interrupted(step, before):
+        if step == 2:
+            raise KeyboardInterrupt
+        return measure(step, before)
+
+    monkeypatch.setattr(probe, "_measure", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert trainer.state.global_step == 2 and [r["step"] for r in probe.records] == [1]
+    assert [json.loads(line)["step"] for line in out.read_text().splitlines()] == [1]
+    assert "compute_loss" not in vars(trainer) and not trainer.optimizer.optimizer._optimizer_step_post_hooks
+    assert model_state(trainer.model) == model_state(plain.model)  # as the same interrupt leaves a run without it
+    new, old = trainable(trainer.model), trainable(plain.model)
+    assert all(torch.equal(new[n], old[n]) for n in old)
+
+    monkeypatch.setattr(probe, "_measure", measure)
+    outside = InterruptAt(1)  # Ctrl-C outside the probe: its hooks stay until the next train() begins
+    trainer.add_callback(outside)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    trainer.remove_callback(outside)
+    captured = []
+    capture = probe._capture
+    monkeypatch.setattr(probe, "_capture", lambda inputs: (captured.append(len(inputs["advantages"])), capture(inputs)))
+    trainer.train()  # from step 0 again (no checkpoint), with the weights the interrupted run left
+    assert [r["step"] for r in probe.records] == [1, 1, 1, 2, 3] and captured == [8, 8, 8]
+    assert all(r["updates"] == 1 and r["step_check"] == "ok" and r["step_rel_error"] <= 1e-3 for r in probe.records)
+    assert "compute_loss" not in vars(trainer) and not trainer.optimizer.optimizer._optimizer_step_post_hooks
+
+
 @pytest.mark.parametrize("config, options, reason", [({"beta": 0.04}, {}, "beta"), ({}, {"check_step": False}, "check_step=False")])
 def test_unmodelled_loss_terms_or_no_check_skip_the_replay_but_keep_the_numbers(tmp_path, config, options, reason):
     trainer, _ = make_trainer(tmp_path, "dapo", steps=1, **config)
@@ -380,6 +606,18 @@ def test_unmodelled_loss_terms_or_no_check_skip_the_replay_but_keep_the_numbers(
     (record,) = probe.records
     assert record["step_check"].startswith("skipped:") and reason in record["step_check"]
     assert record["step_rel_error"] is None and record["delta_h_true"] != 0 and record["delta_h1"] != 0
+
+
+def test_a_zero_update_has_no_relative_error_and_says_so(tmp_path):
+    """Learning rate 0 (as a schedule's end gives; weight decay is scaled by it too): Δθ_TRL = 0, so there is no
+    relative error to give; step_check says why instead of "ok", and the entropy numbers are exactly 0."""
+    trainer, _ = make_trainer(tmp_path, "dapo", steps=1, learning_rate=0.0)
+    probe = fprobe.trl.attach(trainer, every=1, n_eval=4)
+    trainer.train()
+    (record,) = probe.records
+    assert record["delta_l2"] == 0 and record["delta_h_true"] == 0 and record["delta_h1"] == 0 and record["ratio"] is None
+    assert record["step_rel_error"] is None and record["step_rel_error_worst"] is None
+    assert record["step_check"] == "no relative error: TRL's update is 0 (fprobe's replay: ‖Δθ‖ = 0)"
 
 
 def test_records_go_to_trainer_log_and_jsonl(tmp_path):
@@ -443,6 +681,9 @@ def test_attach_rejects_bad_input_before_training(tmp_path):
         fprobe.trl.attach(trainer, E=foreign)
     with pytest.raises(ValueError, match="contributions need a fresh E"):
         fprobe.trl.attach(trainer, resample=False, contributions=True)
+    for prompts in ("1+2=", ["1+2=", 3], ["1+2=", ""]):  # one string would be its characters
+        with pytest.raises((TypeError, ValueError), match="prompts must be"):
+            fprobe.trl.attach(trainer, prompts=prompts)
     trainer.is_fsdp_enabled = True
     with pytest.raises(ValueError, match="FSDP shards the parameters"):
         fprobe.trl.attach(trainer)
@@ -452,6 +693,30 @@ def test_attach_rejects_bad_input_before_training(tmp_path):
     fprobe.trl.attach(trainer)
     with pytest.raises(ValueError, match="already attached"):
         fprobe.trl.attach(trainer)
+
+
+def test_an_out_that_cannot_take_the_records_fails_at_attach(tmp_path):
+    """``out`` is opened at attach, not first at the first probed step: a text file that is not JSONL, a
+    folder, a path through a file, a place that cannot be created (/proc refuses even root) all fail there,
+    leaving the trainer without the probe and the file as it was; a file with records of this run's
+    output_dir (a rerun) gets a warning, since those steps are not written again."""
+    trainer, _ = make_trainer(tmp_path, steps=1)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello\n")
+    callbacks = list(trainer.callback_handler.callbacks)
+    for out, error in ((notes, "malformed JSON line"), (tmp_path, "is a folder"), (notes / "probe.jsonl", "not a folder"),
+                       (Path("/proc/fprobe-test/probe.jsonl"), "out")):
+        with pytest.raises(OSError if error != "malformed JSON line" else ValueError, match=error):
+            fprobe.trl.attach(trainer, out=out)
+    assert notes.read_text() == "hello\n" and trainer.callback_handler.callbacks == callbacks
+    out = tmp_path / "new" / "probe.jsonl"
+    fprobe.trl.attach(trainer, every=1, n_eval=4, out=out)
+    assert out.read_text() == ""  # created at attach
+    trainer.train()
+    assert [json.loads(line)["step"] for line in out.read_text().splitlines()] == [1]
+    again, _ = make_trainer(tmp_path, steps=1)  # the same output_dir
+    with pytest.warns(UserWarning, match="already holds 1 probe record"):
+        fprobe.trl.attach(again, every=1, n_eval=4, out=out)
 
 
 # ---------------------------------------------------------------------------------------------
