@@ -251,7 +251,10 @@ def check_step_options(optimizer: Optimizer, opt_state, params, lr, clip, max_gr
         raise ValueError(f"max_grad_norm must be a finite number > 0 (or None: no clipping), got {max_grad_norm!r}")
     if opt_state is None:
         return
-    expected = type(optimizer.init({}))
+    try:
+        expected = type(optimizer.init({}))
+    except Exception:  # a custom optimizer whose init needs parameters: its state's type is not checked
+        expected = type(opt_state)
     if type(opt_state) is not expected:
         raise TypeError(f"opt_state is a {type(opt_state).__name__}, but the {optimizer.name} optimizer keeps a {expected.__name__}")
     for field, value in zip(getattr(opt_state, "_fields", ()), opt_state):

@@ -377,3 +377,17 @@ def test_contributions_refuse_a_starting_optimizer_state_changed_in_place(gpt2, 
     # was: parts missing δH₁ by 1.4× of its size, with a warning blaming the policy's precision (float64 here)
     with pytest.raises(RuntimeError, match=r"changed in place .*opt_state.exp_avg\["):
         res.contributions()
+
+
+def test_a_custom_optimizer_whose_init_needs_parameters_is_still_accepted(gpt2, batches):
+    E, U = batches
+    sgd = fprobe.optim.sgd(lr=1e-3)
+
+    def init(params):
+        next(iter(params))  # fails on the empty tree
+        return sgd.init(params)
+
+    custom = sgd._replace(init=init)
+    state = custom.init(gpt2.params)
+    res = fprobe.probe(gpt2, E, U, custom, state)
+    assert res.delta_l2 == fprobe.rl_step(gpt2, gpt2.params, sgd, sgd.init(gpt2.params), U).delta_l2
