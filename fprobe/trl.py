@@ -659,7 +659,7 @@ def attach(
     importance-weights from the policy that sampled it, and a fresh E is drawn from π_θk once the ESS
     fraction of those weights falls below ``ess_threshold``. ``contributions`` adds the per-sequence parts
     of δH₁ (of fprobe's replayed step; needs a fresh E and the cross-check). ``out``: JSONL, one line
-    per probed step. Every input is checked here, before training starts.
+    per probed step, opened (created if absent) here. Every input is checked here, before training starts.
     """
     check_trainer(trainer)
     if any(isinstance(c, TrlProbe) for c in trainer.callback_handler.callbacks):
