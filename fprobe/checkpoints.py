@@ -1,11 +1,13 @@
 """Checkpoints of transformers/TRL trainers (``checkpoint-N/``): the saved optimizer state keyed back to
-parameter names, and the learning rate of step N.
+parameter names, and the learning rate of the next update, N + 1 — the step a probe of θ_N takes.
 
 ``optimizer.pt`` is the ``state_dict`` of the Trainer's torch optimizer, whose parameters are numbered
 0, 1, … in the order of its param groups. ``Trainer.create_optimizer`` builds two groups over the
 trainable parameters in ``named_parameters()`` order: those that get weight decay
 (``Trainer.get_decay_parameter_names``: outside LayerNorm modules, no "bias" or norm in the name), then
-the others. ``trainer_state.json`` logs the learning rate of each logged step. The state is loaded with
+the others. The Trainer saves after its scheduler has stepped, so the param groups' rates are those of
+update N + 1 (``trainer_state.json``'s ``learning_rate`` at step N is the rate of update N, the one that
+*made* θ_N; it is not used). ``trainer_state.json`` gives N. The state is loaded with
 ``torch.load(..., weights_only=True)``; ``training_args.bin`` (a pickle) is never read.
 """
 
@@ -22,13 +24,11 @@ STATE_FILE = "trainer_state.json"
 
 
 class TrainerCheckpoint(NamedTuple):
-    """The optimizer and state of ``checkpoint-N``, its rates set to step N's; ``lr_source`` says where
-    that rate came from."""
+    """The optimizer and state of ``checkpoint-N`` (N = ``step``), with the rate ``lr`` of update N + 1."""
 
     optimizer: optim.Optimizer
     opt_state: object
     lr: float
-    lr_source: str
     step: int
 
 
@@ -70,35 +70,14 @@ def check_shapes(state_dict: dict, names: list[str], params: dict) -> None:
                 )
 
 
-def logged_learning_rate(trainer_state: dict, step: int) -> float | None:
-    """The learning rate ``trainer_state.json`` logged at ``step`` (None if that step was not logged)."""
-    rates = [e["learning_rate"] for e in trainer_state.get("log_history", []) if e.get("step") == step and "learning_rate" in e]
-    return float(rates[-1]) if rates else None
-
-
-def with_rate(state_dict: dict, lr: float) -> dict:
-    """``state_dict`` with every param group's rate scaled alike so that the first group's is ``lr``."""
-    base = float(state_dict["param_groups"][0]["lr"])
-    scale = lr / base if base else None
-    groups = [{**g, "lr": lr if scale is None else float(g["lr"]) * scale} for g in state_dict["param_groups"]]
-    return {**state_dict, "param_groups": groups}
-
-
 def load(folder: str | Path, policy) -> TrainerCheckpoint:
     """The optimizer state of ``folder`` (a ``checkpoint-N``) for ``policy`` (the model loaded from it), with
-    the learning rate of step N: the one ``trainer_state.json`` logged at step N, else the saved optimizer's
-    own (the scheduler's rate for step N + 1, set after step N's update)."""
+    the saved param groups' rates: the scheduler's rates for update N + 1."""
     folder = Path(folder)
-    trainer_state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
-    step = int(trainer_state["global_step"])
+    step = int(json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))["global_step"])
     state_dict = torch.load(folder / OPTIMIZER_FILE, map_location=policy.device, weights_only=True)
     names = parameter_order(state_dict, policy.model)
     params = policy.params
     check_shapes(state_dict, names, params)
-    logged = logged_learning_rate(trainer_state, step)
-    if logged is None:
-        lr, source = float(state_dict["param_groups"][0]["lr"]), f"{OPTIMIZER_FILE} (rate for step {step + 1}; step {step} not logged)"
-    else:
-        lr, source = logged, f"{STATE_FILE} at step {step}"
-    optimizer, opt_state = optim.from_torch(with_rate(state_dict, lr), names, params)
-    return TrainerCheckpoint(optimizer, opt_state, lr, source, step)
+    optimizer, opt_state = optim.from_torch(state_dict, names, params)
+    return TrainerCheckpoint(optimizer, opt_state, optimizer.lr, step)

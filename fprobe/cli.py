@@ -304,7 +304,7 @@ def optimizer_state_file(spec: str, model: str) -> Path:
 
 def optimizer_and_state(args: argparse.Namespace, model: str, policy: Policy):
     """AdamW at the default rate with a fresh state; in a transformers/TRL ``checkpoint-N`` folder its saved
-    optimizer, moments and step N's learning rate (``fprobe.checkpoints``); or a saved torch state's."""
+    optimizer, moments and the scheduler's rate for update N + 1 (``fprobe.checkpoints``); or a saved torch state's."""
     if args.optimizer_state is None:
         folder = args.adapter or model  # a LoRA run's checkpoint-N is the adapter folder
         if checkpoints.is_trainer_checkpoint(folder):

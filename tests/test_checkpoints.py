@@ -1,4 +1,4 @@
-"""fprobe.checkpoints: a TRL run's checkpoint-N folders read back against the live optimizer at step N."""
+"""fprobe.checkpoints: a TRL run's checkpoint-N folders read back against the live optimizer after step N."""
 
 import json
 import pickle
@@ -52,15 +52,13 @@ def test_saved_state_is_keyed_to_the_right_names(run):
     assert saved.optimizer.hyper(no_decay[0])["weight_decay"] == 0.0 and saved.optimizer.hyper(decay[0])["weight_decay"] == 0.1
 
 
-def test_learning_rate_is_step_ns_from_trainer_state_else_the_saved_next_rate(run):
+def test_learning_rate_is_the_next_updates(run):
+    """checkpoint-2 holds θ₂; the step a probe takes from it is update 3, at the rate the live optimizer used for it."""
     folder, live = run
-    logged = fprobe.Policy.from_pretrained(folder / "checkpoint-2", dtype=torch.float64)
-    saved = checkpoints.load(folder / "checkpoint-2", logged)  # step 2 was logged (logging_steps=2)
-    assert saved.lr == live.lr[2] and saved.optimizer.lr == live.lr[2] and "trainer_state.json" in saved.lr_source
-    assert all(saved.optimizer.hyper(name)["lr"] == live.lr[2] for name in logged.params)
-    unlogged = checkpoints.load(folder / "checkpoint-3", fprobe.Policy.from_pretrained(folder / "checkpoint-3", dtype=torch.float64))
-    next_rate = torch.load(folder / "checkpoint-3" / "optimizer.pt", weights_only=True)["param_groups"][0]["lr"]
-    assert unlogged.lr == next_rate and "optimizer.pt" in unlogged.lr_source and next_rate != live.lr[3]
+    policy = fprobe.Policy.from_pretrained(folder / "checkpoint-2", dtype=torch.float64)
+    saved = checkpoints.load(folder / "checkpoint-2", policy)
+    assert saved.lr == live.lr[3] != live.lr[2] and saved.optimizer.lr == live.lr[3]
+    assert all(saved.optimizer.hyper(name)["lr"] == live.lr[3] for name in policy.params)
 
 
 def test_training_args_are_never_unpickled(run, monkeypatch):
@@ -96,11 +94,11 @@ def test_command_line_probes_a_checkpoint_with_its_state_and_rate(run, tmp_path)
                      "--n-update-prompts", "2", "--group-size", "4", "--max-new-tokens", "6", "--quiet"])
     assert code == 0
     record = json.loads(out.read_text())
-    assert record["result"]["lr_used"] == live.lr[2]
+    assert record["result"]["lr_used"] == live.lr[3]
 
 
 def test_a_lora_runs_checkpoint_is_probed_through_its_adapter(tmp_path):
-    trainer, _ = make_trainer(tmp_path, "dapo", lora=True, steps=2, save_strategy="steps", save_steps=2, logging_steps=1)
+    trainer, _ = make_trainer(tmp_path, "dapo", lora=True, steps=3, save_strategy="steps", save_steps=2, logging_steps=1)
     live = LiveOptimizer(trainer.model)
     trainer.add_callback(live)
     trainer.train()
@@ -113,4 +111,4 @@ def test_a_lora_runs_checkpoint_is_probed_through_its_adapter(tmp_path):
     out = tmp_path / "probe.json"
     code = cli.main(["probe", "--model", str(toy.DEFAULT_MODEL_PATH), "--adapter", str(adapter), "--out", str(out), "--n-eval", "4",
                      "--n-update-prompts", "2", "--group-size", "4", "--max-new-tokens", "6", "--quiet"])
-    assert code == 0 and json.loads(out.read_text())["result"]["lr_used"] == live.lr[2]
+    assert code == 0 and json.loads(out.read_text())["result"]["lr_used"] == live.lr[3]
