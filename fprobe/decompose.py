@@ -22,14 +22,15 @@ No per-sample gradient is ever materialised. Parameter-sized float64 temporaries
 parameter at a time.
 """
 
+import dataclasses
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 from . import losses, passes, results, tree
+from .user_warnings import warn
 
 RESIDUAL_WARNING = 1e-3
 
@@ -107,8 +108,13 @@ class Contributions:
     def to_dict(self) -> dict:
         return results.to_dict(self)
 
+    def to_json(self, **kwargs) -> str:
+        return results.to_json(self, **kwargs)
+
     def top(self, k: int = 5) -> list[dict]:
         """The k records with the largest |δH_j|, largest first."""
+        if k < 0:
+            raise ValueError(f"top(k) needs k >= 0, got {k}")
         order = torch.argsort(self.per_sequence.abs(), descending=True, stable=True)[:k].tolist()
         recs = self.records()
         return [recs[i] for i in order]
@@ -166,6 +172,8 @@ def decompose(result, *, micro_batch: int | None | Literal["probe"] = "probe", p
     ctx, U, optimizer = result.context, result.U, result.optimizer
     if U.advantages is None:
         raise ValueError("the update batch has no advantages")
+    if micro_batch != "probe":  # checked like the probe's own setting, before the step is replayed
+        dataclasses.replace(ctx.settings, micro_batch=micro_batch)
     micro_batch = ctx.settings.micro_batch if micro_batch == "probe" else micro_batch
     step, start_state = result.replay_step(), result.start_state
     policy, params = ctx.policy, ctx.params
@@ -223,10 +231,9 @@ def decompose(result, *, micro_batch: int | None | Literal["probe"] = "probe", p
     )
     if contributions.relative_residual > RESIDUAL_WARNING:
         dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in params.values()})
-        warnings.warn(
+        warn(
             f"the parts of δH₁ miss it by {contributions.relative_residual:.2g} of its size (parameters in {', '.join(dtypes)}): "
             "the passes are not precise enough for an exact decomposition; use a float64 (or float32) policy",
             DecompositionWarning,
-            stacklevel=2,
         )
     return contributions

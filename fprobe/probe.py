@@ -231,41 +231,6 @@ def entropy_change(
     )
 
 
-def check_step_options(optimizer: Optimizer, opt_state, params, lr, clip, max_grad_norm) -> None:
-    """Before any pass: a finite, non-negative learning rate and clip range, a finite positive
-    ``max_grad_norm`` (a negative one would flip the step), and an ``opt_state`` of this optimizer whose
-    tensors are keyed by these parameters' names, with their shapes, dtypes and devices (a wrong shape
-    would broadcast silently)."""
-    def real(value) -> float:
-        try:
-            return float("nan") if isinstance(value, bool) else float(value)
-        except (TypeError, ValueError, RuntimeError):
-            return float("nan")
-
-    rate = optimizer.lr if lr is None else lr
-    if not (math.isfinite(real(rate)) and real(rate) >= 0):
-        raise ValueError(f"the learning rate must be a finite number >= 0, got {rate!r}")
-    if not (math.isfinite(real(clip)) and real(clip) >= 0):
-        raise ValueError(f"clip must be a finite number >= 0, got {clip!r}")
-    if max_grad_norm is not None and not (math.isfinite(real(max_grad_norm)) and real(max_grad_norm) > 0):
-        raise ValueError(f"max_grad_norm must be a finite number > 0 (or None: no clipping), got {max_grad_norm!r}")
-    if opt_state is None:
-        return
-    try:
-        expected = type(optimizer.init({}))
-    except Exception:  # a custom optimizer whose init needs parameters: its state's type is not checked
-        expected = type(opt_state)
-    if type(opt_state) is not expected:
-        raise TypeError(f"opt_state is a {type(opt_state).__name__}, but the {optimizer.name} optimizer keeps a {expected.__name__}")
-    for field, value in zip(getattr(opt_state, "_fields", ()), opt_state):
-        if isinstance(value, Mapping) and any(isinstance(v, torch.Tensor) for v in value.values()):
-            unknown = [name for name in value if name not in params]
-            if unknown:
-                raise ValueError(f"opt_state.{field} holds names that are not the policy's parameters: {unknown[:8]}")
-            tree.check_like({name: params[name] for name in value}, value, f"opt_state.{field}")
-            tree.check_finite(value, f"opt_state.{field}")
-
-
 def probe(
     policy,
     E: Rollouts,
@@ -300,7 +265,6 @@ def probe(
     )
     Settings(**estimate)
     params = policy.params
-    check_step_options(optimizer, opt_state, params, lr, clip, max_grad_norm)
     start = time.perf_counter()
     step = rl_step(
         policy, params, optimizer, optimizer.init(params) if opt_state is None else opt_state, U,

@@ -285,7 +285,6 @@ def test_a_low_ess_warning_from_a_sweep_points_at_the_callers_line(gpt2, batches
     assert [w.filename for w in caught] == [__file__]
 
 
-@pytest.mark.xfail(strict=True, reason="fprobe/decompose.py warns with a fixed stacklevel=2 (reported; not this file's owner)")
 def test_a_decomposition_warning_points_at_the_callers_line(gpt2, batches, monkeypatch):
     from fprobe import decompose
 
@@ -294,7 +293,21 @@ def test_a_decomposition_warning_points_at_the_callers_line(gpt2, batches, monke
     monkeypatch.setattr(decompose, "RESIDUAL_WARNING", -1.0)  # every residual warns
     with pytest.warns(decompose.DecompositionWarning) as caught:
         res.contributions()
-    assert [w.filename for w in caught] == [__file__]  # it is fprobe/probe.py
+    assert [w.filename for w in caught] == [__file__]  # was fprobe/probe.py
+
+
+def test_contributions_write_strict_json_and_check_their_arguments(gpt2, batches, monkeypatch):
+    E, U = batches
+    res = fprobe.probe(gpt2, E, U, fprobe.optim.adamw(lr=1e-4))
+    parts = res.contributions()
+    data = strict_json(parts.to_json())
+    assert data["per_sequence"] == parts.per_sequence.tolist() and "token_ids" not in data
+    assert [r["row"] for r in parts.top(len(U))] == sorted(range(len(U)), key=lambda j: -abs(float(parts.per_sequence[j])))
+    with pytest.raises(ValueError, match="k >= 0"):
+        parts.top(-1)  # was: every row but the last
+    monkeypatch.setattr(fprobe.passes, "gradient", no_pass)
+    with pytest.raises(ValueError, match="micro_batch"):
+        res.contributions(micro_batch=0)  # was: refused only after replaying the step
 
 
 def test_a_result_refuses_to_be_reused_after_a_batch_was_changed_in_place(gpt2):

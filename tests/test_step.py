@@ -409,7 +409,12 @@ def test_a_non_finite_gradient_names_the_first_offending_parameter(gpt2):
 def test_an_update_that_overflows_names_the_first_parameter(gpt2):
     first = next(iter(gpt2.params))
     assert_refused(gpt2, gpt2.params, make_batch(), FloatingPointError, rf"the updated value of parameter '{first}' is not finite",
-                   opt=fprobe.optim.sgd(lr=1e-2), updates=1, lr=float("inf"))
+                   opt=fprobe.optim.sgd(lr=1e3, weight_decay=1e308), updates=1)
+
+
+@pytest.mark.parametrize("bad", [dict(lr=float("inf")), dict(lr=-1e-3), dict(clip=-1.0), dict(max_grad_norm=0.0), dict(max_grad_norm=-1.0)])
+def test_step_options_are_refused_before_any_pass(gpt2, bad):
+    assert_refused(gpt2, gpt2.params, make_batch(), ValueError, next(iter(bad)).replace("lr", "learning rate"), opt=fprobe.optim.sgd(lr=1e-2), **bad)
 
 
 def test_a_model_in_train_mode_with_dropout_is_refused(gpt2):
