@@ -12,6 +12,7 @@ Each factory also writes its update as an affine function of the gradient g it r
 states before and after the step (``fprobe.decompose`` splits δH₁ over U's sequences with it).
 """
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import NamedTuple
 
@@ -61,8 +62,26 @@ class Optimizer(NamedTuple):
     hyper: Callable[[str], Hyper]
 
 
+NON_NEGATIVE = ("≥ 0", lambda v: v >= 0)
+HYPER_RANGES = {  # torch.optim's own checks: a value outside makes the update divide by zero or flip
+    "lr": NON_NEGATIVE, "eps": NON_NEGATIVE, "weight_decay": NON_NEGATIVE, "momentum": NON_NEGATIVE,
+    "beta1": ("in [0, 1)", lambda v: 0 <= v < 1), "beta2": ("in [0, 1)", lambda v: 0 <= v < 1),
+}
+
+
+def check_hyper(hyper: Hyper, where: str) -> None:
+    """Every hyperparameter a finite number within ``HYPER_RANGES``; ValueError naming it."""
+    for key, value in hyper.items():
+        condition, holds = HYPER_RANGES.get(key, ("", lambda v: True))
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and holds(value)):
+            raise ValueError(f"{where}: {key}={value!r} must be a finite number {condition}".rstrip())
+
+
 def _hyper_lookup(defaults: Hyper, groups: Mapping[str, Hyper] | None) -> Callable[[str], Hyper]:
     groups = dict(groups or {})
+    check_hyper(defaults, "optimizer")
+    for name, overrides in groups.items():
+        check_hyper(overrides, f"optimizer hyperparameters of {name!r}")
     return lambda name: {**defaults, **groups.get(name, {})}
 
 
@@ -242,6 +261,10 @@ def _state_tensor(state: Mapping, name: str, key: str, param: torch.Tensor) -> t
         raise ValueError(f"{where}: {key} has shape {tuple(value.shape)}, the parameter {tuple(param.shape)}")
     if not value.is_floating_point():
         raise ValueError(f"{where}: {key} has dtype {value.dtype}, not a floating-point dtype")
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{where}: {key} has non-finite entries")
+    if key == "exp_avg_sq" and bool((value < 0).any()):
+        raise ValueError(f"{where}: exp_avg_sq (a running mean of g²) has negative entries")
     return value.detach().to(param.device, param.dtype, copy=True)
 
 

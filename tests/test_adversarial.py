@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 
 import pytest
@@ -85,7 +86,6 @@ def other_state(opt, params):
         (dict(max_grad_norm=float("nan")), ValueError, "max_grad_norm"),
         (dict(lr=-1e-3), ValueError, "learning rate"),  # was: gradient ascent, accepted
         (dict(lr=float("nan")), ValueError, "learning rate"),
-        (dict(opt=fprobe.optim.adamw(lr=-1e-3)), ValueError, "learning rate"),
         (dict(clip=-1.0), ValueError, "clip"),  # was: δH₁ changed 4×
         (dict(clip=float("nan")), ValueError, "clip"),
         (dict(state=lambda opt, p: opt.init({k: v[..., :1] for k, v in p.items()})), ValueError, r"exp_avg\[.*shape"),
@@ -404,3 +404,43 @@ def test_a_custom_optimizer_whose_init_needs_parameters_is_still_accepted(gpt2, 
     state = custom.init(gpt2.params)
     res = fprobe.probe(gpt2, E, U, custom, state)
     assert res.delta_l2 == fprobe.rl_step(gpt2, gpt2.params, sgd, sgd.init(gpt2.params), U).delta_l2
+
+
+@pytest.mark.parametrize(
+    "group,match",
+    [
+        (dict(betas=(1.0, 0.999)), "beta1=1.0 must be"),  # was: ZeroDivisionError after the gradient pass
+        (dict(weight_decay=-5.0), "weight_decay=-5.0 must be"),  # was: accepted (torch refuses it)
+        (dict(eps=float("nan")), "eps=nan must be"),
+        (dict(lr=-1e-3), "lr=-0.001 must be"),
+    ],
+)
+def test_an_imported_state_with_hyperparameters_torch_refuses_is_refused(gpt2, group, match):
+    state_dict = adamw_state_dict(gpt2)
+    state_dict["param_groups"][0].update(group)
+    with pytest.raises(ValueError, match=match):
+        fprobe.optim.from_torch(state_dict, list(gpt2.params), gpt2.params)
+
+
+@pytest.mark.parametrize("make", [lambda: fprobe.optim.adamw(lr=-1e-3), lambda: fprobe.optim.adamw(betas=(0.9, 1.0)),
+                                  lambda: fprobe.optim.sgd(momentum=-0.5), lambda: fprobe.optim.sgd(groups={"w": {"lr": float("inf")}})])
+def test_an_optimizer_with_an_out_of_range_hyperparameter_is_refused_when_made(make):
+    with pytest.raises(ValueError, match="must be a finite number"):
+        make()
+
+
+def test_an_imported_state_with_negative_second_moments_is_refused(gpt2):
+    state_dict = adamw_state_dict(gpt2)
+    name = list(gpt2.params)[2]
+    state_dict["state"][2]["exp_avg_sq"][0] = -1.0  # was: "updated value not finite" after the gradient pass
+    with pytest.raises(ValueError, match=rf"{re.escape(name)}.*negative"):
+        fprobe.optim.from_torch(state_dict, list(gpt2.params), gpt2.params)
+
+
+def adamw_state_dict(policy):
+    """A real torch.optim.AdamW state_dict after one step on a plain quadratic of the parameters."""
+    params = [p.detach().clone().requires_grad_() for p in policy.params.values()]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    sum((p * p).sum() for p in params).backward()
+    opt.step()
+    return opt.state_dict()
