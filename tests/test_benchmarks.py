@@ -97,11 +97,11 @@ def test_decompose_cost_quick(quick_runs):
     assert "contributions() / (vjp on E + jvp on U)" in stdout
 
 
-def test_gpu_script_runs_every_benchmark_with_existing_flags():
+def test_gpu_script_runs_the_cuda_tests_and_every_gpu_benchmark_at_1024_tokens():
     script = (BENCHMARKS / "gpu.sh").read_text()
-    for name in ("tests/test_cuda.py", "jvp_vs_grad.py", "probe_vs_imperative.py", "real_size.py --device cuda"):
-        assert name in script
-    assert "--lengths 1024" in script and "--length 1024" in script
+    for name in ("tests/test_cuda.py", "jvp_vs_grad.py", "probe_vs_imperative.py", "real_size.py", "long_sequences.py", "probe_memory.py"):
+        assert name in script, name
+    assert "DEV=cuda" in script and "--lengths 1024" in script and "--length 1024" in script
 
 
 def test_isolated_measures_memory_in_a_fresh_process():
