@@ -24,7 +24,7 @@ parameter at a time.
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -39,8 +39,8 @@ class DecompositionWarning(UserWarning):
     """The parts of δH₁ do not add up to it (low-precision parameters: bf16, fp16)."""
 
 
-@dataclass(frozen=True, eq=False)
-class Contributions:
+@dataclass(frozen=True, eq=False, kw_only=True)
+class Contributions(results.Record):
     """δH₁ of one RL step = ``momentum`` + ``decay`` + Σ_j ``per_sequence``[j], exactly (up to rounding).
 
     ``per_sequence`` [B] is aligned with U's rows; ``per_token`` [B, L] float64 (zero off
@@ -69,8 +69,8 @@ class Contributions:
     clip_coef: float
     optimizer: str
     lr: float
-    timings: dict = field(default_factory=dict)
-    token_ids: torch.Tensor | None = results.internal(default=None)
+    timings: dict
+    token_ids: torch.Tensor = results.internal()
 
     @property
     def sequences(self) -> float:
@@ -105,12 +105,6 @@ class Contributions:
         cols = self.columns()
         return [dict(zip(cols, values)) for values in zip(*cols.values())]
 
-    def to_dict(self) -> dict:
-        return results.to_dict(self)
-
-    def to_json(self, **kwargs) -> str:
-        return results.to_json(self, **kwargs)
-
     def top(self, k: int = 5) -> list[dict]:
         """The k records with the largest |δH_j|, largest first."""
         if k < 0:
@@ -140,9 +134,6 @@ class Contributions:
             for r in self.top(5)
         ]
         return "\n".join([parts, "top rows by |δH_j|:", head, *lines])
-
-    def _repr_html_(self) -> str:
-        return f"<pre>{self!r}</pre>"
 
     def plot(self, path=None):
         """δH_j against the advantage A_j and against the mean token log-prob (scatter, one point per row)."""

@@ -214,8 +214,8 @@ def truths(policy, params, delta, U: Rollouts, new_params=None, micro_batch=pass
     )
 
 
-@dataclass(frozen=True, repr=False)
-class PredictorComparison:
+@dataclass(frozen=True, kw_only=True, repr=False)
+class PredictorComparison(results.Record):
     """Each predictor against the truth on one step. ``scores[name]`` holds a ``Score`` as a dict;
     the ``fprobe_first_order`` row is fprobe's own ḣ_ik. ``delta_h_tokens`` is the mean Δh over U's
     response tokens (the aggregate the predictors aim at); ``delta_h_true`` and ``delta_h1`` are the
@@ -244,15 +244,6 @@ class PredictorComparison:
         for name, s in self.scores.items():
             lines.append(f"{name:<{width}}" + "".join(f"  {results.format_number(s[c]):>14}" for c in self.COLUMNS))
         return head + "\n\n" + "\n".join(lines)
-
-    def _repr_html_(self) -> str:
-        return f"<pre>{self!r}</pre>"
-
-    def to_dict(self) -> dict:
-        return results.to_dict(self)
-
-    def to_json(self, **kwargs) -> str:
-        return results.to_json(self, **kwargs)
 
     def plot(self, path=None):
         """Predicted vs true Δh per token, one panel per predictor, with the least-squares line."""

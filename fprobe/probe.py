@@ -26,7 +26,7 @@ def with_rows_after(rows: tuple[Row, ...], after: str, extra: tuple[Row, ...]) -
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
-class EntropyChange:
+class EntropyChange(results.Record):
     """ΔH_true = Ĥ(θ₀+Δθ) − Ĥ(θ₀) on E by SNIS, δH₁ = d/dε Ĥ(θ₀+εΔθ)|₀, δH₂ = ½ d²/dε² (if asked).
 
     Keeps Δθ (``delta_named``) and θ₀'s statistics on E (``context``): all a sweep needs.
@@ -76,15 +76,6 @@ class EntropyChange:
     def __repr__(self) -> str:
         flag = "  (LOW ESS: outside the linear regime)" if self.ess_low else ""
         return results.table(f"{type(self).__name__}{flag}", self.rows())
-
-    def _repr_html_(self) -> str:
-        return f"<pre>{self!r}</pre>"
-
-    def to_dict(self) -> dict:
-        return results.to_dict(self)
-
-    def to_json(self, **kwargs) -> str:
-        return results.to_json(self, **kwargs)
 
     def sweep(self, lrs, progress: bool = False) -> sweep.SweepResult:
         """ΔH_true, δH₁ (and δH₁+δH₂) at each learning rate, from this one Δθ scaled by η/η₀."""

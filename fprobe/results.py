@@ -198,3 +198,17 @@ def read_json_lines(path: Path, what: str):
 
 def to_json(record, **kwargs) -> str:
     return json.dumps(to_dict(record), **kwargs)
+
+
+class Record:
+    """What fprobe's frozen results share: Jupyter shows their text table (``repr``), ``to_dict`` gives
+    the fields less those marked ``internal()``, ``to_json`` the same as JSON."""
+
+    def _repr_html_(self) -> str:
+        return f"<pre>{self!r}</pre>"
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    def to_json(self, **kwargs) -> str:
+        return to_json(self, **kwargs)

@@ -13,7 +13,7 @@ COLUMNS = ("lr", "delta_h_true", "delta_h1", "delta_h12", "ratio", "ess_fraction
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
-class SweepResult:
+class SweepResult(results.Record):
     """Per learning rate η: ΔH_true, δH₁ = (η/η₀) δH₁(η₀), δH₁+δH₂ (δH₂ scales as (η/η₀)²), ratio, ESS.
 
     ``slope``/``r2``: the log–log fit of |ΔH_true| against η (slope 1 in the linear regime);
@@ -49,12 +49,6 @@ class SweepResult:
         if self.eta_10 is not None:
             tail += f"; linear-regime radius η₁₀ = {self.eta_10:.3g}"
         return "\n".join(["SweepResult", head, *lines, tail])
-
-    def to_dict(self) -> dict:
-        return results.to_dict(self)
-
-    def to_json(self, **kwargs) -> str:
-        return results.to_json(self, **kwargs)
 
     def plot(self, path=None):
         """ΔH_true / δH₁ (and / (δH₁+δH₂)) against η, and |ΔH_true|, |δH₁|, |δH₁+δH₂| on log–log axes, with
