@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fprobe
-from helpers import CONFIGS, VOCAB, make_batch  # noqa: F401  VOCAB, CONFIGS, make_batch: still imported from conftest by some tests
+from helpers import CONFIGS, make_batch
 
 # Tiny models run fastest on one thread (two OpenMP threads contend on a 2-core machine); subprocesses inherit it.
 os.environ["OMP_NUM_THREADS"] = "1"

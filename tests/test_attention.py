@@ -5,7 +5,7 @@ the reverse-mode passes with the same gradients."""
 
 import pytest
 import torch
-from conftest import VOCAB, make_batch
+from helpers import VOCAB, make_batch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from transformers import AttentionInterface, AutoModelForCausalLM, Gemma2Config, MistralConfig, Qwen2Config
@@ -58,7 +58,7 @@ AttentionMaskInterface.register("whole_reference", eager_mask)
 
 
 def build(arch, dtype=torch.float64, implementation="eager"):
-    from conftest import CONFIGS
+    from helpers import CONFIGS
 
     torch.manual_seed(0)
     config = (CONFIGS | WINDOWED)[arch]()

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from helpers import plain_entropy
 
 import fprobe
 from fprobe import tree
@@ -34,12 +35,6 @@ def test_float64_model_has_no_float32_rounding(load_policy, batch, arch, norm, m
     assert (rounded - exact)[mask].abs().max() > 1e-10
 
 
-def plain_entropy(policy, params, params0, E):
-    stats, stats0 = fprobe.token_stats(policy, params, E), fprobe.token_stats(policy, params0, E)
-    w = torch.exp(stats.logp.sum(-1) - stats0.logp.sum(-1))
-    return float((w * stats.entropy.sum(-1)).sum() / (w * E.lengths).sum())
-
-
 @pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
 def test_second_order_matches_second_finite_difference(load_policy, batch, arch):
     policy = load_policy(arch)
@@ -47,7 +42,7 @@ def test_second_order_matches_second_finite_difference(load_policy, batch, arch)
     res = fprobe.probe(policy, E, U, fprobe.optim.adamw(lr=1e-3), second_order=True)
     p, d = policy.params, res.delta_named
     eps = 1e-2
-    h = lambda s: plain_entropy(policy, tree.axpy(s, d, p), p, E)
+    h = lambda s: float(plain_entropy(policy, tree.axpy(s, d, p), E, params0=p))
     second = (h(eps) - 2 * h(0.0) + h(-eps)) / (2 * eps * eps)
     assert res.delta_h2 == pytest.approx(second, rel=1e-5)
 

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_batch
+from helpers import make_batch
 from transformers import AutoModelForCausalLM
 
 import fprobe

@@ -1,7 +1,6 @@
 """ΔH_true, δH₁, δH₂ and the sweep on a tiny float64 GPT-2 after a real AdamW step."""
 
 import dataclasses
-import math
 import warnings
 
 import pytest
@@ -10,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 import fprobe
 from fprobe import passes, tree
-from conftest import make_batch
+from helpers import make_batch, plain_entropy
 
 
 @pytest.fixture(scope="module")
@@ -19,21 +18,6 @@ def setup(model_dir):
     E = make_batch(n=10, width=12, seed=11, with_advantages=False)
     U = make_batch(n=8, width=12, seed=12)
     return policy, E, U
-
-
-def plain_entropy(policy, params, E, normalize="token", entropy="rb", params0=None):
-    """Ĥ at ``params`` by a loop over sequences, weights relative to ``params0`` (default: θ₀ = params)."""
-    stats = fprobe.token_stats(policy, params, E)
-    stats0 = fprobe.token_stats(policy, params if params0 is None else params0, E)
-    num = den = 0.0
-    for i in range(len(E)):
-        m = E.response_mask[i]
-        S, S0 = float(stats.logp[i][m].sum()), float(stats0.logp[i][m].sum())
-        H = float(stats.entropy[i][m].sum()) if entropy == "rb" else -S
-        w = math.exp(S - S0)
-        num += w * H
-        den += w * (float(m.sum()) if normalize == "token" else 1.0)
-    return num / den
 
 
 def adamw_probe(setup, lr, **kw):
@@ -46,8 +30,8 @@ def test_delta_h_true_matches_a_plain_loop(setup, normalize, entropy):
     policy, E, _ = setup
     res = adamw_probe(setup, 1e-3, normalize=normalize, entropy=entropy)
     params = policy.params
-    h0 = plain_entropy(policy, params, E, normalize, entropy)
-    h1 = plain_entropy(policy, tree.add(params, res.delta_named), E, normalize, entropy, params0=params)
+    h0 = float(plain_entropy(policy, params, E, normalize, entropy))
+    h1 = float(plain_entropy(policy, tree.add(params, res.delta_named), E, normalize, entropy, params0=params))
     assert res.h_orig == pytest.approx(h0, rel=1e-13)
     assert res.delta_h_true == pytest.approx(h1 - h0, rel=1e-9, abs=1e-13 * abs(h0))
 
@@ -64,8 +48,8 @@ def test_delta_h1_matches_central_finite_difference(setup):
     res = adamw_probe(setup, 1e-3)
     params, delta = policy.params, res.delta_named
     eps = 1e-3
-    plus = plain_entropy(policy, tree.axpy(eps, delta, params), E, params0=params)
-    minus = plain_entropy(policy, tree.axpy(-eps, delta, params), E, params0=params)
+    plus = float(plain_entropy(policy, tree.axpy(eps, delta, params), E, params0=params))
+    minus = float(plain_entropy(policy, tree.axpy(-eps, delta, params), E, params0=params))
     assert res.delta_h1 == pytest.approx((plus - minus) / (2 * eps), rel=1e-6)
 
 
@@ -116,7 +100,28 @@ def test_sweep_equals_separate_probes_with_one_gradient(setup, monkeypatch):
         assert d1 == pytest.approx(separate.delta_h1, rel=1e-9)
         assert d12 == pytest.approx(separate.delta_h1 + separate.delta_h2, rel=1e-9)
     assert sweep.slope == pytest.approx(1.0, abs=0.02) and sweep.r2 > 0.999
-    assert sweep.eta_10 == pytest.approx(0.1 * 1e-4 * abs(res.delta_h1 / res.delta_h2))
+
+
+def intercept_in_s_squared(steps: list[float], values: list[float]) -> float:
+    """a of the least-squares line values ≈ a + b·s² over the steps s."""
+    s2 = torch.tensor([s * s for s in steps], dtype=torch.float64)
+    design = torch.stack([torch.ones_like(s2), s2], dim=1)
+    return float(torch.linalg.lstsq(design, torch.tensor(values, dtype=torch.float64)[:, None]).solution[0, 0])
+
+
+def test_eta_10_against_a_polynomial_fit_along_the_step(setup):
+    """η₁₀ = 0.1·η₀·|c₁/c₂|, with c₁ and c₂ the first- and second-order coefficients of s ↦ Ĥ(θ₀ + sΔθ) fitted
+    here from the plain Ĥ alone: (Ĥ(s) − Ĥ(−s))/2s = c₁ + c₃s² and (Ĥ(s) + Ĥ(−s) − 2Ĥ(0))/2s² = c₂ + c₄s²
+    at s = 1/4, 1/2, 1, each extrapolated to s = 0 by a line in s²."""
+    policy, E, _ = setup
+    lr0, steps = 1e-4, [0.25, 0.5, 1.0]
+    res = adamw_probe(setup, lr0, second_order=True)
+    params, delta = policy.params, res.delta_named
+    h = lambda s: float(plain_entropy(policy, tree.axpy(s, delta, params), E, params0=params))
+    h0, plus, minus = h(0.0), [h(s) for s in steps], [h(-s) for s in steps]
+    c1 = intercept_in_s_squared(steps, [(p - m) / (2 * s) for p, m, s in zip(plus, minus, steps)])
+    c2 = intercept_in_s_squared(steps, [(p + m - 2 * h0) / (2 * s * s) for p, m, s in zip(plus, minus, steps)])
+    assert res.sweep([lr0]).eta_10 == pytest.approx(0.1 * lr0 * abs(c1 / c2), rel=1e-5)
 
 
 def test_sweep_loglog_fit_against_numpy_free_least_squares():
@@ -180,7 +185,7 @@ def test_entropy_change_of_a_checkpoint_difference(setup):
     g = torch.Generator().manual_seed(0)
     delta = tree.tree_map(lambda p: 1e-4 * torch.randn(p.shape, generator=g, dtype=p.dtype), policy.params)
     chg = fprobe.entropy_change(policy, E, delta, second_order=True)
-    h1 = plain_entropy(policy, tree.add(policy.params, delta), E, params0=policy.params)
+    h1 = float(plain_entropy(policy, tree.add(policy.params, delta), E, params0=policy.params))
     assert chg.delta_h_true == pytest.approx(h1 - chg.h_orig, rel=1e-8)
     assert chg.lr_used == 1.0
     assert chg.sweep([0.5, 1.0]).delta_h_true[1] == pytest.approx(chg.delta_h_true, rel=1e-12)

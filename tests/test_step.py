@@ -5,7 +5,7 @@ torch, bf16 rounding loss, and bad input that is refused without changing anythi
 import optree
 import pytest
 import torch
-from conftest import VOCAB, make_batch
+from helpers import VOCAB, make_batch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config

@@ -11,7 +11,7 @@ import torch
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 
 import fprobe
-from conftest import make_batch
+from helpers import make_batch
 from fprobe import distributed
 
 
