@@ -65,11 +65,17 @@ def snis_value(logp: torch.Tensor, entropy: torch.Tensor, logp0: torch.Tensor, d
     return (w * entropy).sum() / (w * denom).sum()
 
 
-def snis(r: Rows, logp0: torch.Tensor, denom: torch.Tensor) -> Snis:
-    logw = log_weights(r.logp, logp0)
+def effective_sample_size(logw: torch.Tensor) -> torch.Tensor:
+    """ESS = (Σw)² / Σw² of the weights w = exp(log w − max log w)."""
     w = torch.exp(logw - logw.max())
-    ess = w.sum() ** 2 / (w**2).sum()
-    return Snis(snis_value(r.logp, r.entropy, logp0, denom), ess, ess / len(w), w.max() / w.sum())
+    return w.sum() ** 2 / (w**2).sum()
+
+
+def snis(r: Rows, logp0: torch.Tensor, denom: torch.Tensor) -> Snis:
+    """Ĥ with its diagnostics: ESS, ESS / n and the largest normalised weight."""
+    logw = log_weights(r.logp, logp0)
+    ess = effective_sample_size(logw)
+    return Snis(snis_value(r.logp, r.entropy, logp0, denom), ess, ess / len(logw), torch.softmax(logw, 0).max())
 
 
 def entropy_to_go(stats: TokenStats, mask: torch.Tensor, entropy: Entropy) -> torch.Tensor:
@@ -134,23 +140,32 @@ def contract(alpha: torch.Tensor, beta: torch.Tensor, tangent: TokenStats) -> to
     return (alpha * tangent.logp).sum() + (beta * tangent.entropy).sum()
 
 
-def second_order(value: TokenStats, tangent: TokenStats, second: TokenStats, mask, normalize: Normalize, entropy: Entropy):
-    """δH₂ = ½ d²/dε² Ĥ(θ₀ + εΔθ) at 0, by forward-over-forward AD of Ĥ along the quadratic Taylor path
-    of the per-row statistics (which has the same first two derivatives as the true path)."""
-    denom = denominators(mask.to(value.logp.device), normalize)
-    r0, r1, r2 = rows(value, entropy), rows(tangent, entropy), rows(second, entropy)
+def taylor_derivatives(r0: Rows, r1: Rows, r2: Rows | None, logp_ref: torch.Tensor, denom: torch.Tensor):
+    """(d/dε, ½ d²/dε² or None) at ε = 0 of Ĥ along the quadratic Taylor path of the per-row statistics,
+    S_i + εṠ_i + ½ε²S̈_i and H_i alike (the same first two derivatives as the true path), with log-weights
+    relative to ``logp_ref`` (S(θ₀) for a sample of π_θ₀; a sampling policy's S^q for a reused sample):
+    forward-mode AD of ``snis_value``, the second by forward over forward (``r2`` None: first only)."""
+    path = lambda a0, a1, a2, eps: a0 + eps * a1 + (0.0 if a2 is None else 0.5 * eps**2 * a2)
 
     def along(eps):
         return snis_value(
-            r0.logp + eps * r1.logp + 0.5 * eps**2 * r2.logp,
-            r0.entropy + eps * r1.entropy + 0.5 * eps**2 * r2.entropy,
-            r0.logp,
+            path(r0.logp, r1.logp, None if r2 is None else r2.logp, eps),
+            path(r0.entropy, r1.entropy, None if r2 is None else r2.entropy, eps),
+            logp_ref,
             denom,
         )
 
-    first = lambda eps: torch.func.jvp(along, (eps,), (torch.ones_like(eps),))[1]
     zero = torch.zeros((), dtype=torch.float64, device=denom.device)
-    return 0.5 * torch.func.jvp(first, (zero,), (torch.ones_like(zero),))[1]
+    slope = lambda eps: torch.func.jvp(along, (eps,), (torch.ones_like(eps),))[1]
+    second = None if r2 is None else 0.5 * torch.func.jvp(slope, (zero,), (torch.ones_like(zero),))[1]
+    return slope(zero), second
+
+
+def second_order(value: TokenStats, tangent: TokenStats, second: TokenStats, mask, normalize: Normalize, entropy: Entropy):
+    """δH₂ = ½ d²/dε² Ĥ(θ₀ + εΔθ) at 0 (``taylor_derivatives`` with weights relative to θ₀)."""
+    denom = denominators(mask.to(value.logp.device), normalize)
+    r0 = rows(value, entropy)
+    return taylor_derivatives(r0, rows(tangent, entropy), rows(second, entropy), r0.logp, denom)[1]
 
 
 def covariance_baseline(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor, lr: float) -> float:

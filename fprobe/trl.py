@@ -345,12 +345,6 @@ def sequence_logp(policy, params, E: Rollouts, micro_batch) -> torch.Tensor:
     return passes.forward(policy, params, E, micro_batch).logp.sum(-1)
 
 
-def ess_fraction(log_weights: torch.Tensor) -> float:
-    """(Σw)² / (n Σw²) of the weights w = exp(log w), max-subtracted."""
-    w = torch.exp(log_weights - log_weights.max())
-    return float(w.sum() ** 2 / (w**2).sum()) / len(w)
-
-
 class Reweighted(NamedTuple):
     h_orig: float
     h_upd: float
@@ -367,23 +361,15 @@ def reweighted_change(policy, eval_batch: EvalBatch, params, delta, new_params, 
     E, or jvp of jvp). With S^q = S(θ_k) this is ``entropy_change``'s estimator."""
     E, logq = eval_batch.rollouts, eval_batch.logp_sampler
     jet = passes.jet(policy, params, delta, E, 2 if second_order else 1, micro_batch)
-    r0, r1 = estimators.rows(jet.value), estimators.rows(jet.tangent)
-    r2 = estimators.rows(jet.second) if second_order else estimators.Rows(torch.zeros_like(r0.logp), torch.zeros_like(r0.entropy))
+    r0 = estimators.rows(jet.value)
     denom = estimators.denominators(E.response_mask, "token").to(r0.logp.device)
     logq = logq.to(r0.logp.device)
-
-    def along(eps):
-        return estimators.snis_value(
-            r0.logp + eps * r1.logp + 0.5 * eps**2 * r2.logp, r0.entropy + eps * r1.entropy + 0.5 * eps**2 * r2.entropy, logq, denom
-        )
-
-    zero, one = torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64)
-    slope = lambda eps: torch.func.jvp(along, (eps,), (one,))[1]
-    delta_h1 = float(slope(zero))
-    delta_h2 = 0.5 * float(torch.func.jvp(slope, (zero,), (one,))[1]) if second_order else None
-    h0 = float(along(zero))
+    r2 = estimators.rows(jet.second) if second_order else None
+    delta_h1, delta_h2 = estimators.taylor_derivatives(r0, estimators.rows(jet.tangent), r2, logq, denom)
+    h0 = float(estimators.snis_value(r0.logp, r0.entropy, logq, denom))
     new = estimators.snis(estimators.rows(passes.forward(policy, new_params, E, micro_batch)), logq, denom)
-    return Reweighted(h0, float(new.value), float(new.value) - h0, delta_h1, delta_h2, float(new.ess_fraction))
+    return Reweighted(h0, float(new.value), float(new.value) - h0, float(delta_h1),
+                      None if delta_h2 is None else float(delta_h2), float(new.ess_fraction))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -553,7 +539,8 @@ class TrlProbe(TrainerCallback):
         micro_batch = self.settings.micro_batch
         if self._fixed is not None and self._reuse:
             logp = sequence_logp(policy, params, self._fixed.rollouts, micro_batch)
-            ess = ess_fraction(logp - self._fixed.logp_sampler.to(logp.device))
+            log_weights = estimators.log_weights(logp, self._fixed.logp_sampler.to(logp.device))
+            ess = float(estimators.effective_sample_size(log_weights)) / len(log_weights)
             if ess >= self.settings.ess_threshold:
                 return self._fixed, ess
         E = self._sample(policy, step)
