@@ -90,7 +90,7 @@ def _float32_target(func, args, kwargs) -> bool:
     if func in (torch.Tensor.to, torch.Tensor.type):
         dtypes = [a for a in (*args[1:], kwargs.get("dtype")) if isinstance(a, torch.dtype)]
         return dtypes == [torch.float32]
-    return False
+    return kwargs.get("dtype") is torch.float32  # softmax(x, dtype=torch.float) (Qwen2-MoE/Qwen3-MoE/OLMoE routers)
 
 
 def _as_float64(args, kwargs):
