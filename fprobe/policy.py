@@ -106,6 +106,16 @@ def silu(x, inplace=False):
 
 PRIMITIVE = {torch.nn.functional.layer_norm: layer_norm, torch.nn.functional.silu: silu}
 
+# Matrix products do not promote dtypes: a float32 weight kept by transformers in a float64 model
+# (``_keep_in_fp32_modules``, e.g. DeepSeek-V3's router), met by activations that stay float64, is
+# upcast for the product.
+MATMULS = {torch.nn.functional.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.bmm}
+
+
+def _float32_tensors_as_float64(args, kwargs):
+    up = lambda a: a.double() if isinstance(a, torch.Tensor) and a.dtype == torch.float32 else a
+    return tuple(up(a) for a in args), {k: up(v) for k, v in kwargs.items()}
+
 
 class PrimitiveOpsKeepFloat64(torch.overrides.TorchFunctionMode):
     """The numerics of every fprobe call, whatever the model's dtype: in forward and forward-mode passes
@@ -123,6 +133,8 @@ class PrimitiveOpsKeepFloat64(torch.overrides.TorchFunctionMode):
             return args[0]
         if _float32_target(func, args, kwargs):
             args, kwargs = _as_float64(args, kwargs)
+        if func in MATMULS and any(isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in args):
+            args, kwargs = _float32_tensors_as_float64(args, kwargs)
         return func(*args, **kwargs)
 
 
@@ -136,7 +148,10 @@ def base_model(model: torch.nn.Module) -> torch.nn.Module:
 
 def check_attention_interface(model: torch.nn.Module) -> None:
     """fprobe can give the model its attention only if every attention layer dispatches through
-    transformers' AttentionInterface."""
+    transformers' AttentionInterface, without attention sinks (learned per-head logits, e.g. gpt-oss)."""
+    sinks = [name for name, m in model.named_modules() if isinstance(getattr(m, "sinks", None), torch.Tensor)]
+    if sinks:
+        raise ValueError(f"{sinks[0]!r} has attention sinks (s_aux), which fprobe's attention does not support")
     for module in model.modules():
         if hasattr(module, "_can_set_attn_implementation") and not module._can_set_attn_implementation():
             raise TypeError(
