@@ -75,6 +75,14 @@ class MaskBlocks:
     use_vmap: bool
     device: torch.device
 
+    def __getattr__(self, name: str):
+        """A model whose own attention code reads the mask as a tensor (``.dtype``, ``.shape``, …) ends here
+        with an error that says why, rather than deep in its code."""
+        raise AttributeError(
+            f"the model's own code reads the attention mask as a tensor (.{name}), but inside fprobe's calls the mask "
+            "is evaluated in blocks of query rows (fprobe.attention.MaskBlocks): this model cannot run fprobe's attention"
+        )
+
     def rows(self, start: int, stop: int) -> torch.Tensor:
         return sdpa_mask(
             batch_size=self.batch_size,

@@ -3,6 +3,8 @@ reverse-mode (gradient of a functional of the token statistics). Each returns [n
 whole batch, so peak memory is set by the micro-batch, not by the batch. Under torch.distributed
 each rank runs its block of rows; statistics are gathered and gradients all-reduced here."""
 
+import contextlib
+import re
 from typing import NamedTuple
 
 import torch
@@ -62,6 +64,21 @@ def _dual_jvp(f, primals, tangents) -> tuple[TokenStats, TokenStats]:
     return TokenStats(*(p.primal for p in pairs)), TokenStats(*tangent)
 
 
+@contextlib.contextmanager
+def forward_mode_errors_explained(model):
+    """torch's error for an op or custom ``autograd.Function`` without a forward-mode derivative, re-raised
+    with what it means here: no jvp (δH₁'s default, δH₂) through this model; the gradient path still works."""
+    try:
+        yield
+    except (NotImplementedError, RuntimeError) as error:
+        if not re.search(r"forward[ -]?(mode )?AD", str(error)):
+            raise
+        raise NotImplementedError(
+            f"{type(model).__name__} runs an operation with no forward-mode derivative, so fprobe cannot take a jvp "
+            f"through it (δH₁ by jvp, δH₂): use method='grad' for δH₁ (torch: {' '.join(str(error).split())})"
+        ) from error
+
+
 def jet(policy, params, delta, batch: Rollouts, order: int = 1, micro_batch=DEFAULT_MICRO_BATCH, progress=False) -> StatsJet:
     """(ℓ, h) at θ₀ with d/dε (one jvp) and, for ``order=2``, d²/dε² (jvp of jvp) along Δθ."""
     if order not in (1, 2):
@@ -69,7 +86,7 @@ def jet(policy, params, delta, batch: Rollouts, order: int = 1, micro_batch=DEFA
     primals, tangents = tree.detach(params), tree.detach(delta)
     local, _ = _local(batch)
     parts = []
-    with torch.no_grad():
+    with torch.no_grad(), forward_mode_errors_explained(policy.model):
         for mb in _progress(local.micro_batches(micro_batch), "jvp", progress):
             stats = lambda p, mb=mb: token_stats(policy, p, mb)
             first = lambda p: torch.func.jvp(stats, (p,), (tangents,))

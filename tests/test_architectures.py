@@ -224,13 +224,10 @@ def recurrent_gemma():
     return build("recurrent_gemma").double().eval()
 
 
-UNSUPPORTED_LATE = {  # model, the error it raises today at the first call, and why
-    "doge": (doge, AttributeError, "Doge's attention reads attention_mask as a tensor (prepare_dynamic_mask: "
-             "attention_mask.dtype); it gets fprobe's MaskBlocks and the first call dies with \"'MaskBlocks' object has "
-             "no attribute 'dtype'\"; Policy(...) accepts the model"),
-    "recurrent_gemma": (recurrent_gemma, NotImplementedError, "RecurrentGemma's SqrtBoundDerivative is a custom "
-                        "autograd.Function without a jvp: δH₁ dies with torch's 'You must implement the jvp function'; "
-                        "Policy(...) accepts the model"),
+UNSUPPORTED_LATE = {  # model, the error it raises at the first call, and why it is not refused at Policy(...)
+    "doge": (doge, AttributeError, "Doge's attention code reads attention_mask as a tensor (prepare_dynamic_mask: "
+             "attention_mask.dtype), which only shows when it runs: the first call fails with fprobe's message that the "
+             "model reads the mask as a tensor; Policy(...) cannot see it beforehand"),
 }
 
 
@@ -239,7 +236,7 @@ def test_unsupported_architecture_fails_at_the_first_call_today(arch):
     make, error, _ = UNSUPPORTED_LATE[arch]
     policy = fprobe.Policy(make())
     E = make_batch(n=2, width=8, seed=1, with_advantages=False)
-    with pytest.raises(error):
+    with pytest.raises(error, match="reads the attention mask as a tensor"):
         fprobe.entropy_change(policy, E, tree.zeros_like(policy.params))
 
 
@@ -272,3 +269,18 @@ def test_float32_modules_in_a_float64_model(tmp_path):
     jvp = fprobe.entropy_change(policy, E, delta)
     grad = fprobe.entropy_change(policy, E, delta, method="grad")
     assert grad.delta_h1 == pytest.approx(jvp.delta_h1, rel=1e-9) and abs(jvp.ratio - 1) < 1e-2
+
+
+def test_a_model_without_forward_mode_derivatives_says_so_and_the_gradient_path_works():
+    """RecurrentGemma's SqrtBoundDerivative (a custom autograd.Function) has no jvp: the error names the model
+    and the way out, and method='grad' gives δH₁ matching a central difference of ΔH_true."""
+    policy = fprobe.Policy(recurrent_gemma())
+    E = make_batch(n=2, width=8, seed=1, with_advantages=False)
+    delta = tree.tree_map(lambda p: 1e-3 * torch.randn(p.shape, dtype=p.dtype, generator=torch.Generator().manual_seed(4)), policy.params)
+    with pytest.raises(NotImplementedError, match=r"RecurrentGemma\w* runs an operation with no forward-mode derivative.*method='grad'"):
+        fprobe.entropy_change(policy, E, delta)
+    grad = fprobe.entropy_change(policy, E, delta, method="grad")
+    eps = 1e-2
+    plus = fprobe.entropy_change(policy, E, tree.scale(delta, eps), method="grad").delta_h_true
+    minus = fprobe.entropy_change(policy, E, tree.scale(delta, -eps), method="grad").delta_h_true
+    assert grad.delta_h1 == pytest.approx((plus - minus) / (2 * eps), rel=1e-5)
