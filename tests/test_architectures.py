@@ -9,8 +9,8 @@ rows), each checked against computations that do not go through fprobe's attenti
 (c) ``fprobe.probe`` runs (its step's reverse pass takes SDPA on left-aligned rows) and the ratio ≈ 1;
 (d) the model's attention implementation and its own outputs are the same after fprobe's calls.
 
-Architectures fprobe cannot support must say so. Those whose failure is late or unclear are strict xfails
-naming the cause."""
+Architectures fprobe cannot support must say so: at ``Policy(...)`` where it can be seen (no
+AttentionInterface, attention sinks), else at the first call with a message that names the cause."""
 
 import functools
 
