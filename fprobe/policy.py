@@ -160,6 +160,9 @@ def check_attention_interface(model: torch.nn.Module) -> None:
             )
 
 
+EAGER_EXPERTS = "eager"
+
+
 def attention_configs(model: torch.nn.Module) -> list:
     """Every transformers config that names an attention implementation for part of ``model``: the
     configs of its transformers (sub)models and, recursively, their sub-configs; each once."""
@@ -174,17 +177,26 @@ def attention_configs(model: torch.nn.Module) -> list:
 
 
 @contextlib.contextmanager
-def fprobe_attention_installed(model: torch.nn.Module):
-    """Within: the model runs fprobe's attention (``fprobe.attention``); on exit every config's attention
-    implementation is put back exactly as it was, so a model shared with a trainer is left as found."""
-    saved = [(config, config._attn_implementation_internal) for config in attention_configs(model)]
-    for config, _ in saved:
+def fprobe_kernels_installed(model: torch.nn.Module):
+    """Within: the model runs fprobe's attention (``fprobe.attention``) and transformers' eager MoE
+    experts (its default ``grouped_mm`` kernel has no forward-mode derivative and no float64); on exit
+    every config's implementations are put back exactly as they were, so a model shared with a trainer
+    is left as found."""
+    saved = [
+        (config, config._attn_implementation_internal, getattr(config, "_experts_implementation_internal", None))
+        for config in attention_configs(model)
+    ]
+    for config, _, experts in saved:
         config._attn_implementation_internal = attention.NAME
+        if experts is not None:
+            config._experts_implementation_internal = EAGER_EXPERTS
     try:
         yield
     finally:
-        for config, implementation in saved:
+        for config, implementation, experts in saved:
             config._attn_implementation_internal = implementation
+            if experts is not None:
+                config._experts_implementation_internal = experts
 
 
 def lora_config(lora):
@@ -205,7 +217,7 @@ class Policy:
 
     ``Policy(model)`` wraps an already built model; ``Policy.from_pretrained`` loads one.
     The model must be in eval mode (no dropout). It is left as it is: fprobe's calls switch it to
-    fprobe's attention and back (``fprobe_attention_installed``), so it can be shared with a trainer.
+    fprobe's attention and back (``fprobe_kernels_installed``), so it can be shared with a trainer.
     """
 
     model: torch.nn.Module
@@ -285,7 +297,7 @@ class Policy:
         with (
             input_require_grads_hooks_suspended(self.model),
             exact_float32_matmul(self.device),
-            fprobe_attention_installed(self.model),
+            fprobe_kernels_installed(self.model),
             PrimitiveOpsKeepFloat64(),
         ):
             out = functional_call(self.model, dict(params), (input_ids.to(self.device),), kwargs)

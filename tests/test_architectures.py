@@ -275,3 +275,17 @@ def test_a_model_without_forward_mode_derivatives_says_so_and_the_gradient_path_
     plus = fprobe.entropy_change(policy, E, tree.scale(delta, eps), method="grad").delta_h_true
     minus = fprobe.entropy_change(policy, E, tree.scale(delta, -eps), method="grad").delta_h_true
     assert grad.delta_h1 == pytest.approx((plus - minus) / (2 * eps), rel=1e-5)
+
+
+def test_moe_with_transformers_default_experts_kernel():
+    """transformers' default MoE experts kernel (grouped_mm) has no forward-mode derivative and no float64:
+    fprobe's calls run the eager experts and put the model's own setting back (was: jvp and float64 failed)."""
+    model = build("qwen3_moe", **MOE).double().eval()
+    own_setting = model.config._experts_implementation
+    policy = fprobe.Policy(model)
+    E = make_batch(n=2, width=8, seed=1, with_advantages=False)
+    delta = tree.tree_map(lambda p: 1e-6 * torch.randn(p.shape, dtype=p.dtype, generator=torch.Generator().manual_seed(4)), policy.params)
+    jvp = fprobe.entropy_change(policy, E, delta)
+    grad = fprobe.entropy_change(policy, E, delta, method="grad")
+    assert grad.delta_h1 == pytest.approx(jvp.delta_h1, rel=1e-9) and abs(jvp.ratio - 1) < 1e-3
+    assert model.config._experts_implementation == own_setting != "eager"

@@ -263,7 +263,7 @@ def test_attention_is_restored_when_a_call_fails(load_policy):
     policy = load_policy("gpt2", torch.float64)
     found = policy.model.config._attn_implementation
     with pytest.raises(RuntimeError, match="inside"):
-        with fprobe.policy.fprobe_attention_installed(policy.model):
+        with fprobe.policy.fprobe_kernels_installed(policy.model):
             assert policy.model.config._attn_implementation == "fprobe"
             raise RuntimeError("inside")
     assert policy.model.config._attn_implementation == found != "fprobe"
