@@ -490,7 +490,7 @@ def test_per_sequence_contributions_against_plain_gradients(tmp_path):
     names = {id(p): n for n, p in trainer.model.named_parameters()}
     decayed = {names[id(p)] for group in trainer.optimizer.param_groups if group["weight_decay"] > 0 for p in group["params"]}
     assert decayed and decayed != set(theta)  # biases and norms are not decayed
-    decay = -lr * wd * sum(float((ui * theta[n]).sum()) for n, ui in zip(theta, u) if n in decayed)
+    decay = -lr * wd * sum(float((ui * theta[n]).detach().sum()) for n, ui in zip(theta, u) if n in decayed)
     assert parts["decay"] == pytest.approx(decay, rel=1e-9) and parts["momentum"] == 0
     assert parts["delta_h1"] == pytest.approx(record["delta_h1"], rel=1e-6)
 
