@@ -11,6 +11,7 @@ import typing
 from dataclasses import dataclass
 from typing import Literal
 
+import optree
 import torch
 
 from . import estimators, passes, tree
@@ -69,9 +70,11 @@ def version_of(x: torch.Tensor) -> int | None:
         return None
 
 
-def tensor_versions(tensors: dict, prefix: str) -> dict:
-    """{``prefix[name]``: (tensor, its version counter)} for ``Context.check_unchanged``."""
-    return {f"{prefix}[{name!r}]": (x, version_of(x)) for name, x in tensors.items()}
+def tensor_versions(tree, prefix: str) -> dict:
+    """{label: (tensor, its version counter)} for every tensor leaf of a pytree (dicts, NamedTuple optimizer
+    states, …), labelled like ``opt_state.exp_avg['w']``, for ``Context.check_unchanged``."""
+    accessors, leaves, _ = optree.tree_flatten_with_accessor(tree)
+    return {a.codify(prefix): (x, version_of(x)) for a, x in zip(accessors, leaves) if isinstance(x, torch.Tensor)}
 
 
 def batch_tensors(batch: Rollouts) -> dict:

@@ -3,11 +3,8 @@
 import dataclasses
 import math
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Literal
-
-import torch
 
 from . import decompose, estimators, passes, predictors, results, sweep, tree
 from .evaluation import Context, Method, Settings, batch_tensors, first_order, snis_at, tensor_versions, warn_if_low_ess
@@ -271,10 +268,8 @@ def probe(
         progress=progress, **estimate,
     )
     fields = {f.name: getattr(change, f.name) for f in dataclasses.fields(change)}
-    versions = fields["context"].versions | tensor_versions(batch_tensors(U), "U")  # U is reused by contributions, predictors
-    for field, value in zip(getattr(opt_state, "_fields", ()), opt_state or ()):  # and the starting state by replay_step
-        if isinstance(value, Mapping):
-            versions |= tensor_versions({k: v for k, v in value.items() if isinstance(v, torch.Tensor)}, f"opt_state.{field}")
+    # U is reused by contributions and predictors, the starting state by replay_step
+    versions = fields["context"].versions | tensor_versions(batch_tensors(U), "U") | tensor_versions(opt_state, "opt_state")
     fields["context"] = dataclasses.replace(fields["context"], versions=versions)
     return ProbeResult(
         **{**fields, "timings": {"step": step_time, **change.timings}},
