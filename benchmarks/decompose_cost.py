@@ -25,7 +25,9 @@ from transformers import AutoModelForCausalLM, GPT2Config  # noqa: E402
 
 import fprobe  # noqa: E402
 from benchmarks import common  # noqa: E402
-from fprobe import decompose, passes, tree  # noqa: E402
+from fprobe.entropy import decompose  # noqa: E402
+from fprobe.model import passes  # noqa: E402
+from fprobe import tree  # noqa: E402
 
 
 def make_batch(n, width, vocab, seed, advantages):
@@ -103,13 +105,13 @@ def main(argv=None):
     rows, outputs = timed(phases, repeats)
     contrib = outputs["contributions()"]
     if not args.no_brute:
-        weights = fprobe.losses.row_weights(U, result.loss_type)
+        weights = fprobe.rl.losses.row_weights(U, result.loss_type)
 
         def brute():
             out = []
             for j in range(len(U)):
                 row = U.select([j])
-                value = lambda stats, mb_, r: fprobe.losses.sequence_losses(stats.logp, mb_, weights[j : j + 1], result.clip).sum()
+                value = lambda stats, mb_, r: fprobe.rl.losses.sequence_losses(stats.logp, mb_, weights[j : j + 1], result.clip).sum()
                 _, g_j, _ = passes.gradient(policy, params, row, value, None)
                 out.append(float(tree.vdot(direction, g_j)))
             return out

@@ -22,9 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from fprobe import estimators, passes, tree  # noqa: E402
-from fprobe.evaluation import Settings, first_order  # noqa: E402
-from fprobe.tokens import TokenStats, token_stats  # noqa: E402
+from fprobe.entropy import estimators  # noqa: E402
+from fprobe.model import passes  # noqa: E402
+from fprobe import tree  # noqa: E402
+from fprobe.entropy.evaluation import Settings, first_order  # noqa: E402
+from fprobe.model.tokens import TokenStats, token_stats  # noqa: E402
 
 METHODS = ("jvp", "grad", "double_backward")
 

@@ -24,8 +24,10 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask  # noq
 
 import fprobe  # noqa: E402
 from benchmarks import common  # noqa: E402
-from fprobe import attention, passes, tree  # noqa: E402
-from fprobe.softmax import softmax  # noqa: E402
+from fprobe.model import attention  # noqa: E402
+from fprobe.model import passes  # noqa: E402
+from fprobe import tree  # noqa: E402
+from fprobe.model.softmax import softmax  # noqa: E402
 
 PASSES = ("forward", "jvp", "jvp2", "step")
 PROMPT = 16

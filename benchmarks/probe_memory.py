@@ -17,7 +17,7 @@ import torch  # noqa: E402
 
 import fprobe  # noqa: E402
 from benchmarks import common  # noqa: E402
-from fprobe.policy import position_ids_from_mask  # noqa: E402
+from fprobe.model.policy import position_ids_from_mask  # noqa: E402
 
 LR = 1e-5
 

@@ -23,7 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fprobe  # noqa: E402
 from benchmarks import common  # noqa: E402
-from fprobe import passes, step, tree  # noqa: E402
+from fprobe.model import passes  # noqa: E402
+from fprobe.rl import step  # noqa: E402
+from fprobe import tree  # noqa: E402
 
 
 def make_setup(arch, size, lora, dtype, device, n_u, n_e, length, lr, seed=0):

@@ -25,11 +25,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 import fprobe  # noqa: E402
-from fprobe import toy  # noqa: E402
+from fprobe.sampling import toy  # noqa: E402
 
 
 def addition_reward(prompts, completions, answer, **_):
-    """1 for the right sum, else 0 (``fprobe.toy.verify``)."""
+    """1 for the right sum, else 0 (``fprobe.sampling.toy.verify``)."""
     return [toy.verify(p, c, {"answer": a}) for p, c, a in zip(prompts, completions, answer)]
 
 

@@ -22,7 +22,11 @@ import torch
 from transformers import AutoTokenizer
 
 import fprobe
-from fprobe import predictors, results, toy, tree
+from fprobe import files
+from fprobe.entropy import predictors
+from fprobe.sampling import toy
+from fprobe import tree
+from fprobe.records import format_number
 
 HERE = Path(__file__).parent
 STATS = predictors.Score._fields
@@ -91,14 +95,14 @@ def summary_rows(records: list[dict], optimizer: str, lr: float) -> list[str]:
     rows = []
     for name in group[0]["scores"]:
         cells = [mean([r["scores"][name][s] for r in group]) for s in STATS]
-        rows.append(f"| {optimizer} | {lr:g} | {name} | " + " | ".join(results.format_number(c) for c in cells) + " |")
+        rows.append(f"| {optimizer} | {lr:g} | {name} | " + " | ".join(format_number(c) for c in cells) + " |")
     return rows
 
 
 def truth_rows(records: list[dict], optimizer: str, lr: float) -> str:
     group = [r for r in records if r["optimizer"] == optimizer and r["lr"] == lr]
     cells = [mean([r[k] for r in group]) for k in ("delta_h_tokens", "delta_h_true", "delta_h1")]
-    return f"| {optimizer} | {lr:g} | " + " | ".join(results.format_number(c) for c in cells) + " |"
+    return f"| {optimizer} | {lr:g} | " + " | ".join(format_number(c) for c in cells) + " |"
 
 
 def same_sign(record: dict, name: str) -> bool:
@@ -213,10 +217,10 @@ def trl_section(args, steps: list[dict] | None) -> list[str]:
     ]
     for r in steps:
         cells = [r["n_tokens"], r["delta_h_tokens"], r["delta_h_true"], r["delta_h1"], *(r["scores"][n]["pearson"] for n in names)]
-        lines.append(f"| {r['step']} | " + " | ".join(results.format_number(c) for c in cells) + " |")
+        lines.append(f"| {r['step']} | " + " | ".join(format_number(c) for c in cells) + " |")
     lines += ["", "Means over the steps:", "", "| predictor | " + " | ".join(STATS[1:]) + " |", "|---|" + "---|" * (len(STATS) - 1)]
     for n in names:
-        lines.append(f"| {n} | " + " | ".join(results.format_number(mean([r["scores"][n][s] for r in steps])) for s in STATS[1:]) + " |")
+        lines.append(f"| {n} | " + " | ".join(format_number(mean([r["scores"][n][s] for r in steps])) for s in STATS[1:]) + " |")
     return lines + [""]
 
 
@@ -287,8 +291,8 @@ def main(argv=None):
         matplotlib.use("Agg")
         shown.plot(args.plot)
     command = " ".join(["python experiments/predictors.py", *argv])
-    results.write_atomic(args.json, json.dumps({"sweep": records, "trl": trl_steps}, indent=1))
-    results.write_atomic(args.out, readme(args, records, trl_steps, seconds, command))
+    files.write_atomic(args.json, json.dumps({"sweep": records, "trl": trl_steps}, indent=1))
+    files.write_atomic(args.out, readme(args, records, trl_steps, seconds, command))
     print(f"wrote {args.out} in {seconds:.0f} s")
 
 

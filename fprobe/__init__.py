@@ -1,31 +1,37 @@
-"""fprobe: what one RL step does to a language model's entropy — ΔH_true by SNIS, δH₁ by jvp."""
+"""fprobe: what one RL step does to a language model's entropy — ΔH_true by SNIS, δH₁ by jvp.
 
-from . import decompose, optim, tree
-from .decompose import Contributions
-from .losses import group_advantages
-from .policy import Policy
-from .probe import EntropyChange, ProbeResult, entropy_change, probe
-from .rollouts import Rollouts
-from .sampling import sample
-from .step import Step, UpdateLostWarning, ZeroAdvantagesWarning, rl_step
-from .sweep import SweepResult
-from .tokens import TokenStats, token_stats
-from .user_warnings import LowESSWarning
+The public API is what ``__all__`` lists; every other name lives in a subpackage (see the README's
+"Layout"). ``fprobe.trl`` (TRL trainers) and ``fprobe.checkpoints`` load on first use: they import
+transformers' Trainer, which takes seconds.
+"""
 
+from fprobe import tree
+from fprobe.entropy import decompose
+from fprobe.entropy.decompose import Contributions
+from fprobe.entropy.probe import EntropyChange, ProbeResult, entropy_change, probe
+from fprobe.entropy.sweep import SweepResult
+from fprobe.model.policy import Policy
+from fprobe.model.tokens import TokenStats, token_stats
+from fprobe.rl import optim
+from fprobe.rl.step import Step, rl_step
+from fprobe.rollouts import Rollouts
+from fprobe.sampling.generate import sample
+from fprobe.sampling.rewards import group_advantages
+from fprobe.warnings import DecompositionWarning, LowESSWarning, UpdateLostWarning, ZeroAdvantagesWarning
+
+LAZY = {"trl": "fprobe.trl", "checkpoints": "fprobe.rl.checkpoints"}
 
 
 def __getattr__(name: str):
-    """``fprobe.trl`` (probing TRL trainers) and ``fprobe.checkpoints`` load on first use: they import
-    transformers' Trainer, which takes seconds."""
-    if name in ("trl", "checkpoints"):
+    if name in LAZY:
         import importlib
 
-        return importlib.import_module(f".{name}", __name__)
+        return importlib.import_module(LAZY[name])
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
-    "EntropyChange", "LowESSWarning", "Policy", "ProbeResult", "Rollouts", "Step", "SweepResult", "TokenStats",
-    "entropy_change", "group_advantages", "optim", "probe", "rl_step", "token_stats", "tree",
-    "sample", "Contributions", "decompose", "UpdateLostWarning", "ZeroAdvantagesWarning",
+    "Contributions", "DecompositionWarning", "EntropyChange", "LowESSWarning", "Policy", "ProbeResult", "Rollouts",
+    "Step", "SweepResult", "TokenStats", "UpdateLostWarning", "ZeroAdvantagesWarning", "decompose", "entropy_change",
+    "group_advantages", "optim", "probe", "rl_step", "sample", "token_stats", "tree",
 ]

@@ -1,5 +1,5 @@
 """``python -m fprobe``: the command line."""
 
-from .cli import main
+from fprobe.cli.command import main
 
 raise SystemExit(main())

@@ -14,7 +14,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from . import tree
+from fprobe import tree
 
 
 def world() -> tuple[int, int]:

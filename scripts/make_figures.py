@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 import fprobe  # noqa: E402
-from fprobe import toy  # noqa: E402
+from fprobe.sampling import toy  # noqa: E402
 
 LR = 1e-5
 SWEEP_LRS = [1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2]

@@ -7,7 +7,7 @@ Run from the repository root (CPU only, about four minutes on 2 cores):
 
 The model is a two-layer Qwen2 causal LM (about 0.1M parameters, float32) over a
 character-level tokenizer (digits, '+', '=', space; <pad> <eos> <bos> <unk>). It learns the
-addition task of ``fprobe.toy`` by teacher forcing on the answer tokens, and training stops
+addition task of ``fprobe.sampling.toy`` by teacher forcing on the answer tokens, and training stops
 deliberately early: every ``--eval-every`` steps the answers sampled at temperature 1.0 (full
 vocabulary, ``model.generate``) are scored on a held-out set with a fixed seed, and training
 stops at the first checkpoint whose accuracy lies in ``[--target-low, --target-high]`` (the one
@@ -26,7 +26,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fprobe.toy import DEFAULT_MODEL_PATH, make_prompts, verify  # noqa: E402
+from fprobe.sampling.toy import DEFAULT_MODEL_PATH, make_prompts, verify  # noqa: E402
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>"]
 CHARACTERS = "0123456789+= "

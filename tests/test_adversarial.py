@@ -14,7 +14,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import fprobe
-from fprobe import cli, passes, predictors, results, tree
+from fprobe.cli import command as cli
+from fprobe.model import passes
+from fprobe.entropy import predictors
+from fprobe import records
+from fprobe import tree
 from helpers import CONFIGS, make_batch
 
 
@@ -161,7 +165,7 @@ def test_non_finite_tensor_fields_become_null_in_json():
         vector: torch.Tensor
 
     record = Record(torch.tensor(float("nan")), torch.tensor([1.0, float("inf"), -float("inf")]))
-    assert strict_json(results.to_json(record)) == {"scalar": None, "vector": [1.0, None, None]}
+    assert strict_json(records.to_json(record)) == {"scalar": None, "vector": [1.0, None, None]}
 
 
 # --- command line: a zero learning rate and a sweep or plot ---
@@ -178,7 +182,7 @@ def test_cli_refuses_lr_zero_with_a_sweep_or_plot_before_any_work(tmp_path, caps
 
 
 def test_cli_keeps_the_record_when_the_optimizer_states_rate_is_zero(tmp_path, capsys):
-    model = AutoModelForCausalLM.from_pretrained(str(fprobe.toy.DEFAULT_MODEL_PATH))
+    model = AutoModelForCausalLM.from_pretrained(str(fprobe.sampling.toy.DEFAULT_MODEL_PATH))
     torch.save(torch.optim.AdamW(list(model.parameters()), lr=0.0).state_dict(), tmp_path / "state.pt")
     out, plot = tmp_path / "r.json", tmp_path / "p.png"
     argv = ["probe", *SMALL, "--optimizer-state", str(tmp_path / "state.pt"), "--out", str(out), "--plot", str(plot)]
@@ -280,18 +284,18 @@ def test_bool_or_complex_advantages_and_rewards_are_refused(name, values):
 def test_a_low_ess_warning_from_a_sweep_points_at_the_callers_line(gpt2, batches):
     E, U = batches
     res = fprobe.probe(gpt2, E, U, fprobe.optim.adamw(lr=1e-4))
-    with pytest.warns(fprobe.user_warnings.LowESSWarning) as caught:
+    with pytest.warns(fprobe.LowESSWarning) as caught:
         res.sweep([10.0])  # 1e5 × the step: the weights degenerate
     assert [w.filename for w in caught] == [__file__]
 
 
 def test_a_decomposition_warning_points_at_the_callers_line(gpt2, batches, monkeypatch):
-    from fprobe import decompose
+    from fprobe.entropy import decompose
 
     E, U = batches
     res = fprobe.probe(gpt2, E, U, fprobe.optim.adamw(lr=1e-4))
     monkeypatch.setattr(decompose, "RESIDUAL_WARNING", -1.0)  # every residual warns
-    with pytest.warns(decompose.DecompositionWarning) as caught:
+    with pytest.warns(fprobe.DecompositionWarning) as caught:
         res.contributions()
     assert [w.filename for w in caught] == [__file__]  # was fprobe/probe.py
 
@@ -305,7 +309,7 @@ def test_contributions_write_strict_json_and_check_their_arguments(gpt2, batches
     assert [r["row"] for r in parts.top(len(U))] == sorted(range(len(U)), key=lambda j: -abs(float(parts.per_sequence[j])))
     with pytest.raises(ValueError, match="k >= 0"):
         parts.top(-1)  # was: every row but the last
-    monkeypatch.setattr(fprobe.passes, "gradient", no_pass)
+    monkeypatch.setattr(fprobe.model.passes, "gradient", no_pass)
     with pytest.raises(ValueError, match="micro_batch"):
         res.contributions(micro_batch=0)  # was: refused only after replaying the step
 

@@ -17,10 +17,12 @@ from transformers.masking_utils import (
 )
 
 import fprobe
-from fprobe import attention, passes, tree
-from fprobe.attention import MaskBlocks, fprobe_attention, mask_blocks, repeat_kv_heads
-from fprobe.policy import PrimitiveOpsKeepFloat64, position_ids_from_mask
-from fprobe.tokens import chunked_statistics, left_aligned, scatter_rows, token_stats
+from fprobe.model import attention
+from fprobe.model import passes
+from fprobe import tree
+from fprobe.model.attention import MaskBlocks, fprobe_attention, mask_blocks, repeat_kv_heads
+from fprobe.model.policy import PrimitiveOpsKeepFloat64, position_ids_from_mask
+from fprobe.model.tokens import chunked_statistics, left_aligned, scatter_rows, token_stats
 
 ARCHS = ["gpt2", "llama", "qwen2"]
 WINDOWED = {  # sliding windows shorter than the test rows; Gemma-2 also soft-caps its attention scores

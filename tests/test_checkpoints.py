@@ -8,7 +8,10 @@ import torch
 from transformers import TrainerCallback
 
 import fprobe
-from fprobe import checkpoints, cli, optim, toy
+from fprobe.rl import checkpoints
+from fprobe.cli import command as cli
+from fprobe.rl import optim
+from fprobe.sampling import toy
 from test_trl import make_trainer
 
 

@@ -14,7 +14,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
 
 import fprobe
-from fprobe import cli, toy
+from fprobe.cli import command as cli
+from fprobe.sampling import toy
 
 SMALL = ["--n-eval", "4", "--n-update-prompts", "2", "--group-size", "2", "--max-new-tokens", "4"]
 REWARDS = "fprobe_cli_test_rewards"

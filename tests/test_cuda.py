@@ -10,7 +10,8 @@ import torch
 from transformers import AutoTokenizer
 
 import fprobe
-from fprobe import cli, toy
+from fprobe.cli import command as cli
+from fprobe.sampling import toy
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fprobe
-from fprobe import decompose as dec
+from fprobe.entropy import decompose as dec
 from fprobe import tree
 
 from helpers import make_batch, plain_entropy, sequence_log_probs

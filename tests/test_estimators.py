@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from fprobe import estimators
-from fprobe.tokens import TokenStats
+from fprobe.entropy import estimators
+from fprobe.model.tokens import TokenStats
 
 
 def hand_case(seed=0, n=5, width=7):

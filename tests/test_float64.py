@@ -24,7 +24,7 @@ def test_float64_model_has_no_float32_rounding(load_policy, batch, arch, norm, m
     policy = load_policy(arch)
     E = batch(n=4, width=10, seed=3, with_advantages=False)
     ours = policy.apply(policy.params, E.input_ids, E.attention_mask)
-    kwargs = dict(attention_mask=E.attention_mask, position_ids=fprobe.policy.position_ids_from_mask(E.attention_mask), use_cache=False)
+    kwargs = dict(attention_mask=E.attention_mask, position_ids=fprobe.model.policy.position_ids_from_mask(E.attention_mask), use_cache=False)
     with torch.no_grad():
         rounded = policy.model(E.input_ids, **kwargs).logits
         module = importlib.import_module(f"transformers.models.{arch}.modeling_{arch}")

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fprobe
-from fprobe import losses
+from fprobe.rl import losses
 from fprobe.rollouts import Rollouts
 
 # ---------------------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ import torch
 from helpers import make_batch
 
 import fprobe
-from fprobe import optim, tree
-from fprobe.step import loss_and_grad
+from fprobe.rl import optim
+from fprobe import tree
+from fprobe.rl.step import loss_and_grad
 
 STEPS = 3
 DTYPES = [torch.float32, torch.float64]

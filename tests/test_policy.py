@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM
 
 import fprobe
 from fprobe import tree
-from fprobe.policy import position_ids_from_mask
-from fprobe.step import loss_and_grad
+from fprobe.model.policy import position_ids_from_mask
+from fprobe.rl.step import loss_and_grad
 
 LORA = {
     "gpt2": dict(r=2, lora_alpha=4, target_modules=["c_attn"]),
@@ -245,13 +245,13 @@ def test_policy_and_probe_leave_the_models_attention_as_found(model_dir, monkeyp
     if lora:
         from peft import get_peft_model
 
-        model = get_peft_model(model, fprobe.policy.lora_config(LORA["qwen2"])).eval()
-    configs = fprobe.policy.attention_configs(model)
+        model = get_peft_model(model, fprobe.model.policy.lora_config(LORA["qwen2"])).eval()
+    configs = fprobe.model.policy.attention_configs(model)
     batch = make_batch(n=4, width=12, seed=21)
     before = own_forward(model, batch)
     inside = []  # the implementation each attention layer finds while fprobe's calls run
-    blocked = fprobe.attention.blocked_attention
-    monkeypatch.setattr(fprobe.attention, "blocked_attention", lambda *a, **k: inside.append(1) or blocked(*a, **k))
+    blocked = fprobe.model.attention.blocked_attention
+    monkeypatch.setattr(fprobe.model.attention, "blocked_attention", lambda *a, **k: inside.append(1) or blocked(*a, **k))
     policy = fprobe.Policy(model)
     fprobe.probe(policy, batch, batch, fprobe.optim.adamw(lr=1e-3))
     assert inside, "fprobe's calls must run fprobe's attention"
@@ -263,14 +263,14 @@ def test_attention_is_restored_when_a_call_fails(load_policy):
     policy = load_policy("gpt2", torch.float64)
     found = policy.model.config._attn_implementation
     with pytest.raises(RuntimeError, match="inside"):
-        with fprobe.policy.fprobe_kernels_installed(policy.model):
+        with fprobe.model.policy.fprobe_kernels_installed(policy.model):
             assert policy.model.config._attn_implementation == "fprobe"
             raise RuntimeError("inside")
     assert policy.model.config._attn_implementation == found != "fprobe"
 
 
 def test_chunk_rows_fit_the_budget_of_four_float64_arrays():
-    from fprobe.tokens import CHUNK_BYTES, chunk_rows
+    from fprobe.model.tokens import CHUNK_BYTES, chunk_rows
 
     for vocab in (61, 8192, 151936):
         rows = chunk_rows(vocab)
@@ -284,7 +284,7 @@ def test_chunk_size_and_skipping_the_entropy_change_no_value(model_dir):
     default = fprobe.token_stats(fprobe.Policy(model), fprobe.Policy(model).params, batch)
     one_row = fprobe.Policy(model, chunk_size=1)
     chunked = fprobe.token_stats(one_row, one_row.params, batch)
-    logp_only = fprobe.tokens.token_stats(one_row, one_row.params, batch, with_entropy=False)
+    logp_only = fprobe.model.tokens.token_stats(one_row, one_row.params, batch, with_entropy=False)
     assert torch.equal(chunked.logp, default.logp) and torch.equal(chunked.entropy, default.entropy)
     assert torch.equal(logp_only.logp, default.logp) and logp_only.entropy is None
     with pytest.raises(ValueError, match="chunk_size must be a positive number of rows"):
@@ -292,7 +292,7 @@ def test_chunk_size_and_skipping_the_entropy_change_no_value(model_dir):
 
 
 def test_reverse_mode_statistics_recompute_from_the_logits_with_autograds_gradient():
-    from fprobe import softmax
+    from fprobe.model import softmax
 
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(20, 50, generator=g, requires_grad=True)

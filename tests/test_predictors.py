@@ -10,7 +10,9 @@ import torch
 from transformers import AutoTokenizer
 
 import fprobe
-from fprobe import predictors, toy, tree
+from fprobe.entropy import predictors
+from fprobe.sampling import toy
+from fprobe import tree
 
 LR = 0.3
 
@@ -312,7 +314,7 @@ def test_probe_result_method_is_the_comparison_of_its_own_step(probed):
 
 
 def test_cli_probe_predictors_flag_adds_the_comparison_to_the_record(tmp_path):
-    from fprobe import cli
+    from fprobe.cli import command as cli
 
     out = tmp_path / "results.json"
     argv = ["probe", "--predictors", "--quiet", "--n-eval", "8", "--n-update-prompts", "2", "--group-size", "4", "--out", str(out)]

@@ -8,7 +8,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import fprobe
-from fprobe import passes, tree
+from fprobe.model import passes
+from fprobe import tree
 from helpers import make_batch, plain_entropy
 
 
@@ -127,7 +128,7 @@ def test_eta_10_against_a_polynomial_fit_along_the_step(setup):
 def test_sweep_loglog_fit_against_numpy_free_least_squares():
     xs = [1e-4, 1e-3, 1e-2]
     ys = [2e-6, 2e-4, 2e-2]
-    slope, r2 = fprobe.sweep.loglog_fit(xs, ys)
+    slope, r2 = fprobe.entropy.sweep.loglog_fit(xs, ys)
     assert slope == pytest.approx(2.0, rel=1e-12)
     assert r2 == pytest.approx(1.0, rel=1e-12)
 
@@ -207,7 +208,7 @@ def test_covariance_baseline_uses_the_steps_log_probs(setup):
     policy, _, U = setup
     res = adamw_probe(setup, 1e-4)
     logp = fprobe.token_stats(policy, policy.params, U).logp
-    want = fprobe.estimators.covariance_baseline(logp, U.response_mask, U.advantages, 1e-4)
+    want = fprobe.entropy.estimators.covariance_baseline(logp, U.response_mask, U.advantages, 1e-4)
     assert res.cov_baseline == pytest.approx(want, rel=1e-12)
 
 

@@ -3,8 +3,8 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from fprobe.prompts import apply_chat_template, load_prompts
-from fprobe.toy import DEFAULT_MODEL_PATH
+from fprobe.sampling.prompts import apply_chat_template, load_prompts
+from fprobe.sampling.toy import DEFAULT_MODEL_PATH
 
 
 def write_lines(tmp_path, lines):

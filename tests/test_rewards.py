@@ -2,8 +2,8 @@ import math
 
 import pytest
 
-from fprobe import toy
-from fprobe.rewards import numeric_match, resolve_reward, score
+from fprobe.sampling import toy
+from fprobe.sampling.rewards import numeric_match, resolve_reward, score
 
 
 def always_half(prompt, response, example):
@@ -74,7 +74,7 @@ def test_resolve_reward_passes_callables_through():
 
 def test_resolve_reward_imports_module_function():
     assert resolve_reward(f"{__name__}:always_half")("p", "r", {}) == 0.5
-    assert resolve_reward("fprobe.toy:verify") is toy.verify
+    assert resolve_reward("fprobe.sampling.toy:verify") is toy.verify
 
 
 def test_resolve_reward_unknown_name_lists_known():
@@ -87,9 +87,9 @@ def test_resolve_reward_import_errors_are_value_errors():
         resolve_reward("no_such_module_xyz:f")
     assert isinstance(info.value.__cause__, ImportError)
     with pytest.raises(ValueError, match="no_such_function"):
-        resolve_reward("fprobe.toy:no_such_function")
+        resolve_reward("fprobe.sampling.toy:no_such_function")
     with pytest.raises(ValueError, match="not callable"):
-        resolve_reward("fprobe.toy:DEFAULT_DIGITS")
+        resolve_reward("fprobe.sampling.toy:DEFAULT_DIGITS")
 
 
 def test_score_rows():

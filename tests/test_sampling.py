@@ -6,7 +6,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
 
 import fprobe
-from fprobe import sampling, toy
+from fprobe.sampling import generate as sampling
+from fprobe.sampling import toy
 
 EOS, BOS = 1, 2
 MAX_NEW = 12

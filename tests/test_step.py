@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
 
 import fprobe
-from fprobe import losses, tree
-from fprobe.step import loss_and_grad
+from fprobe.rl import losses
+from fprobe import tree
+from fprobe.rl.step import loss_and_grad
 
 PROPERTY = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fprobe.toy import DEFAULT_MODEL_PATH, make_prompts, verify
+from fprobe.sampling.toy import DEFAULT_MODEL_PATH, make_prompts, verify
 
 
 @pytest.fixture(scope="module")

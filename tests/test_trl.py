@@ -24,8 +24,9 @@ from trl import GRPOConfig, GRPOTrainer
 
 import fprobe
 import fprobe.trl
-from fprobe import toy
-from fprobe.policy import PrimitiveOpsKeepFloat64
+from fprobe.trl import probe as trl_probe
+from fprobe.sampling import toy
+from fprobe.model.policy import PrimitiveOpsKeepFloat64
 
 TOKENIZER = AutoTokenizer.from_pretrained(str(toy.DEFAULT_MODEL_PATH))
 DATASET = Dataset.from_list(toy.make_prompts(64, 0))
@@ -307,9 +308,9 @@ def test_row_weights_are_trls_own_normalisers(tmp_path, loss_type):
         logp = (-torch.rand(rows, width, generator=g)).requires_grad_()
         trainer._get_per_token_logps_and_entropies = lambda *a, logp=logp, **k: (logp, torch.zeros_like(logp), None)
         (grad,) = torch.autograd.grad(trainer._compute_loss(trainer.model, inputs), logp)
-        micro.append(fprobe.trl.micro_batch_from_inputs(inputs, 2))
+        micro.append(trl_probe.micro_batch_from_inputs(inputs, 2))
         grads.append(grad.double() * completion_mask)
-    weights = fprobe.trl.trl_row_weights(micro, loss_type, 1, trainer.args.steps_per_generation, MAX_COMPLETION)
+    weights = trl_probe.trl_row_weights(micro, loss_type, 1, trainer.args.steps_per_generation, MAX_COMPLETION)
     advantages = torch.cat([mb.advantages for mb in micro])
     for grad, mb, rows in zip(grads, micro, (slice(0, 3), slice(3, 8))):
         expected = -(weights[rows] * advantages[rows])[:, None] * mb.completion_mask
@@ -425,7 +426,7 @@ def test_fixed_eval_batch_is_importance_weighted_from_its_sampler(tmp_path):
 def test_given_eval_batch_is_weighted_from_the_model_at_attach_and_resampled_when_ess_falls(tmp_path):
     trainer, _ = make_trainer(tmp_path, "grpo", steps=3)
     initial = trainable(trainer.model)
-    with fprobe.trl.modes_kept(trainer.model):
+    with trl_probe.modes_kept(trainer.model):
         policy = fprobe.Policy(trainer.model)
         E, _ = fprobe.sample(policy, TOKENIZER, toy.make_prompts(20, 1), n_eval=10, n_update_prompts=1, group_size=1,
                              reward="toy", max_new_tokens=MAX_COMPLETION, seed=3)
@@ -634,7 +635,7 @@ def test_records_go_to_trainer_log_and_jsonl(tmp_path):
     assert sorted(entries) == [2, 4]
     for record in probe.records:
         entry = entries[record["step"]]
-        for key in fprobe.trl.LOGGED:
+        for key in trl_probe.LOGGED:
             assert entry.get(f"entropy_probe/{key}") == record[key]  # absent where None (δH₂ not asked)
     assert logged(trainer, "loss") and all("loss" not in e for e in entries.values())
 
@@ -652,14 +653,14 @@ def test_trl_advantages_use_the_same_epsilon_as_group_advantages(tmp_path):
 
 def test_eval_prompts_come_from_the_dataset_as_text_or_single_user_turns():
     text = SimpleNamespace(train_dataset=Dataset.from_list([{"prompt": "1+2="}, {"prompt": "3+4="}]))
-    assert fprobe.trl.dataset_prompts(text) == ([{"prompt": "1+2="}, {"prompt": "3+4="}], False)
+    assert trl_probe.dataset_prompts(text) == ([{"prompt": "1+2="}, {"prompt": "3+4="}], False)
     chat = SimpleNamespace(train_dataset=Dataset.from_list([{"prompt": [{"role": "user", "content": "1+2="}]}]))
-    assert fprobe.trl.dataset_prompts(chat) == ([{"prompt": "1+2="}], True)
+    assert trl_probe.dataset_prompts(chat) == ([{"prompt": "1+2="}], True)
     turns = [{"role": "system", "content": "add"}, {"role": "user", "content": "1+2="}]
     with pytest.raises(ValueError, match="pass prompts="):
-        fprobe.trl.dataset_prompts(SimpleNamespace(train_dataset=Dataset.from_list([{"prompt": turns}])))
+        trl_probe.dataset_prompts(SimpleNamespace(train_dataset=Dataset.from_list([{"prompt": turns}])))
     with pytest.raises(ValueError, match="no 'prompt' column"):
-        fprobe.trl.dataset_prompts(SimpleNamespace(train_dataset=Dataset.from_list([{"question": "1+2="}])))
+        trl_probe.dataset_prompts(SimpleNamespace(train_dataset=Dataset.from_list([{"question": "1+2="}])))
 
 
 # ---------------------------------------------------------------------------------------------

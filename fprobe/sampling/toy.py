@@ -10,7 +10,7 @@ import random
 import re
 from pathlib import Path
 
-DEFAULT_MODEL_PATH = Path(__file__).parent / "assets" / "tiny-adder"
+DEFAULT_MODEL_PATH = Path(__file__).parents[1] / "assets" / "tiny-adder"
 DEFAULT_DIGITS = 3
 
 _DIGITS_ONLY = re.compile(r"\d+")

@@ -8,7 +8,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from .results import read_json_lines
+from fprobe.files import read_json_lines
 
 
 def check_record(record, where: str) -> dict:

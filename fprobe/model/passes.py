@@ -11,10 +11,12 @@ import torch
 from torch.autograd import forward_ad
 from tqdm.auto import tqdm
 
-from . import attention, distributed, tree
-from .rollouts import Rollouts
-from .softmax import cheap_jvp
-from .tokens import TokenStats, token_stats
+from fprobe.model import attention
+from fprobe import distributed
+from fprobe import tree
+from fprobe.rollouts import Rollouts
+from fprobe.model.softmax import cheap_jvp
+from fprobe.model.tokens import TokenStats, token_stats
 
 DEFAULT_MICRO_BATCH = 16
 

@@ -37,11 +37,18 @@ from typing import NamedTuple
 import torch
 from transformers import Trainer, TrainerCallback
 
-from . import distributed, estimators, losses, optim, passes, results, sampling, tree
-from .policy import Policy, active_dropout
-from .probe import entropy_change, probe
-from .rollouts import Rollouts
-from .step import rl_step
+from fprobe import distributed
+from fprobe.entropy import estimators
+from fprobe.rl import losses
+from fprobe.rl import optim
+from fprobe.model import passes
+from fprobe import files
+from fprobe.sampling import generate as sampling
+from fprobe import tree
+from fprobe.model.policy import Policy, active_dropout
+from fprobe.entropy.probe import entropy_change, probe
+from fprobe.rollouts import Rollouts
+from fprobe.rl.step import rl_step
 
 PREFIX = "entropy_probe/"
 TRL_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -169,8 +176,8 @@ def open_records_file(out: Path, output_dir: str) -> None:
     ValueError where it holds lines that are not JSON. Warns when it already holds records of this
     ``output_dir`` (a rerun): a step already there is not written again."""
     try:
-        with results.locked_jsonl(out):
-            existing = [line for _, line in results.read_json_lines(out, "probe records")]
+        with files.locked_jsonl(out):
+            existing = [line for _, line in files.read_json_lines(out, "probe records")]
     except OSError as error:
         raise type(error)(f"out {str(out)!r} cannot be opened for appending: {error}") from error
     run = str(Path(output_dir).resolve())
@@ -510,7 +517,7 @@ class TrlProbe(TrainerCallback):
             self._log(control, {PREFIX + key: record[key] for key in LOGGED if record.get(key) is not None})
             if self.settings.out is not None:
                 key = {"output_dir": str(Path(args.output_dir).resolve()), "step": record["step"]}
-                results.append_json_line(self.settings.out, {"key": key, **record}, "key", "probe records")
+                files.append_json_line(self.settings.out, {"key": key, **record}, "key", "probe records")
 
     def _log(self, control, logs: dict) -> None:
         """``transformers.Trainer.log``: the log history and every reporting callback get ``logs`` at this step.
@@ -660,7 +667,7 @@ def attach(
     if contributions and (E is not None or not resample or not check_step):
         raise ValueError("contributions need a fresh E at each step (resample=True, no E) and the step cross-check (check_step=True)")
     if out is not None:
-        results.check_writable(out, "out")
+        files.check_writable(out, "out")
     if prompts is not None and (isinstance(prompts, str) or not all(isinstance(p, str) and p for p in prompts)):
         raise TypeError("prompts must be a list of non-empty texts (one text would be read as its characters)")
     model = trainer.model

@@ -4,8 +4,8 @@ from typing import NamedTuple
 
 import torch
 
-from . import softmax
-from .rollouts import Rollouts
+from fprobe.model import softmax
+from fprobe.rollouts import Rollouts
 
 # Bytes of the float64 temporaries of one chunk of logits: the upcast logits, log π, π and π log π,
 # four [rows, V] float64 arrays (a backward pass recomputes three of them, while every activation of

@@ -11,7 +11,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from .tokens import TokenStats
+from fprobe.model.tokens import TokenStats
 
 Normalize = Literal["token", "seq"]
 Entropy = Literal["rb", "naive"]

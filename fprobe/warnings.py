@@ -1,4 +1,4 @@
-"""fprobe's warnings, attributed to the caller's own line: the first frame outside the fprobe package,
+"""Every warning fprobe raises, and ``warn``, which attributes them to the caller's own line: the first frame outside the fprobe package,
 however deep inside ``probe(...)``, ``.sweep(...)`` or ``.contributions()`` the warning was raised."""
 
 import os
@@ -10,6 +10,18 @@ PACKAGE_DIR = os.path.dirname(__file__) + os.sep
 
 class LowESSWarning(UserWarning):
     """The importance weights at the new parameters are degenerate: the step left the linear regime."""
+
+
+class UpdateLostWarning(UserWarning):
+    """Most of the update was rounded away by low-precision (bf16/fp16) parameters."""
+
+
+class ZeroAdvantagesWarning(UserWarning):
+    """Every advantage in the update batch is zero: the step is weight decay (and momentum) alone."""
+
+
+class DecompositionWarning(UserWarning):
+    """The parts of δH₁ do not add up to it (low-precision parameters: bf16, fp16)."""
 
 
 def warn(message: str, category: type[Warning] = UserWarning) -> None:

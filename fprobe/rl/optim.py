@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import tree
+from fprobe import tree
 
 Hyper = dict[str, float]
 

@@ -25,11 +25,18 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoints, distributed, optim, passes, prompts, results, rewards, toy
-from .losses import LOSS_TYPES
-from .policy import Policy
-from .probe import probe
-from .sampling import sample
+from fprobe.rl import checkpoints
+from fprobe import distributed
+from fprobe.rl import optim
+from fprobe.model import passes
+from fprobe.sampling import prompts
+from fprobe import files
+from fprobe.sampling import rewards
+from fprobe.sampling import toy
+from fprobe.rl.losses import LOSS_TYPES
+from fprobe.model.policy import Policy
+from fprobe.entropy.probe import probe
+from fprobe.sampling.generate import sample
 
 DEFAULT_LR = 1e-6
 DEFAULT_N_EVAL = 64
@@ -168,7 +175,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the defaults that depend on other options (device → dtype, prompts → reward)."""
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("float64" if device_type(args.device) == "cpu" else "float32")
-    results.check_writable(args.out, "--out")
+    files.check_writable(args.out, "--out")
     args.reward = args.reward or ("toy" if args.prompts is None else "numeric")
     if args.command == "sweep" and args.plot is None:
         args.plot = str(Path(args.out).with_suffix(".png"))
@@ -232,7 +239,7 @@ def settings_key(args: argparse.Namespace, model: str) -> dict:
 def read_records(path: Path) -> list[dict]:
     """The records of a results JSONL file (none if it does not exist), read under its lock."""
     records = []
-    for where, record in results.read_jsonl_locked(path, "results file"):
+    for where, record in files.read_jsonl_locked(path, "results file"):
         if not isinstance(record, dict) or not isinstance(record.get("key"), dict):
             raise ValueError(f"{where}: not an fprobe record (no 'key' object)")
         records.append(record)
@@ -242,15 +249,15 @@ def read_records(path: Path) -> list[dict]:
 def finished_keys(out: Path, jsonl: bool) -> set[str]:
     """The resume keys already in a JSONL results file (re-read before each model: another run may be
     appending to the same file)."""
-    return {results.canonical(r["key"]) for r in read_records(out)} if jsonl else set()
+    return {files.canonical(r["key"]) for r in read_records(out)} if jsonl else set()
 
 
 def save_record(out: Path, jsonl: bool, record: dict) -> bool:
     """Append the record to a JSONL file unless a concurrent run wrote its key first (returns whether it
     was written), or write it as the JSON file."""
     if jsonl:
-        return results.append_json_line(out, record, unique="key")
-    results.write_atomic(out, json.dumps(record, indent=2) + "\n")
+        return files.append_json_line(out, record, unique="key")
+    files.write_atomic(out, json.dumps(record, indent=2) + "\n")
     return True
 
 
@@ -325,7 +332,7 @@ def check_plot_path(path: str) -> None:
     if suffix not in formats:
         problem = f"'.{suffix}' is not an image type matplotlib writes" if suffix else "no image suffix"
         raise ValueError(f"--plot {path!r}: {problem}; use one of {', '.join('.' + f for f in sorted(formats))}")
-    results.check_writable(path, "--plot")
+    files.check_writable(path, "--plot")
 
 
 def plot_path(args: argparse.Namespace, index: int, jsonl: bool) -> Path | None:
@@ -427,8 +434,8 @@ def run(args: argparse.Namespace) -> None:
     writing each record as soon as it exists, before printing or plotting it."""
     models = expand_models(args.model)
     out, jsonl = output_file(args.out, len(models))
-    results.check_writable(out, "--out")
-    if jsonl and results.is_stream(out):
+    files.check_writable(out, "--out")
+    if jsonl and files.is_stream(out):
         raise ValueError(f"--out {str(out)!r}: JSONL results are read back to resume, so they need a regular file")
     if args.plot is not None:
         check_plot_path(args.plot)
@@ -437,7 +444,7 @@ def run(args: argparse.Namespace) -> None:
     finished_keys(out, jsonl)  # a malformed results file fails now, not after the first model
     for index, model in enumerate(models):
         key = settings_key(args, model)
-        if results.canonical(key) in finished_keys(out, jsonl):
+        if files.canonical(key) in finished_keys(out, jsonl):
             if not args.quiet:
                 say(f"{model}: already in {out}, skipped")
             continue

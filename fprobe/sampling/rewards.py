@@ -13,10 +13,11 @@ import sys
 from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from fprobe import toy
+from fprobe.sampling import toy
 
 Reward = Callable[[str, str, dict], float]
 
@@ -197,3 +198,29 @@ def score(reward: Reward, prompts: Sequence[str], responses: Sequence[str], exam
             raise ValueError(f"reward {reward_name(reward)} returned {value} on row {row} (prompt {prompt[:60]!r})")
         rewards.append(value)
     return rewards
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    scale: Literal["group", "batch", "none"] = "group",
+    eps: float = 1e-4,
+) -> torch.Tensor:
+    """A_i = r_i − mean_{group(i)} r, divided by std_{group(i)} r + eps (``scale="group"``), by the
+    batch's std + eps (``"batch"``), or not at all (``"none"``); stds unbiased and eps = 1e-4, as in TRL's
+    ``GRPOTrainer._generate_and_score_completions`` (trl 1.16: ``advantages / (std_rewards + 1e-4)``)."""
+    rewards = rewards.double()
+    _, group_index = torch.unique(group_ids, return_inverse=True)
+    n_groups = int(group_index.max()) + 1
+    counts = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, group_index, torch.ones_like(rewards))
+    means = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, group_index, rewards) / counts
+    centred = rewards - means[group_index]
+    if scale == "none":
+        return centred
+    if scale == "batch":
+        return centred / (rewards.std() + eps)
+    if scale != "group":
+        raise ValueError(f"unknown advantage scale {scale!r}: use 'group', 'batch' or 'none'")
+    squares = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, group_index, centred**2)
+    stds = (squares / (counts - 1).clamp(min=1)).sqrt()
+    return centred / (stds[group_index] + eps)

@@ -21,11 +21,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 
-from . import distributed
-from . import prompts as prompt_records
-from . import rewards as reward_functions
-from .losses import group_advantages
-from .rollouts import Rollouts
+from fprobe import distributed
+from fprobe.sampling import prompts as prompt_records
+from fprobe.sampling import rewards as reward_functions
+from fprobe.rollouts import Rollouts
 
 EVAL, UPDATE = "eval", "update"
 
@@ -285,7 +284,7 @@ def sample(
     group_ids = torch.tensor([p for p, _ in update_rows])
     U = to_rollouts(
         row_prompts[n:], responses[n:], pad_id,
-        rewards=rewards, group_ids=group_ids, advantages=group_advantages(rewards, group_ids, advantage_scale),
+        rewards=rewards, group_ids=group_ids, advantages=reward_functions.group_advantages(rewards, group_ids, advantage_scale),
         max_response_length=max_new_tokens,
     )
     return E, U

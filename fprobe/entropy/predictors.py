@@ -46,8 +46,10 @@ from typing import ClassVar, NamedTuple
 
 import torch
 
-from . import passes, results, tree
-from .rollouts import Rollouts
+from fprobe.model import passes
+from fprobe import records
+from fprobe import tree
+from fprobe.rollouts import Rollouts
 
 
 class TokenInputs(NamedTuple):
@@ -215,7 +217,7 @@ def truths(policy, params, delta, U: Rollouts, new_params=None, micro_batch=pass
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
-class PredictorComparison(results.Record):
+class PredictorComparison(records.Record):
     """Each predictor against the truth on one step. ``scores[name]`` holds a ``Score`` as a dict;
     the ``fprobe_first_order`` row is fprobe's own ḣ_ik. ``delta_h_tokens`` is the mean Δh over U's
     response tokens (the aggregate the predictors aim at); ``delta_h_true`` and ``delta_h1`` are the
@@ -228,13 +230,13 @@ class PredictorComparison(results.Record):
     delta_h1: float | None
     scores: dict
     citations: dict
-    truth: torch.Tensor = results.internal()
-    predicted: dict = results.internal()
+    truth: torch.Tensor = records.internal()
+    predicted: dict = records.internal()
 
     COLUMNS: ClassVar[tuple[str, ...]] = Score._fields
 
     def __repr__(self) -> str:
-        head = results.table(
+        head = records.table(
             "PredictorComparison",
             [("lr", self.lr), ("U: response tokens", self.n_tokens), ("mean Δh on U (truth)", self.delta_h_tokens),
              ("ΔH_true on E", self.delta_h_true), ("δH₁ on E", self.delta_h1)],
@@ -242,7 +244,7 @@ class PredictorComparison(results.Record):
         width = max(len(name) for name in self.scores)
         lines = [f"{'predictor':<{width}}" + "".join(f"  {c:>14}" for c in self.COLUMNS)]
         for name, s in self.scores.items():
-            lines.append(f"{name:<{width}}" + "".join(f"  {results.format_number(s[c]):>14}" for c in self.COLUMNS))
+            lines.append(f"{name:<{width}}" + "".join(f"  {records.format_number(s[c]):>14}" for c in self.COLUMNS))
         return head + "\n\n" + "\n".join(lines)
 
     def plot(self, path=None):
@@ -251,7 +253,7 @@ class PredictorComparison(results.Record):
 
 
 def plot_comparison(comparison: PredictorComparison, path=None):
-    from .plots import _figure, _save
+    from fprobe.plots import _figure, _save
 
     fig, axes = _figure(len(comparison.predicted), width=4.0)
     truth = comparison.truth.numpy()

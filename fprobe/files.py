@@ -1,62 +1,11 @@
-"""Frozen result records: readable tables in a terminal and in Jupyter, dicts, JSON, atomic files."""
+"""Result files: atomic writes, checks that a path can take a file, JSONL appends under a lock with resume keys."""
 
 import contextlib
-import dataclasses
 import json
-import math
 import os
 import stat
 import tempfile
 from pathlib import Path
-
-import torch
-
-
-def _plain(value):
-    """JSON-ready form of a result field (tensors become numbers or lists)."""
-    if isinstance(value, torch.Tensor):
-        return _plain(value.item() if value.numel() == 1 else value.tolist())  # NaN/Inf entries too
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-INTERNAL = "fprobe_internal"
-
-
-def internal(**kwargs):
-    """A dataclass field that a result keeps for later computations (tensors, trees, references) but
-    leaves out of its table, ``to_dict`` and JSON."""
-    return dataclasses.field(repr=False, metadata={INTERNAL: True}, **kwargs)
-
-
-def to_dict(record) -> dict:
-    """The record's fields, less those marked ``internal()``, as plain Python values."""
-    return {f.name: _plain(getattr(record, f.name)) for f in dataclasses.fields(record) if not f.metadata.get(INTERNAL)}
-
-
-def format_number(value) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return f"{value:.6g}" if value == 0 or 1e-3 <= abs(value) < 1e6 else f"{value:.6e}"
-    return str(value)
-
-
-def table(title: str, rows: list[tuple[str, object]]) -> str:
-    """A two-column text table."""
-    width = max(len(name) for name, _ in rows)
-    lines = [title, "-" * max(len(title), width + 16)]
-    lines += [f"{name:<{width}}  {format_number(value)}" for name, value in rows]
-    return "\n".join(lines)
 
 
 def new_file_mode(path: Path) -> int:
@@ -194,21 +143,3 @@ def read_json_lines(path: Path, what: str):
                 yield f"{path}:{number}", json.loads(line)
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}:{number}: malformed JSON line in the {what}: {error.msg}") from None
-
-
-def to_json(record, **kwargs) -> str:
-    return json.dumps(to_dict(record), **kwargs)
-
-
-class Record:
-    """What fprobe's frozen results share: Jupyter shows their text table (``repr``), ``to_dict`` gives
-    the fields less those marked ``internal()``, ``to_json`` the same as JSON."""
-
-    def _repr_html_(self) -> str:
-        return f"<pre>{self!r}</pre>"
-
-    def to_dict(self) -> dict:
-        return to_dict(self)
-
-    def to_json(self, **kwargs) -> str:
-        return to_json(self, **kwargs)

@@ -14,10 +14,12 @@ from typing import Literal
 import optree
 import torch
 
-from . import estimators, passes, tree
-from .rollouts import Rollouts
-from .tokens import TokenStats
-from .user_warnings import LowESSWarning, warn
+from fprobe.entropy import estimators
+from fprobe.model import passes
+from fprobe import tree
+from fprobe.rollouts import Rollouts
+from fprobe.model.tokens import TokenStats
+from fprobe.warnings import LowESSWarning, warn
 
 Method = Literal["jvp", "grad"]
 

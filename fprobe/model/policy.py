@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 from torch.func import functional_call
 
-from . import attention, tree
-from .rollouts import check_token_ids
+from fprobe.model import attention
+from fprobe import tree
+from fprobe.rollouts import check_token_ids
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

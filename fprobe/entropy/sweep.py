@@ -6,14 +6,15 @@ from dataclasses import dataclass
 
 import torch
 
-from . import results, tree
-from .evaluation import snis_at, warn_if_low_ess
+from fprobe import records
+from fprobe import tree
+from fprobe.entropy.evaluation import snis_at, warn_if_low_ess
 
 COLUMNS = ("lr", "delta_h_true", "delta_h1", "delta_h12", "ratio", "ess_fraction", "ess_low")
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
-class SweepResult(results.Record):
+class SweepResult(records.Record):
     """Per learning rate η: ΔH_true, δH₁ = (η/η₀) δH₁(η₀), δH₁+δH₂ (δH₂ scales as (η/η₀)²), ratio, ESS.
 
     ``slope``/``r2``: the log–log fit of |ΔH_true| against η (slope 1 in the linear regime);
@@ -53,7 +54,7 @@ class SweepResult(results.Record):
     def plot(self, path=None):
         """ΔH_true / δH₁ (and / (δH₁+δH₂)) against η, and |ΔH_true|, |δH₁|, |δH₁+δH₂| on log–log axes, with
         η₁₀ marked and low-ESS points circled in red. Returns the figure; saves it when ``path`` is given."""
-        from .plots import plot_sweep
+        from fprobe.plots import plot_sweep
 
         return plot_sweep(self, path)
 

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import optim
+from fprobe.rl import optim
 
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "trainer_state.json"

@@ -6,12 +6,18 @@ import time
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from . import decompose, estimators, passes, predictors, results, sweep, tree
-from .evaluation import Context, Method, Settings, batch_tensors, first_order, snis_at, tensor_versions, warn_if_low_ess
-from .optim import Optimizer
-from .results import internal
-from .rollouts import Rollouts
-from .step import Step, rl_step
+from fprobe.entropy import decompose
+from fprobe.entropy import estimators
+from fprobe.model import passes
+from fprobe.entropy import predictors
+from fprobe import records
+from fprobe.entropy import sweep
+from fprobe import tree
+from fprobe.entropy.evaluation import Context, Method, Settings, batch_tensors, first_order, snis_at, tensor_versions, warn_if_low_ess
+from fprobe.rl.optim import Optimizer
+from fprobe.records import internal
+from fprobe.rollouts import Rollouts
+from fprobe.rl.step import Step, rl_step
 
 Row = tuple[str, str]  # (label in the table, field name)
 
@@ -23,7 +29,7 @@ def with_rows_after(rows: tuple[Row, ...], after: str, extra: tuple[Row, ...]) -
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
-class EntropyChange(results.Record):
+class EntropyChange(records.Record):
     """ΔH_true = Ĥ(θ₀+Δθ) − Ĥ(θ₀) on E by SNIS, δH₁ = d/dε Ĥ(θ₀+εΔθ)|₀, δH₂ = ½ d²/dε² (if asked).
 
     Keeps Δθ (``delta_named``) and θ₀'s statistics on E (``context``): all a sweep needs.
@@ -72,7 +78,7 @@ class EntropyChange(results.Record):
 
     def __repr__(self) -> str:
         flag = "  (LOW ESS: outside the linear regime)" if self.ess_low else ""
-        return results.table(f"{type(self).__name__}{flag}", self.rows())
+        return records.table(f"{type(self).__name__}{flag}", self.rows())
 
     def sweep(self, lrs, progress: bool = False) -> sweep.SweepResult:
         """ΔH_true, δH₁ (and δH₁+δH₂) at each learning rate, from this one Δθ scaled by η/η₀."""

@@ -19,7 +19,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from .rollouts import Rollouts
+from fprobe.rollouts import Rollouts
 
 LOSS_TYPES = ("dr_grpo", "token_mean", "seq_mean_token_mean")
 
@@ -40,31 +40,6 @@ class RowWeights(NamedTuple):
 
 LossType = Literal["dr_grpo", "token_mean", "seq_mean_token_mean"] | Dapo | RowWeights
 
-
-def group_advantages(
-    rewards: torch.Tensor,
-    group_ids: torch.Tensor,
-    scale: Literal["group", "batch", "none"] = "group",
-    eps: float = 1e-4,
-) -> torch.Tensor:
-    """A_i = r_i − mean_{group(i)} r, divided by std_{group(i)} r + eps (``scale="group"``), by the
-    batch's std + eps (``"batch"``), or not at all (``"none"``); stds unbiased and eps = 1e-4, as in TRL's
-    ``GRPOTrainer._generate_and_score_completions`` (trl 1.16: ``advantages / (std_rewards + 1e-4)``)."""
-    rewards = rewards.double()
-    _, group_index = torch.unique(group_ids, return_inverse=True)
-    n_groups = int(group_index.max()) + 1
-    counts = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, group_index, torch.ones_like(rewards))
-    means = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, group_index, rewards) / counts
-    centred = rewards - means[group_index]
-    if scale == "none":
-        return centred
-    if scale == "batch":
-        return centred / (rewards.std() + eps)
-    if scale != "group":
-        raise ValueError(f"unknown advantage scale {scale!r}: use 'group', 'batch' or 'none'")
-    squares = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, group_index, centred**2)
-    stds = (squares / (counts - 1).clamp(min=1)).sqrt()
-    return centred / (stds[group_index] + eps)
 
 
 def row_weights(batch: Rollouts, loss_type: LossType) -> torch.Tensor:

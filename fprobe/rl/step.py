@@ -7,21 +7,15 @@ from dataclasses import dataclass, field
 import optree
 import torch
 
-from . import losses, passes, tree
-from .optim import Optimizer, clip_by_global_norm
-from .rollouts import Rollouts
-from .tokens import TokenStats
-from .user_warnings import warn
+from fprobe.rl import losses
+from fprobe.model import passes
+from fprobe import tree
+from fprobe.rl.optim import Optimizer, clip_by_global_norm
+from fprobe.rollouts import Rollouts
+from fprobe.model.tokens import TokenStats
+from fprobe.warnings import UpdateLostWarning, ZeroAdvantagesWarning, warn
 
 UPDATE_LOST_WARNING_LEVEL = 0.5  # warn when more than this fraction of the update is rounded away
-
-
-class UpdateLostWarning(UserWarning):
-    """Most of the update was rounded away by low-precision (bf16/fp16) parameters."""
-
-
-class ZeroAdvantagesWarning(UserWarning):
-    """Every advantage in the update batch is zero: the step is weight decay (and momentum) alone."""
 
 
 def warn_if_zero_advantages(U: Rollouts) -> None:

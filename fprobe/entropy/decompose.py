@@ -29,18 +29,17 @@ from typing import Literal
 
 import torch
 
-from . import losses, passes, results, tree
-from .user_warnings import warn
+from fprobe.rl import losses
+from fprobe.model import passes
+from fprobe import records
+from fprobe import tree
+from fprobe.warnings import DecompositionWarning, warn
 
 RESIDUAL_WARNING = 1e-3
 
 
-class DecompositionWarning(UserWarning):
-    """The parts of δH₁ do not add up to it (low-precision parameters: bf16, fp16)."""
-
-
 @dataclass(frozen=True, eq=False, kw_only=True)
-class Contributions(results.Record):
+class Contributions(records.Record):
     """δH₁ of one RL step = ``momentum`` + ``decay`` + Σ_j ``per_sequence``[j], exactly (up to rounding).
 
     ``per_sequence`` [B] is aligned with U's rows; ``per_token`` [B, L] float64 (zero off
@@ -70,7 +69,7 @@ class Contributions(results.Record):
     optimizer: str
     lr: float
     timings: dict
-    token_ids: torch.Tensor = results.internal()
+    token_ids: torch.Tensor = records.internal()
 
     @property
     def sequences(self) -> float:
@@ -114,8 +113,8 @@ class Contributions(results.Record):
         return [recs[i] for i in order]
 
     def __repr__(self) -> str:
-        parts = results.table(
-            f"Contributions ({self.optimizer}, lr {results.format_number(self.lr)}, clip coef {results.format_number(self.clip_coef)})",
+        parts = records.table(
+            f"Contributions ({self.optimizer}, lr {records.format_number(self.lr)}, clip coef {records.format_number(self.clip_coef)})",
             [
                 ("δH₁", self.delta_h1),
                 ("  momentum", self.momentum),
@@ -137,14 +136,14 @@ class Contributions(results.Record):
 
     def plot(self, path=None):
         """δH_j against the advantage A_j and against the mean token log-prob (scatter, one point per row)."""
-        from .plots import plot_contributions
+        from fprobe.plots import plot_contributions
 
         return plot_contributions(self, path)
 
     def plot_tokens(self, row: int, path=None, labels=None):
         """Heat-strip of row ``row``'s per-token contributions δH_jk over its response; ``labels`` are
         optional token strings (one per response token) or a tokenizer with ``decode``."""
-        from .plots import plot_token_contributions
+        from fprobe.plots import plot_token_contributions
 
         return plot_token_contributions(self, row, path, labels)
 

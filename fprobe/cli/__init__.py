@@ -1,0 +1,5 @@
+"""The ``fprobe`` command line."""
+
+from fprobe.cli.command import main
+
+__all__ = ["main"]
