@@ -31,7 +31,7 @@ import torch  # noqa: E402
 import fprobe  # noqa: E402
 from benchmarks import common  # noqa: E402
 from fprobe import tree  # noqa: E402
-from fprobe.model.policy import PrimitiveOpsKeepFloat64  # noqa: E402
+from fprobe.model.policy import Numerics  # noqa: E402
 
 CHUNK = 1024
 
@@ -42,11 +42,11 @@ CHUNK = 1024
 def plain_token_stats(model, input_ids, attention_mask, response_mask):
     """[B, L] float64 (log π(y_k | y_<k), entropy at k) on the response tokens, zeros elsewhere.
 
-    The model runs as it is called, under fprobe's ``PrimitiveOpsKeepFloat64`` function mode only: that mode is
+    The model runs as it is called, under fprobe's ``Numerics`` function mode only: that mode is
     part of the policy's definition (SiLU and LayerNorm from primitive ops, float64 kept float64), so
     both probes evaluate the same function of θ — without it the logits differ in the last bit."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    with PrimitiveOpsKeepFloat64():
+    with Numerics():
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
     predicting = response_mask[:, 1:]
     rows, targets = logits[:, :-1][predicting], input_ids[:, 1:][predicting]

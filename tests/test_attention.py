@@ -21,7 +21,7 @@ from fprobe.model import attention
 from fprobe.model import passes
 from fprobe import tree
 from fprobe.model.attention import MaskBlocks, fprobe_attention, mask_blocks, repeat_kv_heads
-from fprobe.model.policy import PrimitiveOpsKeepFloat64, position_ids_from_mask
+from fprobe.model.policy import Numerics, position_ids_from_mask
 from fprobe.model.tokens import chunked_statistics, left_aligned, scatter_rows, token_stats
 
 ARCHS = ["gpt2", "llama", "qwen2"]
@@ -72,7 +72,7 @@ def logits_of(model, batch, implementation=None):
     kwargs = dict(attention_mask=batch.attention_mask, position_ids=position_ids_from_mask(batch.attention_mask), use_cache=False)
     if implementation is not None:
         model.set_attn_implementation(implementation)
-    with torch.no_grad(), PrimitiveOpsKeepFloat64():
+    with torch.no_grad(), Numerics():
         return model(batch.input_ids, **kwargs).logits
 
 

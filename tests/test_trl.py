@@ -26,7 +26,7 @@ import fprobe
 import fprobe.trl
 from fprobe.trl import probe as trl_probe
 from fprobe.sampling import toy
-from fprobe.model.policy import PrimitiveOpsKeepFloat64
+from fprobe.model.policy import Numerics
 
 TOKENIZER = AutoTokenizer.from_pretrained(str(toy.DEFAULT_MODEL_PATH))
 DATASET = Dataset.from_list(toy.make_prompts(64, 0))
@@ -339,7 +339,7 @@ def plain_statistics(model, params, E: fprobe.Rollouts, temperature: float = TEM
     float32 casts kept in float64, which would otherwise leave ~1e-7 on these ΔH), a plain log-softmax at
     the sampling temperature; differentiable if ``grad``."""
     positions = (E.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.enable_grad() if grad else torch.no_grad(), PrimitiveOpsKeepFloat64():
+    with torch.enable_grad() if grad else torch.no_grad(), Numerics():
         logits = functional_call(model, params, (E.input_ids,), dict(attention_mask=E.attention_mask, position_ids=positions)).logits
     logp = torch.log_softmax(logits[:, :-1].double() / temperature, -1)
     token_logp = logp.gather(-1, E.input_ids[:, 1:, None])[..., 0]

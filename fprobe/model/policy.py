@@ -6,6 +6,8 @@ tree, names as in ``model.named_parameters()``), frozen weights and buffers stay
 """
 
 import contextlib
+import contextvars
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,20 +84,46 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     return y if bias is None else y + bias
 
 
-def _float32_target(func, args, kwargs) -> bool:
-    """Whether ``func(*args, **kwargs)`` casts a float64 tensor down to float32."""
-    if not (args and isinstance(args[0], torch.Tensor) and args[0].dtype == torch.float64):
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def narrower(dtype, than: torch.dtype) -> bool:
+    """Whether ``dtype`` is a floating dtype with fewer significand bits than ``than`` (bf16, fp16 < float32 < float64)."""
+    return dtype in FLOATS and torch.finfo(dtype).eps > torch.finfo(than).eps
+
+
+def upcast(x, dtype: torch.dtype):
+    """``x`` in ``dtype`` if it is a floating tensor narrower than ``dtype`` (exactly: every narrower value is a ``dtype``
+    value); anything else as it is."""
+    return x.to(dtype) if isinstance(x, torch.Tensor) and narrower(x.dtype, dtype) else x
+
+
+def exact_delta(new: tree.Params, old: tree.Params) -> tree.Params:
+    """Δθ = new − old in float32 at least. The difference of two bf16/fp16 values is exact in float32 (unless one is
+    below 2⁻¹⁶ of the other, where it rounds by 2⁻²⁴ of itself), but not in their own dtype (a weight that crosses
+    zero or changes by more than half of itself)."""
+    return tree.tree_map(lambda a, b: torch.sub(upcast(a, torch.float32), upcast(b, torch.float32)), new, old)
+
+
+CASTS = {torch.Tensor.float: torch.float32, torch.Tensor.half: torch.float16, torch.Tensor.bfloat16: torch.bfloat16}
+CONVERSIONS = (torch.Tensor.to, torch.Tensor.type)
+
+
+def casts_down(func, args, kwargs, dtype: torch.dtype) -> bool:
+    """Whether ``func(*args, **kwargs)`` casts a ``dtype`` tensor (the computation's) to a narrower floating dtype
+    (``.float()``, ``.to(torch.bfloat16)``, ``softmax(x, dtype=torch.float)`` as in Qwen2-MoE/OLMoE routers)."""
+    if not (args and isinstance(args[0], torch.Tensor) and args[0].dtype == dtype):
         return False
-    if func is torch.Tensor.float:
+    if kwargs.get("dtype") is not None and narrower(kwargs["dtype"], dtype):
         return True
-    if func in (torch.Tensor.to, torch.Tensor.type):
-        dtypes = [a for a in (*args[1:], kwargs.get("dtype")) if isinstance(a, torch.dtype)]
-        return dtypes == [torch.float32]
-    return kwargs.get("dtype") is torch.float32  # softmax(x, dtype=torch.float) (Qwen2-MoE/Qwen3-MoE/OLMoE routers)
+    if func in CASTS:
+        return narrower(CASTS[func], dtype)
+    return func in CONVERSIONS and any(isinstance(a, torch.dtype) and narrower(a, dtype) for a in args[1:])
 
 
-def _as_float64(args, kwargs):
-    swap = lambda a: torch.float64 if a is torch.float32 else a
+def kept_in(args, kwargs, dtype: torch.dtype):
+    """``args``/``kwargs`` with every narrower floating dtype replaced by ``dtype``."""
+    swap = lambda a: dtype if isinstance(a, torch.dtype) and narrower(a, dtype) else a
     return tuple(swap(a) for a in args), {k: swap(v) for k, v in kwargs.items()}
 
 
@@ -107,36 +135,112 @@ def silu(x, inplace=False):
 
 PRIMITIVE = {torch.nn.functional.layer_norm: layer_norm, torch.nn.functional.silu: silu}
 
-# Matrix products do not promote dtypes: a float32 weight kept by transformers in a float64 model
-# (``_keep_in_fp32_modules``, e.g. DeepSeek-V3's router), met by activations that stay float64, is
-# upcast for the product.
-MATMULS = {torch.nn.functional.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.bmm}
+# Matrix products do not promote dtypes: a narrower weight (a float32 one kept by transformers in a float64 model,
+# ``_keep_in_fp32_modules``, e.g. DeepSeek-V3's router), met by an operand in the computation's dtype, is upcast.
+MATMULS = {
+    torch.nn.functional.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.bmm,
+    torch.addmm, torch.baddbmm, torch.einsum,
+}
+
+_ROUNDING = contextvars.ContextVar("fprobe_perturbed_rounding", default=None)
 
 
-def _float32_tensors_as_float64(args, kwargs):
-    up = lambda a: a.double() if isinstance(a, torch.Tensor) and a.dtype == torch.float32 else a
-    return tuple(up(a) for a in args), {k: up(v) for k, v in kwargs.items()}
+@contextlib.contextmanager
+def perturbed_rounding(seed: int):
+    """Within: every floating result of the model's operations inside ``Policy.apply`` is multiplied by (1 + u·ξ), ξ
+    uniform in [−1, 1] from fprobe's own generator (``seed``), u the unit roundoff of the result's dtype — one random
+    rounding of each operation (Monte Carlo arithmetic), for ``fprobe.precision``'s rounding floor."""
+    token = _ROUNDING.set({"seed": seed, "generators": {}})
+    try:
+        yield
+    finally:
+        _ROUNDING.reset(token)
 
 
-class PrimitiveOpsKeepFloat64(torch.overrides.TorchFunctionMode):
-    """The numerics of every fprobe call, whatever the model's dtype: in forward and forward-mode passes
-    ``F.layer_norm`` and ``F.silu`` run from primitive ops (``PRIMITIVE``: correct second-order
-    forward-mode derivatives; reverse-mode passes keep torch's fused kernels, whose backward is right
-    and saves less), and casts of float64 tensors to float32 keep float64 (Llama/Qwen RMSNorm does
-    one, which would put a float32 floor of ~1e-8 under ΔH of a float64 model; float32 and bf16
-    tensors are not cast by it)."""
+def _perturbed(out, rounding: dict):
+    """``out`` (a tensor, or a tuple/list of them) with its floating tensors perturbed as ``perturbed_rounding`` says."""
+    if isinstance(out, (tuple, list)):
+        return type(out)(_perturbed(x, rounding) for x in out) if not hasattr(out, "_fields") else out
+    if not (isinstance(out, torch.Tensor) and out.dtype in FLOATS and out.numel()):
+        return out
+    device = out.device
+    generators = rounding["generators"]
+    if device not in generators:
+        generators[device] = torch.Generator(device=device).manual_seed(rounding["seed"])
+    xi = torch.rand(out.shape, generator=generators[device], device=device, dtype=out.dtype) * 2 - 1
+    return out * (1 + xi * (torch.finfo(out.dtype).eps / 2))
+
+
+def _is_attribute_read(func) -> bool:
+    return getattr(func, "__name__", None) == "__get__"
+
+
+class Numerics(torch.overrides.TorchFunctionMode):
+    """The numerics of every fprobe call, in the computation's dtype ``dtype`` (float32 or float64), whatever the model's:
+    in forward and forward-mode passes ``F.layer_norm`` and ``F.silu`` run from primitive ops (``PRIMITIVE``: correct
+    second-order forward-mode derivatives; reverse-mode passes keep torch's fused kernels, whose backward is right and
+    saves less); casts of ``dtype`` tensors to narrower dtypes keep ``dtype`` (Llama/Qwen RMSNorm casts to float32 and
+    back to the weights' dtype, which would put a float32 floor of ~1e-8 under ΔH of a float64 model, and bf16 rounding
+    under a bf16 one; ``casts_down``); matrix products upcast narrower operands (``MATMULS``). Inside
+    ``perturbed_rounding`` each floating result is perturbed by one random rounding."""
+
+    def __init__(self, dtype: torch.dtype = torch.float64):
+        super().__init__()
+        self.dtype = dtype
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        dtype = self.dtype
         if func in PRIMITIVE and not attention.in_reverse_mode():
-            return PRIMITIVE[func](*args, **kwargs)
-        if func is torch.Tensor.float and _float32_target(func, args, kwargs):
-            return args[0]
-        if _float32_target(func, args, kwargs):
-            args, kwargs = _as_float64(args, kwargs)
-        if func in MATMULS and any(isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in args):
-            args, kwargs = _float32_tensors_as_float64(args, kwargs)
-        return func(*args, **kwargs)
+            out = PRIMITIVE[func](*args, **kwargs)
+        elif func in CASTS and casts_down(func, args, kwargs, dtype):
+            out = args[0]
+        else:
+            if casts_down(func, args, kwargs, dtype):
+                args, kwargs = kept_in(args, kwargs, dtype)
+            if func in MATMULS and any(isinstance(a, torch.Tensor) and a.dtype == dtype for a in args):
+                args = tuple(upcast(a, dtype) for a in args)
+            out = func(*args, **kwargs)
+        rounding = _ROUNDING.get()
+        return out if rounding is None or _is_attribute_read(func) else _perturbed(out, rounding)
+
+
+@contextlib.contextmanager
+def autocast_off(model: torch.nn.Module, device: torch.device):
+    """Within: no autocast, so that the computation's dtype is the one fprobe chose. A caller's ``torch.autocast`` is
+    switched off; so is the one accelerate's mixed precision (a trainer's ``bf16=True``) wraps around ``model.forward``
+    (it keeps the unwrapped method as ``model._original_forward``), which is put back on exit."""
+    wrapped, original = vars(model).get("forward"), getattr(model, "_original_forward", None)
+    unwrap = wrapped is not None and original is not None
+    if unwrap:
+        model.forward = original
+    try:
+        with torch.autocast(device.type, enabled=False):
+            yield
+    finally:
+        if unwrap:
+            model.forward = wrapped
+
+
+def widest_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The widest floating dtype of the model's parameters, at least float32: fprobe's calls compute in it."""
+    dtypes = {p.dtype for p in model.parameters() if p.dtype in FLOATS} | {torch.float32}
+    return min(dtypes, key=lambda d: torch.finfo(d).eps)
+
+
+def held_tensors_upcast(model: torch.nn.Module, params: Mapping, dtype: torch.dtype) -> dict:
+    """The model's parameters outside ``params`` (frozen weights, e.g. a bf16 LoRA base) and buffers that are
+    narrower than ``dtype``, as ``dtype`` copies: what ``functional_call`` runs the model with besides ``params``."""
+    held = [*model.named_parameters(), *model.named_buffers()]
+    return {name: x.detach().to(dtype) for name, x in held if name not in params and narrower(x.dtype, dtype)}
+
+
+def check_eval_dtype(eval_dtype, widest: torch.dtype) -> None:
+    """``eval_dtype`` must be float32 or float64, and not narrower than the model's own parameters."""
+    if eval_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"eval_dtype must be torch.float32 or torch.float64 (or None: the model's own), got {eval_dtype!r}")
+    if narrower(eval_dtype, widest):
+        raise ValueError(f"eval_dtype {eval_dtype} is narrower than the model's {widest} parameters: fprobe never computes below them")
 
 
 def base_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -224,12 +328,15 @@ class Policy:
     model: torch.nn.Module
     temperature: float = 1.0
     chunk_size: int | None = None  # rows of logits upcast to float64 at a time; None: sized by vocabulary (fprobe.tokens)
+    eval_dtype: torch.dtype | None = None  # the computation's dtype (float32 or float64); None: ``widest_dtype(model)``
 
     def __post_init__(self):
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.chunk_size is not None and not (isinstance(self.chunk_size, int) and self.chunk_size >= 1):
             raise ValueError(f"chunk_size must be a positive number of rows or None, got {self.chunk_size!r}")
+        if self.eval_dtype is not None:
+            check_eval_dtype(self.eval_dtype, widest_dtype(self.model))
         check_attention_interface(base_model(self.model))
         check_no_dropout(self.model)
         if not self.params:
@@ -247,6 +354,7 @@ class Policy:
         temperature: float = 1.0,
         chunk_size: int | None = None,
         trust_remote_code: bool = False,
+        eval_dtype: torch.dtype | None = None,
     ) -> "Policy":
         """Load a causal LM offline (with transformers' default attention for its own use, e.g. generation); optionally add a new LoRA adapter
         (``lora``: LoraConfig, dict, or (r, alpha, target_modules)) or load a trained one (``adapter``)."""
@@ -274,7 +382,7 @@ class Policy:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True).eval()
-        return cls(model, temperature=temperature, chunk_size=chunk_size)
+        return cls(model, temperature=temperature, chunk_size=chunk_size, eval_dtype=eval_dtype)
 
     @property
     def params(self) -> tree.Params:
@@ -285,22 +393,36 @@ class Policy:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype every pass computes in: ``eval_dtype``, or the widest of the parameters' (at least float32)."""
+        return widest_dtype(self.model) if self.eval_dtype is None else self.eval_dtype
+
+    def evaluated_in(self, eval_dtype: torch.dtype | None) -> "Policy":
+        """This policy with passes computed in ``eval_dtype`` (itself for None)."""
+        return self if eval_dtype is None else dataclasses.replace(self, eval_dtype=eval_dtype)
+
     def apply(self, params: Mapping, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Logits [B, L, V] of the model at ``params``, divided by the temperature."""
+        """Logits [B, L, V] of the model at ``params``, divided by the temperature, computed in ``self.dtype``: narrower
+        (bf16/fp16) parameters, frozen weights and buffers enter as exact ``self.dtype`` copies (memory: one such copy
+        of the narrower weights during the call), and no autocast acts (``autocast_off``)."""
         check_no_dropout(self.model)
         check_token_ids(input_ids, self.model.get_input_embeddings().num_embeddings)
-        attention_mask = attention_mask.to(self.device)
+        dtype, device = self.dtype, self.device
+        attention_mask = attention_mask.to(device)
         kwargs = dict(
             attention_mask=attention_mask,
             position_ids=position_ids_from_mask(attention_mask),
             use_cache=False,
         )
+        tensors = {**held_tensors_upcast(self.model, params, dtype), **{name: upcast(p, dtype) for name, p in params.items()}}
         with (
             input_require_grads_hooks_suspended(self.model),
-            exact_float32_matmul(self.device),
+            exact_float32_matmul(device),
             fprobe_kernels_installed(self.model),
-            PrimitiveOpsKeepFloat64(),
+            autocast_off(self.model, device),
+            Numerics(dtype),
         ):
-            out = functional_call(self.model, dict(params), (input_ids.to(self.device),), kwargs)
+            out = functional_call(self.model, tensors, (input_ids.to(device),), kwargs)
         logits = out.logits
         return logits if self.temperature == 1.0 else logits / self.temperature
