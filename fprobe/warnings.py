@@ -20,6 +20,10 @@ class ZeroAdvantagesWarning(UserWarning):
     """Every advantage in the update batch is zero: the step is weight decay (and momentum) alone."""
 
 
+class PrecisionWarning(UserWarning):
+    """|ΔH_true| is not well above its rounding floor at the passes' dtype: the ratio to δH₁ is rounding noise."""
+
+
 class DecompositionWarning(UserWarning):
     """The parts of δH₁ do not add up to it (low-precision parameters: bf16, fp16)."""
 
