@@ -229,10 +229,13 @@ def widest_dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 def held_tensors_upcast(model: torch.nn.Module, params: Mapping, dtype: torch.dtype) -> dict:
-    """The model's parameters outside ``params`` (frozen weights, e.g. a bf16 LoRA base) and buffers that are
-    narrower than ``dtype``, as ``dtype`` copies: what ``functional_call`` runs the model with besides ``params``."""
-    held = [*model.named_parameters(), *model.named_buffers()]
-    return {name: x.detach().to(dtype) for name, x in held if name not in params and narrower(x.dtype, dtype)}
+    """Exact copies of the model's parameters outside ``params`` (frozen weights, e.g. a bf16 LoRA base) narrower than
+    ``dtype``, in ``dtype``, and of its bf16/fp16 buffers, in float32 (transformers keeps buffers such as rotary
+    frequencies in float32 on purpose, in a float64 model too): what ``functional_call`` runs the model with besides
+    ``params``."""
+    frozen = [(name, p, dtype) for name, p in model.named_parameters() if name not in params]
+    buffers = [(name, b, torch.float32) for name, b in model.named_buffers()]
+    return {name: x.detach().to(to) for name, x, to in frozen + buffers if narrower(x.dtype, to)}
 
 
 def check_eval_dtype(eval_dtype, widest: torch.dtype) -> None:

@@ -1,0 +1,150 @@
+"""Precision: fprobe's passes never compute in bf16/fp16 (the weights the model holds, upcast exactly, no autocast),
+eval_dtype=torch.float64 computes on a float64 copy, and every result's rounding floor bounds its observed rounding
+error against an independent float64 evaluation of the same weights."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from helpers import CONFIGS, make_batch, plain_entropy
+from transformers import AutoModelForCausalLM
+
+import fprobe
+from fprobe import tree
+from fprobe.model.policy import Numerics, exact_delta, perturbed_rounding
+
+
+def tiny_model(arch: str, dtype: torch.dtype):
+    """A tiny randomly initialised model without dropout, in ``dtype`` (the same weights for every dtype, rounded)."""
+    torch.manual_seed(0)
+    config = CONFIGS[arch]()
+    for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if hasattr(config, key):
+            setattr(config, key, 0.0)
+    return AutoModelForCausalLM.from_config(config).to(dtype).eval()
+
+
+def as_float(model, dtype: torch.dtype):
+    """A copy of ``model`` holding exactly its weights in ``dtype``, and its buffers as they are (bf16/fp16 ones in
+    float32: a bf16 model's rotary frequencies are bf16 values; float32 ones stay float32, as in a float64 model)."""
+    copy = AutoModelForCausalLM.from_config(model.config).to(dtype).eval()
+    copy.load_state_dict({name: x.to(dtype) for name, x in model.state_dict().items()})
+    for name, buffer in model.named_buffers():
+        owner, _, attribute = name.rpartition(".")
+        wider = buffer.float() if buffer.dtype in (torch.bfloat16, torch.float16) else buffer.clone()
+        copy.get_submodule(owner)._buffers[attribute] = wider
+    return copy
+
+
+def sgd_step(policy, U, lr):
+    opt = fprobe.optim.sgd(lr=lr)
+    return fprobe.rl_step(policy, policy.params, opt, opt.init(policy.params), U)
+
+
+# ---------------------------------------------------------------------------------------------
+# no pass in bf16
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_bf16_weights_compute_as_float32_copies_of_themselves(arch):
+    """A bf16 model's logits are those of a float32 model holding the same (bf16) values, bit for bit; before,
+    they were computed in bf16 (2e-2 apart here)."""
+    model = tiny_model(arch, torch.bfloat16)
+    E = make_batch(n=4, width=10, seed=1, with_advantages=False)
+    ours = fprobe.Policy(model).apply(fprobe.Policy(model).params, E.input_ids, E.attention_mask)
+    reference = fprobe.Policy(as_float(model, torch.float32))
+    expected = reference.apply(reference.params, E.input_ids, E.attention_mask)
+    mask = E.attention_mask.bool()
+    assert ours.dtype == torch.float32 and fprobe.Policy(model).dtype == torch.float32
+    assert torch.equal(ours[mask], expected[mask])
+    with torch.no_grad():
+        in_bf16 = model(E.input_ids, attention_mask=E.attention_mask).logits.float()
+    assert (in_bf16[mask] - expected[mask]).abs().max() > 1e-3  # what computing in bf16 would have given
+
+
+def test_frozen_bf16_base_of_a_lora_adapter_is_computed_in_float32():
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_model("qwen2", torch.bfloat16)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False)
+    float_base = as_float(base, torch.float32)
+    torch.manual_seed(1)
+    lora = get_peft_model(base, config).eval()
+    float_lora = get_peft_model(float_base, config).eval()
+    float_lora.load_state_dict({k: v.float() for k, v in lora.state_dict().items()})
+    E = make_batch(n=3, width=10, seed=2, with_advantages=False)
+    policy, reference = fprobe.Policy(lora), fprobe.Policy(float_lora)
+    assert all(p.dtype == torch.bfloat16 for n, p in lora.named_parameters() if "lora" not in n)
+    ours = policy.apply(policy.params, E.input_ids, E.attention_mask)
+    expected = reference.apply(reference.params, E.input_ids, E.attention_mask)
+    mask = E.attention_mask.bool()
+    assert torch.equal(ours[mask], expected[mask])
+
+
+def test_no_autocast_inside_fprobe_calls_neither_the_callers_nor_accelerates_forward_wrapper():
+    from accelerate import Accelerator
+
+    model = tiny_model("qwen2", torch.float32)
+    policy = fprobe.Policy(model)
+    E = make_batch(n=3, width=10, seed=3, with_advantages=False)
+    plain = policy.apply(policy.params, E.input_ids, E.attention_mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = policy.apply(policy.params, E.input_ids, E.attention_mask)
+    prepared = Accelerator(mixed_precision="bf16", cpu=True).prepare_model(model)
+    wrapped = vars(prepared)["forward"]
+    wrapped_policy = fprobe.Policy(prepared)
+    inside_wrapper = wrapped_policy.apply(wrapped_policy.params, E.input_ids, E.attention_mask)
+    mask = E.attention_mask.bool()
+    assert torch.equal(under_autocast[mask], plain[mask]) and torch.equal(inside_wrapper[mask], plain[mask])
+    assert vars(prepared)["forward"] is wrapped  # the trainer's mixed precision is put back
+    with torch.no_grad():
+        assert (prepared(E.input_ids, attention_mask=E.attention_mask).logits[mask] - plain[mask]).abs().max() > 1e-4
+
+
+def test_exact_delta_is_the_float64_difference_of_bf16_weights():
+    """Δθ of bf16 weights in float32 equals the float64 difference exactly; in bf16 it rounds (a weight crossing
+    zero, one that doubles)."""
+    old = {"w": torch.tensor([1.0, 0.00390625, -3.0e-3, 1.5], dtype=torch.bfloat16)}
+    new = {"w": torch.tensor([1.0078125, -0.0107421875, 2.0e-1, 1.4921875], dtype=torch.bfloat16)}
+    exact = new["w"].double() - old["w"].double()
+    delta = exact_delta(new, old)["w"]
+    assert delta.dtype == torch.float32 and torch.equal(delta.double(), exact)
+    assert not torch.equal((new["w"] - old["w"]).double(), exact)
+
+
+def test_eval_dtype_must_be_float32_or_float64_and_not_below_the_weights():
+    model32, model64 = tiny_model("gpt2", torch.float32), tiny_model("gpt2", torch.float64)
+    assert fprobe.Policy(model32, eval_dtype=torch.float64).dtype == torch.float64
+    with pytest.raises(ValueError, match="eval_dtype must be torch.float32 or torch.float64"):
+        fprobe.Policy(model32, eval_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="narrower than the model's torch.float64 parameters"):
+        fprobe.Policy(model64, eval_dtype=torch.float32)
+
+
+def test_float64_evaluation_of_float32_weights_is_the_float64_models():
+    """eval_dtype=torch.float64 on a float32 model computes what a float64 model holding the same values computes."""
+    model = tiny_model("llama", torch.float32)
+    E = make_batch(n=4, width=10, seed=4, with_advantages=False)
+    policy = fprobe.Policy(model, eval_dtype=torch.float64)
+    ours = policy.apply({n: p.double() for n, p in policy.params.items()}, E.input_ids, E.attention_mask)
+    reference = fprobe.Policy(as_float(model, torch.float64))
+    expected = reference.apply(reference.params, E.input_ids, E.attention_mask)
+    mask = E.attention_mask.bool()
+    assert ours.dtype == torch.float64 and torch.equal(ours[mask], expected[mask])
+
+
+def test_perturbed_rounding_changes_results_by_a_few_unit_roundoffs():
+    """Monte Carlo arithmetic: each floating result is perturbed by at most its unit roundoff, so the logits move by
+    a few float32 roundoffs, and the same seed reproduces the same perturbation."""
+    model = tiny_model("qwen2", torch.float32)
+    policy = fprobe.Policy(model)
+    E = make_batch(n=3, width=10, seed=5, with_advantages=False)
+    mask = E.attention_mask.bool()
+    plain = policy.apply(policy.params, E.input_ids, E.attention_mask)[mask]
+    runs = []
+    for _ in range(2):
+        with perturbed_rounding(7):
+            runs.append(policy.apply(policy.params, E.input_ids, E.attention_mask)[mask])
+    relative = ((runs[0] - plain).abs().max() / plain.abs().max()).item()
+    assert torch.equal(runs[0], runs[1]) and 1e-8 < relative < 1e-4
