@@ -14,9 +14,11 @@ import torch
 
 from fprobe import checks, records, tree
 from fprobe.entropy import estimators, sweep
-from fprobe.entropy.context import Context, snis_at, warn_if_low_ess
+from fprobe.entropy import precision
+from fprobe.entropy.context import Context, batch_tensors, snis_at, tensor_versions, warn_if_low_ess
 from fprobe.entropy.settings import EstimatorOptions, Settings, settings_from
 from fprobe.model import passes
+from fprobe.model.policy import upcast
 from fprobe.model.tokens import TokenStats
 from fprobe.records import internal
 from fprobe.rollouts import Rollouts
@@ -25,13 +27,15 @@ Row = tuple[str, str]  # (label in the table, field name)
 
 
 class FirstOrder(NamedTuple):
-    """Statistics of E at θ₀, the coefficients (α, β) with δH₁ = Σ α ℓ̇ + β ḣ, δH₁, δH₂ (or None)."""
+    """Statistics of E at θ₀, the coefficients (α, β) with δH₁ = Σ α ℓ̇ + β ḣ, δH₁, δH₂ (or None), and the jvp's
+    tangents (ℓ̇, ḣ) (None for ``method="grad"``)."""
 
     stats0: TokenStats
     alpha: torch.Tensor
     beta: torch.Tensor
     delta_h1: float
     delta_h2: float | None
+    tangent: TokenStats | None = None
 
 
 def first_order(policy, params, delta, E: Rollouts, settings: Settings, second_order: bool = False, progress: bool = False,
@@ -45,10 +49,10 @@ def first_order(policy, params, delta, E: Rollouts, settings: Settings, second_o
     coefficients = lambda stats: estimators.first_order_coefficients(
         stats, mask, settings.estimator, settings.normalize, settings.entropy, settings.baseline, logp_ref
     )
-    start, delta_h2 = time.perf_counter(), None
+    start, delta_h2, tangent = time.perf_counter(), None, None
     if settings.method == "jvp" or second_order:
         jet = passes.jet(policy, params, delta, E, 2 if second_order else 1, settings.micro_batch, progress)
-        stats0 = jet.value
+        stats0, tangent = jet.value, jet.tangent
         alpha, beta = coefficients(stats0)
         delta_h1 = float(estimators.contract(alpha, beta, jet.tangent))
         if second_order:
@@ -63,7 +67,7 @@ def first_order(policy, params, delta, E: Rollouts, settings: Settings, second_o
         _, grad_h, _ = passes.gradient(policy, params, E, passes.linear_functional(alpha, beta), settings.micro_batch, progress)
         delta_h1 = float(tree.vdot(grad_h, delta))
         timings["grad"] = time.perf_counter() - start
-    return FirstOrder(stats0, alpha, beta, delta_h1, delta_h2)
+    return FirstOrder(stats0, alpha, beta, delta_h1, delta_h2, tangent if settings.method == "jvp" else None)
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
@@ -83,6 +87,10 @@ class EntropyChange(records.Record):
     ess_fraction: float
     max_weight: float
     ess_low: bool
+    eval_dtype: str
+    rounding_floor: float
+    rounding_floor_h1: float | None
+    precision_low: bool
     delta_l2: float
     lr_used: float
     n_eval: int
@@ -102,6 +110,9 @@ class EntropyChange(records.Record):
         ("ΔH_true / δH₁", "ratio"),
         ("ESS fraction", "ess_fraction"),
         ("max weight", "max_weight"),
+        ("computed in", "eval_dtype"),
+        ("rounding floor of ΔH_true", "rounding_floor"),
+        ("rounding floor of δH₁", "rounding_floor_h1"),
         ("‖Δθ‖₂", "delta_l2"),
         ("lr", "lr_used"),
         ("E: sequences", "n_eval"),
@@ -116,6 +127,7 @@ class EntropyChange(records.Record):
 
     def __repr__(self) -> str:
         flag = "  (LOW ESS: outside the linear regime)" if self.ess_low else ""
+        flag += f"  (BELOW THE {self.eval_dtype} ROUNDING FLOOR: use eval_dtype=torch.float64)" if self.precision_low else ""
         return records.table(f"{type(self).__name__}{flag}", self.rows())
 
     def sweep(self, lrs, progress: bool = False) -> sweep.SweepResult:
@@ -123,20 +135,38 @@ class EntropyChange(records.Record):
         return sweep.sweep(self, lrs, progress)
 
 
+def upcast_tree(params: tree.Params, dtype: torch.dtype) -> tree.Params:
+    """Every leaf narrower than ``dtype`` as an exact ``dtype`` copy; the others as they are."""
+    return tree.tree_map(lambda x: upcast(x, dtype), params)
+
+
 def measure(policy, E: Rollouts, delta, params, new_params, lr: float | None, settings: Settings, *, logp_sampler=None,
             second_order: bool = False, progress: bool = False) -> EntropyChange:
-    """``entropy_change`` on checked arguments (``params``, ``delta``, ``new_params`` trees like the policy's)."""
+    """``entropy_change`` on checked arguments (``params``, ``delta``, ``new_params`` trees like the policy's).
+
+    Every pass computes in ``policy.dtype`` (``settings.eval_dtype`` if set): θ₀ and Δθ as exact copies in it where
+    narrower (bf16 weights and a float32 Δθ = θ_{k+1} − θ_k; one more copy of the trainable parameters and of Δθ),
+    the new parameters as they are (upcast inside each call). ``rounding_floor`` estimates the rounding error of
+    ΔH_true and δH₁ in that dtype (``fprobe.entropy.precision``; one more jvp of E's first rows)."""
     timings = {}
+    versions = tensor_versions(params, "θ₀") | tensor_versions(batch_tensors(E), "E")  # the caller's, not the copies'
+    policy = policy.evaluated_in(settings.eval_dtype)
+    params, delta = upcast_tree(params, policy.dtype), upcast_tree(delta, policy.dtype)
     first = first_order(policy, params, delta, E, settings, second_order, progress, timings, logp_sampler)
     rows0 = estimators.rows(first.stats0, settings.entropy)
     denom = estimators.denominators(E.response_mask, settings.normalize).to(rows0.logp.device)
     logp_ref = rows0.logp if logp_sampler is None else logp_sampler.to(rows0.logp.device)
-    context = Context(policy, params, E, rows0, denom, first.alpha, first.beta, settings, logp_ref)
+    context = Context(policy, params, E, rows0, denom, first.alpha, first.beta, settings, logp_ref, versions)
     start = time.perf_counter()
     h0 = float(estimators.snis_value(rows0.logp, rows0.entropy, logp_ref, denom))
     new = snis_at(context, tree.add(params, delta) if new_params is None else new_params, progress)
     timings["forward_new"] = time.perf_counter() - start
     change = float(new.value) - h0
+    start = time.perf_counter()
+    plain = None if first.tangent is None else passes.StatsJet(first.stats0, first.tangent)
+    floor = precision.rounding_floor(policy, params, delta, E, first.stats0, settings, plain,
+                                     None if logp_sampler is None else logp_ref)
+    timings["rounding_floor"] = time.perf_counter() - start
     return EntropyChange(
         h_orig=h0,
         h_upd=float(new.value),
@@ -148,16 +178,26 @@ def measure(policy, E: Rollouts, delta, params, new_params, lr: float | None, se
         ess_fraction=float(new.ess_fraction),
         max_weight=float(new.max_weight),
         ess_low=warn_if_low_ess(float(new.ess_fraction), settings.ess_threshold, "at θ₀+Δθ"),
+        eval_dtype=floor.dtype,
+        rounding_floor=floor.delta_h_true,
+        rounding_floor_h1=floor.delta_h1,
+        precision_low=precision.warn_if_below_floor(change, floor),
         delta_l2=float(tree.norm(delta)),
         lr_used=1.0 if lr is None else float(lr),
         n_eval=len(E),
         n_eval_tokens=E.n_tokens,
         top_params=tree.top_k(delta, 10),
         timings=timings,
-        settings=settings.__dict__.copy(),
+        settings={**settings.__dict__, "eval_dtype": floor.dtype},
         delta_named=delta,
         context=context,
     )
+
+
+def check_delta(params: tree.Params, delta) -> tree.Params:
+    """``delta`` like ``params`` (``tree.check_like``), in their dtype or a wider one (a float32 Δθ of bf16 weights)."""
+    wider = {name: upcast(p, delta[name].dtype) if isinstance(delta.get(name), torch.Tensor) else p for name, p in params.items()}
+    return tree.check_like(wider, delta, "delta")
 
 
 def check_logp_sampler(logp_sampler, E: Rollouts) -> torch.Tensor | None:
@@ -201,7 +241,7 @@ def entropy_change(
     if lr is not None:
         checks.learning_rate(lr, "lr (the learning rate that produced delta)")
     params = tree.check_like(policy.params, policy.params if params is None else params, "params")
-    delta = tree.check_like(params, delta, "delta")
+    delta = check_delta(params, delta)
     tree.check_finite(delta, "delta")
     if new_params is not None:
         new_params = tree.check_like(params, new_params, "new_params")

@@ -5,10 +5,11 @@ One extra jvp of a few rows of E runs with every floating result of the model's 
 rounding (×(1 + u·ξ), ξ ~ U[−1, 1], u the unit roundoff of the result's dtype: ``fprobe.model.policy.perturbed_rounding``).
 Its per-row differences from the plain pass, d_S,i, d_H,i (statistics) and d_i (row i's part of δH₁), are two rounding
 realisations apart, so each has twice the variance of one pass's rounding error. Propagated to first order through
-Ĥ = Σ H_i / Σ D_i (∂Ĥ/∂H_i = 1/ΣD, ∂Ĥ/∂S_i = (H_i − Ĥ D_i)/ΣD through the weights at θ₀+Δθ) and summed over rows as
-independent errors, at θ₀ and at θ₀+Δθ (two evaluations: twice one's variance):
+Ĥ = Σ w_i H_i / Σ w_i D_i (∂Ĥ/∂H_i = w_i/ΣwD, ∂Ĥ/∂S_i = w_i (H_i − Ĥ D_i)/ΣwD through the log-weights; w_i = 1 at θ₀
+for a sample of π_θ₀) and summed over rows as independent errors, at θ₀ and at θ₀+Δθ (two evaluations: twice one's
+variance):
 
-    floor(ΔH_true)² = (n/m) Σ_{i ≤ m} [d_H,i² + (H_i − Ĥ D_i)² d_S,i²] / (Σ_i D_i)²
+    floor(ΔH_true)² = (n/m) Σ_{i ≤ m} w_i² [d_H,i² + (H_i − Ĥ D_i)² d_S,i²] / (Σ_i w_i D_i)²
     floor(δH₁)²     = (n/m) Σ_{i ≤ m} d_i² / 2
 
 for the first m rows of E's n; each ``rounding_floor`` is ``SIGMAS`` = 3 of these standard deviations. On the test
@@ -55,11 +56,15 @@ def row_parts(alpha: torch.Tensor, beta: torch.Tensor, tangent: TokenStats) -> t
     return (alpha * tangent.logp).sum(-1) + (beta * tangent.entropy).sum(-1)
 
 
-def floor_of_change(d_logp, d_entropy, rows0: estimators.Rows, denom_rows, total_denom: float, h_hat: float, n: int) -> float:
-    """floor(ΔH_true) from the first m rows' differences (module docstring); ``denom_rows`` are their D_i."""
+def floor_of_change(d_logp, d_entropy, rows0: estimators.Rows, denom, weights) -> float:
+    """floor(ΔH_true), one standard deviation, from the first m rows' differences d_S, d_H (module docstring);
+    ``rows0``, ``denom`` (D_i) and ``weights`` (w_i at θ₀: 1, or from E's sampler) over all n rows of E."""
     m = len(d_logp)
-    terms = d_entropy**2 + (rows0.entropy - h_hat * denom_rows) ** 2 * d_logp**2
-    return float(torch.sqrt(terms.sum() * n / m) / total_denom)
+    total = (weights * denom).sum()
+    h_hat = (weights * rows0.entropy).sum() / total
+    w = weights[:m]
+    terms = w**2 * (d_entropy**2 + (rows0.entropy[:m] - h_hat * denom[:m]) ** 2 * d_logp**2)
+    return float(torch.sqrt(terms.sum() * len(weights) / m) / total)
 
 
 def floor_of_derivative(d_parts: torch.Tensor, n: int) -> float:
@@ -78,32 +83,33 @@ def head_of(jet: passes.StatsJet, m: int) -> passes.StatsJet:
     return passes.StatsJet(*(TokenStats(*(x[:m] for x in stats)) for stats in (jet.value, jet.tangent)))
 
 
-def change_floor(d_logp, d_entropy, stats0: TokenStats, mask, settings, n: int) -> float:
-    """``SIGMAS`` × floor(ΔH_true) from the first rows' differences, with Ĥ and the D_i from all of E's ``stats0``."""
+def change_floor(d_logp, d_entropy, stats0: TokenStats, mask, settings, logp_ref) -> float:
+    """``SIGMAS`` × floor(ΔH_true) from the first rows' differences, with E's statistics at θ₀ (``stats0``) and the
+    weights w_i = exp(S_i(θ₀) − S_i^q) from E's sampler (``logp_ref`` S^q; None: θ₀, every w_i = 1)."""
     rows0 = estimators.rows(stats0, settings.entropy)
+    logw = torch.zeros_like(rows0.logp) if logp_ref is None else rows0.logp - logp_ref.to(rows0.logp.device)
+    weights = torch.exp(logw - logw.max())
     denom = estimators.denominators(mask, settings.normalize)
-    m = len(d_logp)
-    head0 = estimators.Rows(rows0.logp[:m], rows0.entropy[:m])
-    return SIGMAS * floor_of_change(d_logp, d_entropy, head0, denom[:m], float(denom.sum()), float(rows0.entropy.sum() / denom.sum()), n)
+    return SIGMAS * floor_of_change(d_logp, d_entropy, rows0, denom, weights)
 
 
-def forward_floor(policy, params, head: Rollouts, stats0: TokenStats, mask, settings, n: int) -> RoundingFloor:
+def forward_floor(policy, params, head: Rollouts, stats0: TokenStats, mask, settings, logp_ref) -> RoundingFloor:
     """The ΔH_true floor from a plain and a perturbed forward pass over ``head`` (E's first rows), for models without
     forward-mode derivatives (``method="grad"``); δH₁'s floor is not estimated (None)."""
     plain = passes.forward(policy, params, head, len(head))
     with perturbed_rounding(SEED):
         perturbed = passes.forward(policy, params, head, len(head))
     d_logp, d_entropy = statistic_differences(plain, perturbed, settings.entropy)
-    return RoundingFloor(change_floor(d_logp, d_entropy, stats0, mask.to(d_logp.device), settings, n), None,
+    return RoundingFloor(change_floor(d_logp, d_entropy, stats0, mask.to(d_logp.device), settings, logp_ref), None,
                          str(policy.dtype).removeprefix("torch."))
 
 
 def rounding_floor(policy, params, delta, E: Rollouts, stats0: TokenStats, settings, plain: passes.StatsJet | None = None,
-                   rows: int = FLOOR_ROWS) -> RoundingFloor:
+                   logp_ref: torch.Tensor | None = None, rows: int = FLOOR_ROWS) -> RoundingFloor:
     """Estimated rounding errors of ΔH_true and δH₁ on E along Δθ at ``policy.dtype`` from a perturbed jvp of E's first
     m = ``rows`` rows (at most one micro-batch), against the plain one (``plain``: a jvp of E whose first m rows are
     used, else computed here); the module docstring. ``stats0`` are E's statistics at θ₀, ``settings`` the estimator's
-    (``fprobe.entropy.evaluation.Settings``). Row i's part of δH₁ is taken with the coefficients (α, β) of the
+    (``fprobe.entropy.settings.Settings``), ``logp_ref`` the sequence log-probs S^q of E's sampler (None: θ₀). Row i's part of δH₁ is taken with the coefficients (α, β) of the
     statistics it was computed with, so the rounding of H_i that enters δH₁ through (H_i − Ĥ D_i) Ṡ_i counts too.
     Δθ = 0 has floors 0 (ΔH_true compares one evaluation with itself). Cost: one jvp pass over m rows (two without
     ``plain``)."""
@@ -113,17 +119,17 @@ def rounding_floor(policy, params, delta, E: Rollouts, stats0: TokenStats, setti
     m = min(len(E), rows, settings.micro_batch or len(E))
     head = E.select(slice(0, m))
     if settings.method == "grad":
-        return forward_floor(policy, params, head, stats0, E.response_mask, settings, len(E))
+        return forward_floor(policy, params, head, stats0, E.response_mask, settings, logp_ref)
     plain = passes.jet(policy, params, delta, head, 1, m) if plain is None else head_of(plain, m)
     with perturbed_rounding(SEED):
         perturbed = passes.jet(policy, params, delta, head, 1, m)
     d_logp, d_entropy = statistic_differences(plain.value, perturbed.value, settings.entropy)
     mask = E.response_mask.to(d_logp.device)
     coefficients = lambda stats: [c[:m] for c in estimators.first_order_coefficients(
-        stats, mask, settings.estimator, settings.normalize, settings.entropy, settings.baseline)]
+        stats, mask, settings.estimator, settings.normalize, settings.entropy, settings.baseline, logp_ref)]
     d_parts = (row_parts(*coefficients(with_rows_replaced(stats0, perturbed.value)), perturbed.tangent)
                - row_parts(*coefficients(with_rows_replaced(stats0, plain.value)), plain.tangent))
-    return RoundingFloor(change_floor(d_logp, d_entropy, stats0, mask, settings, len(E)),
+    return RoundingFloor(change_floor(d_logp, d_entropy, stats0, mask, settings, logp_ref),
                          SIGMAS * floor_of_derivative(d_parts, len(E)), dtype)
 
 

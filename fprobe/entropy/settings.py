@@ -8,6 +8,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal, TypedDict
 
+import torch
+
 from fprobe import checks
 from fprobe.entropy import estimators
 from fprobe.model import passes
@@ -22,7 +24,9 @@ class Settings:
     ``entropy``: per-sequence entropy ``rb`` (Rao–Blackwell, Σ_k h_k) or ``naive`` (−S); ``baseline``:
     ``togo``'s baseline; ``method``: δH₁ by ``jvp`` or by ``grad`` (∇Ĥ · Δθ); ``micro_batch``: rows per
     pass (None: the whole batch in one pass; peak memory is set by it); ``ess_threshold``: the ESS
-    fraction below which a ``LowESSWarning`` flags the result."""
+    fraction below which a ``LowESSWarning`` flags the result; ``eval_dtype``: the dtype every pass computes
+    in (``torch.float64``: on a float64 copy of the weights inside fprobe's calls; None: the widest of the
+    model's parameter dtypes, float32 for bf16/fp16 ones; ``fprobe.Policy.dtype``)."""
 
     estimator: estimators.Estimator = "snis"
     normalize: estimators.Normalize = "token"
@@ -31,6 +35,7 @@ class Settings:
     method: Method = "jvp"
     micro_batch: int | None = passes.DEFAULT_MICRO_BATCH
     ess_threshold: float = 0.5
+    eval_dtype: torch.dtype | None = None
 
     def __post_init__(self):
         for name, allowed in (
@@ -45,6 +50,8 @@ class Settings:
             raise ValueError(f"baseline={self.baseline!r} applies to estimator='togo' only (got estimator={self.estimator!r})")
         checks.micro_batch(self.micro_batch)
         checks.fraction(self.ess_threshold, "ess_threshold")
+        if self.eval_dtype not in (None, torch.float32, torch.float64):
+            raise ValueError(f"eval_dtype must be torch.float32, torch.float64 or None (the model's own), got {self.eval_dtype!r}")
 
     def replace(self, **changes) -> "Settings":
         """A copy with ``changes``, checked like a new one."""
@@ -61,6 +68,7 @@ class EstimatorOptions(TypedDict, total=False):
     method: Method
     micro_batch: int | None
     ess_threshold: float
+    eval_dtype: torch.dtype | None
 
 
 def settings_from(options: dict) -> Settings:

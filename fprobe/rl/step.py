@@ -9,6 +9,7 @@ import torch
 
 from fprobe.rl import losses
 from fprobe.model import passes
+from fprobe.model.policy import exact_delta
 from fprobe import tree
 from fprobe.rl.optim import Optimizer, clip_by_global_norm
 from fprobe.rollouts import Rollouts
@@ -42,7 +43,7 @@ def warn_if_update_lost(lost: float | None, params: tree.Params) -> None:
 @dataclass(frozen=True, eq=False, kw_only=True)
 class Step:
     """The result of one optimizer update. ``delta`` = ``params`` − old params, exactly as the model
-    sees it; ``logp`` holds U's token log-probs at the old parameters; ``update_lost`` is the fraction
+    sees it (float32 for bf16/fp16 parameters, where their own dtype would round the difference); ``logp`` holds U's token log-probs at the old parameters; ``update_lost`` is the fraction
     ‖intended − applied‖/‖intended‖ of the update that the parameter dtype rounded away (None for
     float32/float64 parameters)."""
 
@@ -138,7 +139,7 @@ def rl_step(
     del grads  # one parameter-sized tree less at the step's peak
     tree.check_finite(new_params, "the updated value")
     warn_if_update_lost(lost, params)
-    delta = tree.sub(new_params, params)
+    delta = exact_delta(new_params, params)
     return Step(
         params=new_params,
         opt_state=new_state,

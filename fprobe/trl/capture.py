@@ -18,6 +18,7 @@ import torch
 from transformers import TrainerCallback
 
 from fprobe import distributed, tree
+from fprobe.model.policy import exact_delta
 from fprobe.rl import optim
 from fprobe.rl.capture import CapturedStep, Replayable
 from fprobe.trl import batches
@@ -194,7 +195,7 @@ class StepCapture(TrainerCallback):
             new_params = tree.tree_map(lambda p: p.detach().clone(), self.trainable())
             captured = CapturedStep(
                 step=state.global_step, params=before.params, new_params=new_params,
-                delta=tree.sub(new_params, before.params), lr=before.lr, updates=self._updates,
+                delta=exact_delta(new_params, before.params), lr=before.lr, updates=self._updates,
                 replay=before.replay, skip_reason=before.skip_reason, step_seconds=step_seconds,
             )
             self.on_captured(captured, before.context, control)

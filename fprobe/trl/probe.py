@@ -49,7 +49,7 @@ from fprobe.trl.prompts import TrainerChatTemplate, dataset_prompts
 from fprobe.warnings import warn
 
 PREFIX = "entropy_probe/"
-LOGGED = ("h_orig", "delta_h_true", "delta_h1", "delta_h2", "ratio", "ess_fraction", "delta_l2", "lr", "step_rel_error")
+LOGGED = ("h_orig", "delta_h_true", "delta_h1", "delta_h2", "ratio", "ess_fraction", "rounding_floor", "delta_l2", "lr", "step_rel_error")
 
 
 @dataclass(frozen=True)
@@ -235,7 +235,9 @@ class TrlProbe:
                          settings.estimate, logp_sampler=eval_batch.logp_sampler, second_order=settings.second_order)
         if self._reuse and eval_batch.logp_sampler is None:
             self._fixed = EvalBatch(eval_batch.rollouts, change.context.rows0.logp, eval_batch.sampled_at)
-        record.update({key: getattr(change, key) for key in ("h_orig", "h_upd", "delta_h_true", "delta_h1", "delta_h2", "ess_fraction", "ess_low")},
+        measured = ("h_orig", "h_upd", "delta_h_true", "delta_h1", "delta_h2", "ess_fraction", "ess_low", "eval_dtype",
+                    "rounding_floor", "rounding_floor_h1", "precision_low")
+        record.update({key: getattr(change, key) for key in measured},
                       ratio=change.ratio if change.delta_h1 else None, delta_l2=change.delta_l2)
         return {**record, **self._replay(captured, change, dropout)}
 
@@ -251,7 +253,7 @@ class TrlProbe:
                        max_grad_norm=replay.max_grad_norm, micro_batch=self.settings.estimate.micro_batch)
         error = relative_error(step.delta, captured.delta)
         check = "ok" if not self.facts.low_precision else (
-            "ok (the trainer's forward ran under bf16/fp16 autocast, fprobe's replay in the model's dtype: "
+            f"ok (the trainer's forward ran under bf16/fp16 autocast, fprobe's replay in {self.policy.dtype}: "
             "expect step_rel_error of that precision)")
         if error is None:
             check = f"no relative error: TRL's update is 0 (fprobe's replay: ‖Δθ‖ = {float(tree.norm(step.delta)):.3g})"
@@ -300,6 +302,7 @@ def attach(
     prompts: Sequence[str] | None = None,
     ess_threshold: float = Settings.ess_threshold,
     micro_batch: int | None = Settings.micro_batch,
+    eval_dtype: torch.dtype | None = Settings.eval_dtype,
 ) -> TrlProbe:
     """Probe every ``every``-th optimizer step of a TRL ``GRPOTrainer`` (see the module docstring); returns
     the probe, whose ``records`` and ``eval_batches`` fill during ``trainer.train()``.
@@ -311,14 +314,17 @@ def attach(
     importance-weights from the policy that sampled it, and a fresh E is drawn from π_θk once the ESS
     fraction of those weights falls below ``ess_threshold``. ``contributions`` adds the per-sequence parts
     of δH₁ (of fprobe's replayed step; needs a fresh E and the cross-check). ``out``: JSONL, one line
-    per probed step, opened (created if absent) here. Every input is checked here, before training starts.
+    per probed step, opened (created if absent) here. ``eval_dtype``: the dtype fprobe's passes compute in
+    (``torch.float64``: on a float64 copy of the weights inside its calls; default: float32 for a bf16/fp16
+    model); each record carries its ``rounding_floor`` and ``precision_low``. Every input is checked here,
+    before training starts.
     """
     check_trainer(trainer)
     if any(isinstance(c, StepCapture) for c in trainer.callback_handler.callbacks):
         raise ValueError("an fprobe probe is already attached to this trainer")
     checks.positive_int(every, "every", "steps")
     checks.positive_int(n_eval, "n_eval", "sequences")
-    estimate = Settings(ess_threshold=ess_threshold, micro_batch=micro_batch)
+    estimate = Settings(ess_threshold=ess_threshold, micro_batch=micro_batch, eval_dtype=eval_dtype)
     if contributions and (E is not None or not resample or not check_step):
         raise ValueError("contributions need a fresh E at each step (resample=True, no E) and the step cross-check (check_step=True)")
     if out is not None:
@@ -337,7 +343,7 @@ def attach(
     facts = trainer_facts(trainer)
     fixed = None
     with modes_kept(model):
-        policy = Policy(model, temperature=facts.temperature)
+        policy = Policy(model, temperature=facts.temperature, eval_dtype=eval_dtype)
         if E is not None:
             check_eval_batch(E, model)
             fixed = EvalBatch(E, sequence_logp(policy, policy.params, E, micro_batch), trainer.state.global_step)
