@@ -129,7 +129,9 @@ def common_options(parser: argparse.ArgumentParser) -> None:
     add("--predictors", action="store_true",
         help="also score the published entropy-change predictors against Δh on U (fprobe.predictors)")
     add("--second-order", action="store_true", help="also compute δH₂ (forward over forward)")
-    add("--dtype", choices=("float32", "float64"), help="model dtype; default float64 on CPU, float32 on GPU")
+    add("--dtype", choices=("bfloat16", "float32", "float64"), help="model dtype; default float64 on CPU, float32 on GPU")
+    add("--eval-dtype", choices=("float32", "float64"), help="dtype fprobe's passes compute in (float64: on a float64 "
+        "copy of the weights); default: the model's, float32 for bfloat16")
     add("--device", help="default: cuda if available, else cpu")
     add("--micro-batch", type=positive_int, default=passes.DEFAULT_MICRO_BATCH, help="rows per forward/backward pass")
     add("--generation-batch", type=positive_int, default=DEFAULT_GENERATION_BATCH,
@@ -363,7 +365,7 @@ def probe_model(args, model: str, pool: list[dict], reward, key: dict, plot: Pat
     optimizer, opt_state = optimizer_and_state(args, model, policy)
     result = probe(
         policy, E, U, optimizer, opt_state, lr=args.lr, loss=args.loss, second_order=args.second_order,
-        micro_batch=args.micro_batch, progress=not args.quiet,
+        micro_batch=args.micro_batch, progress=not args.quiet, eval_dtype=args.eval_dtype and getattr(torch, args.eval_dtype),
     )
     record = {
         "key": key,

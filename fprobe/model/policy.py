@@ -166,9 +166,11 @@ _ROUNDING = contextvars.ContextVar("fprobe_perturbed_rounding", default=None)
 
 @contextlib.contextmanager
 def perturbed_rounding(seed: int):
-    """Within: every floating result of the model's operations inside ``Policy.apply`` is multiplied by (1 + u·ξ), ξ
-    uniform in [−1, 1] from fprobe's own generator (``seed``), u the unit roundoff of the result's dtype — one random
-    rounding of each operation (Monte Carlo arithmetic), for ``fprobe.precision``'s rounding floor."""
+    """Within: every result of the model's operations inside ``Policy.apply`` in the computation's dtype is multiplied
+    by (1 + u·ξ), ξ uniform in [−1, 1] from fprobe's own generator (``seed``), u that dtype's unit roundoff — one
+    random rounding of each operation (Monte Carlo arithmetic), for ``fprobe.entropy.precision``'s rounding floor.
+    Narrower results (float32 rotary angles of a float64 model, from float32 buffers and positions) do not depend on
+    the parameters: their rounding is the same at θ₀ and θ₀+Δθ, so they are left as they are."""
     token = _ROUNDING.set({"seed": seed, "generators": {}})
     try:
         yield
@@ -176,11 +178,11 @@ def perturbed_rounding(seed: int):
         _ROUNDING.reset(token)
 
 
-def _perturbed(out, rounding: dict):
-    """``out`` (a tensor, or a tuple/list of them) with its floating tensors perturbed as ``perturbed_rounding`` says."""
+def _perturbed(out, rounding: dict, dtype: torch.dtype):
+    """``out`` (a tensor, or a tuple/list of them) with its ``dtype`` tensors perturbed as ``perturbed_rounding`` says."""
     if isinstance(out, (tuple, list)):
-        return type(out)(_perturbed(x, rounding) for x in out) if not hasattr(out, "_fields") else out
-    if not (isinstance(out, torch.Tensor) and out.dtype in FLOATS and out.numel()):
+        return type(out)(_perturbed(x, rounding, dtype) for x in out) if not hasattr(out, "_fields") else out
+    if not (isinstance(out, torch.Tensor) and out.dtype == dtype and out.numel()):
         return out
     device = out.device
     generators = rounding["generators"]
@@ -221,7 +223,7 @@ class Numerics(torch.overrides.TorchFunctionMode):
                 args = tuple(upcast(a, dtype) for a in args)
             out = func(*args, **kwargs)
         rounding = _ROUNDING.get()
-        return out if rounding is None or _is_attribute_read(func) else _perturbed(out, rounding)
+        return out if rounding is None or _is_attribute_read(func) else _perturbed(out, rounding, dtype)
 
 
 @contextlib.contextmanager
