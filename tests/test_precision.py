@@ -233,3 +233,66 @@ def test_eval_dtype_is_checked_before_any_pass():
     with pytest.raises(ValueError, match="narrower than the model's torch.float64"):
         fprobe.entropy_change(policy, E, tree.zeros_like(policy.params), eval_dtype=torch.float32)
     assert all(torch.equal(before[n], p) for n, p in policy.params.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# TRL runs against an independent float64 evaluation of the saved weights on each record's E
+
+
+def trl_records_against_float64(tmp_path, dtype, lr, eval_dtype=None, bf16=False):
+    """A two-step GRPOTrainer run of the built-in policy held in ``dtype`` (plain SGD at ``lr``, no clipping), probed
+    at every step; per record, (record, ΔH_true of a plain float64 SNIS from θ_k and θ_{k+1} as saved by a separate
+    callback, on the record's own E, with transformers' own attention)."""
+    from test_trl import KeepParameters, eval_model, make_trainer, plain_statistics, snis_entropy
+
+    trainer, _ = make_trainer(tmp_path, "dr_grpo", dtype=dtype, steps=2, optim="sgd", learning_rate=lr, weight_decay=0.0,
+                              lr_scheduler_type="constant", max_grad_norm=0.0, bf16=bf16)
+    keep = KeepParameters(trainer.model)
+    trainer.add_callback(keep)
+    probe = fprobe.trl.attach(trainer, every=1, n_eval=16, eval_dtype=eval_dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fprobe.PrecisionWarning)
+        trainer.train()
+    model = eval_model(trainer)
+    pairs = []
+    for record in probe.records:
+        k, E = record["step"], probe.eval_batches[record["step"]]
+        before, after = ({n: x.double() for n, x in saved[k].items()} for saved in (keep.before, keep.after))
+        S0, H0 = plain_statistics(model, before, E)
+        S1, H1 = plain_statistics(model, after, E)
+        T = E.lengths.double()
+        pairs.append((record, snis_entropy(S1, H1, S0, T) - snis_entropy(S0, H0, S0, T)))
+    assert [r["step"] for r, _ in pairs] == [1, 2] and any(expected != 0 for _, expected in pairs)
+    return pairs
+
+
+def within(value, reference, rel) -> bool:
+    """|value − reference| ≤ rel·|reference| (a step that changed nothing, reference 0, must give exactly 0)."""
+    return abs(value - reference) <= rel * abs(reference)
+
+
+@pytest.mark.slow
+def test_bf16_trl_run_is_measured_within_5_percent_and_to_1e_6_in_float64(tmp_path):
+    """bf16 weights and bf16=True (accelerate's autocast around the model's forward): fprobe's passes compute in float32
+    on the weights the model holds (before: in bf16, wrong signs), and with eval_dtype=torch.float64 in float64."""
+    for record, expected in trl_records_against_float64(tmp_path, torch.bfloat16, 1e-2, bf16=True):
+        assert record["eval_dtype"] == "float32" and not record["precision_low"]
+        assert within(record["delta_h_true"], expected, 0.05), (record["delta_h_true"], expected)
+        assert abs(record["delta_h_true"] - expected) <= record["rounding_floor"]
+    for record, expected in trl_records_against_float64(tmp_path, torch.bfloat16, 1e-2, eval_dtype=torch.float64, bf16=True):
+        assert record["eval_dtype"] == "float64"
+        assert within(record["delta_h_true"], expected, 1e-6), (record["delta_h_true"], expected)
+
+
+def test_float32_small_step_trl_run_is_within_5_percent_or_flagged(tmp_path):
+    """SGD at 1e-7 on float32 weights: ΔH_true sits at float32's rounding floor; every record is within 5% of the
+    float64 evaluation or flagged (``precision_low``), and this run is flagged; with eval_dtype=torch.float64 every
+    record is within 1e-6."""
+    pairs = trl_records_against_float64(tmp_path, torch.float32, 1e-7)
+    for record, expected in pairs:
+        assert record["precision_low"] or within(record["delta_h_true"], expected, 0.05), (record, expected)
+        assert abs(record["delta_h_true"] - expected) <= record["rounding_floor"]
+    assert any(record["precision_low"] for record, _ in pairs)
+    for record, expected in trl_records_against_float64(tmp_path, torch.float32, 1e-7, eval_dtype=torch.float64):
+        assert not record["precision_low"]
+        assert within(record["delta_h_true"], expected, 1e-6), (record["delta_h_true"], expected)

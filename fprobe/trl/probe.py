@@ -253,7 +253,7 @@ class TrlProbe:
                        max_grad_norm=replay.max_grad_norm, micro_batch=self.settings.estimate.micro_batch)
         error = relative_error(step.delta, captured.delta)
         check = "ok" if not self.facts.low_precision else (
-            f"ok (the trainer's forward ran under bf16/fp16 autocast, fprobe's replay in {self.policy.dtype}: "
+            f"ok (the trainer's forward ran under bf16/fp16 autocast, fprobe's replay in {str(self.policy.dtype).removeprefix('torch.')}: "
             "expect step_rel_error of that precision)")
         if error is None:
             check = f"no relative error: TRL's update is 0 (fprobe's replay: ‖Δθ‖ = {float(tree.norm(step.delta)):.3g})"
