@@ -296,3 +296,34 @@ def test_float32_small_step_trl_run_is_within_5_percent_or_flagged(tmp_path):
     for record, expected in trl_records_against_float64(tmp_path, torch.float32, 1e-7, eval_dtype=torch.float64):
         assert not record["precision_low"]
         assert within(record["delta_h_true"], expected, 1e-6), (record["delta_h_true"], expected)
+
+
+def test_cli_eval_dtype(tmp_path):
+    """``fprobe probe --dtype float32 --eval-dtype float64`` (the built-in policy): float32 weights measured in float64,
+    the float64 floor recorded; a dtype other than float32/float64 is a usage error."""
+    import json
+
+    from fprobe.cli import command as cli
+
+    out = tmp_path / "result.json"
+    argv = ["probe", "--n-eval", "4", "--n-update-prompts", "2", "--group-size", "4", "--dtype", "float32",
+            "--eval-dtype", "float64", "--lr", "1e-3", "--out", str(out), "--quiet"]
+    assert cli.main(argv) == 0
+    result = json.loads(out.read_text())["result"]
+    assert result["eval_dtype"] == "float64" and result["settings"]["eval_dtype"] == "float64"
+    assert 0 < result["rounding_floor"] < 1e-12 < abs(result["delta_h_true"]) and not result["precision_low"]
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["probe", "--eval-dtype", "bfloat16"])
+
+
+def test_a_float64_evaluation_of_a_float32_step_replays_and_decomposes_it():
+    """probe(..., eval_dtype=torch.float64) on float32 weights: the step is the float32 one (replayed from the
+    policy's own θ₀, not from the float64 copy), and its per-sequence parts sum to the float64 δH₁."""
+    policy = fprobe.Policy(tiny_model("gpt2", torch.float32))
+    E, U = make_batch(n=6, width=10, seed=20), make_batch(n=6, width=10, seed=21)
+    res = fprobe.probe(policy, E, U, fprobe.optim.adamw(lr=1e-3), eval_dtype=torch.float64)
+    step = res.replay_step()
+    assert all(x.dtype == torch.float32 for x in step.params.values())
+    parts = res.contributions()
+    total = parts.momentum + parts.decay + float(parts.per_sequence.sum())
+    assert total == pytest.approx(res.delta_h1, rel=1e-6)

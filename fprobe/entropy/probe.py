@@ -43,6 +43,8 @@ class ProbeResult(records.Record):
     clip: float
     max_grad_norm: float | None
     step_seconds: float = internal()
+    step_policy: object = internal()  # the policy and θ₀ the step was taken with (the measurement's may be upcast copies)
+    step_params: tree.Params = internal()
     lr_given: float | None = internal()
     step: Step | None = internal()
     U: Rollouts = internal()
@@ -76,7 +78,7 @@ class ProbeResult(records.Record):
     @property
     def start_state(self):
         """The optimizer state the step started from (a fresh ``optimizer.init`` when none was given)."""
-        return self.optimizer.init(self.context.params) if self.opt_state is None else self.opt_state
+        return self.optimizer.init(self.step_params) if self.opt_state is None else self.opt_state
 
     def replay_step(self) -> Step:
         """The probe's step: the kept one (``keep_step=True``), or the same ``rl_step`` taken again from
@@ -86,7 +88,7 @@ class ProbeResult(records.Record):
         if self.step is not None:
             return self.step
         step = rl_step(
-            self.context.policy, self.context.params, self.optimizer, self.start_state, self.U, lr=self.lr_given,
+            self.step_policy, self.step_params, self.optimizer, self.start_state, self.U, lr=self.lr_given,
             loss=self.loss_type, clip=self.clip, max_grad_norm=self.max_grad_norm, micro_batch=self.context.settings.micro_batch,
         )
         difference = float(tree.norm(tree.sub(step.delta, self.delta_named)))
@@ -155,5 +157,6 @@ def probe(
     change.context.versions.update(tensor_versions(batch_tensors(U), "U") | tensor_versions(opt_state, "opt_state"))
     return ProbeResult(
         change=change, **taken, cov_baseline=cov_baseline, loss_type=loss, clip=clip, max_grad_norm=max_grad_norm,
-        step_seconds=step_seconds, lr_given=lr, step=step, U=U, optimizer=optimizer, opt_state=opt_state,
+        step_seconds=step_seconds, step_policy=policy, step_params=params, lr_given=lr, step=step, U=U, optimizer=optimizer,
+        opt_state=opt_state,
     )

@@ -423,8 +423,8 @@ class Policy:
         return widest_dtype(self.model) if self.eval_dtype is None else self.eval_dtype
 
     def evaluated_in(self, eval_dtype: torch.dtype | None) -> "Policy":
-        """This policy with passes computed in ``eval_dtype`` (itself for None)."""
-        return self if eval_dtype is None else dataclasses.replace(self, eval_dtype=eval_dtype)
+        """This policy with passes computed in ``eval_dtype`` (itself for None or its own)."""
+        return self if eval_dtype in (None, self.eval_dtype) else dataclasses.replace(self, eval_dtype=eval_dtype)
 
     def apply(self, params: Mapping, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits [B, L, V] of the model at ``params``, divided by the temperature, computed in ``self.dtype``: narrower
