@@ -43,8 +43,7 @@ class ProbeResult(records.Record):
     clip: float
     max_grad_norm: float | None
     step_seconds: float = internal()
-    step_policy: object = internal()  # the policy and θ₀ the step was taken with (the measurement's may be upcast copies)
-    step_params: tree.Params = internal()
+    step_policy: object = internal()  # the policy the step was taken with (the measurement's may compute in eval_dtype)
     lr_given: float | None = internal()
     step: Step | None = internal()
     U: Rollouts = internal()
@@ -74,6 +73,12 @@ class ProbeResult(records.Record):
     rows = EntropyChange.rows
     __repr__ = EntropyChange.__repr__
     sweep = EntropyChange.sweep
+
+    @property
+    def step_params(self) -> tree.Params:
+        """θ₀ in the dtypes the step was taken in (the measurement keeps it as exact copies in its evaluation dtype)."""
+        dtypes = {name: p.dtype for name, p in self.step_policy.params.items()}
+        return {name: x.to(dtypes[name]) for name, x in self.context.params.items()}
 
     @property
     def start_state(self):
@@ -157,6 +162,5 @@ def probe(
     change.context.versions.update(tensor_versions(batch_tensors(U), "U") | tensor_versions(opt_state, "opt_state"))
     return ProbeResult(
         change=change, **taken, cov_baseline=cov_baseline, loss_type=loss, clip=clip, max_grad_norm=max_grad_norm,
-        step_seconds=step_seconds, step_policy=policy, step_params=params, lr_given=lr, step=step, U=U, optimizer=optimizer,
-        opt_state=opt_state,
+        step_seconds=step_seconds, step_policy=policy, lr_given=lr, step=step, U=U, optimizer=optimizer, opt_state=opt_state,
     )
