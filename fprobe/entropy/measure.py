@@ -195,9 +195,10 @@ def measure(policy, E: Rollouts, delta, params, new_params, lr: float | None, se
 
 
 def check_delta(params: tree.Params, delta) -> tree.Params:
-    """``delta`` like ``params`` (``tree.check_like``), in their dtype or a wider one (a float32 Δθ of bf16 weights)."""
-    wider = {name: upcast(p, delta[name].dtype) if isinstance(delta.get(name), torch.Tensor) else p for name, p in params.items()}
-    return tree.check_like(wider, delta, "delta")
+    """``delta`` like ``params`` (``tree.check_like``), in their dtype, or in float32 for bf16/fp16 ones (``Step.delta``,
+    ``fprobe.model.policy.exact_delta``)."""
+    float32 = lambda name: isinstance(delta.get(name), torch.Tensor) and delta[name].dtype == torch.float32
+    return tree.check_like({name: upcast(p, torch.float32) if float32(name) else p for name, p in params.items()}, delta, "delta")
 
 
 def check_logp_sampler(logp_sampler, E: Rollouts) -> torch.Tensor | None:
