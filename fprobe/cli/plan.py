@@ -215,12 +215,13 @@ def optimizer_state_file(spec: str, model: str) -> Path:
 
 
 def check_optimizer_source(options, unit: Unit) -> None:
-    """The optimizer state each unit will start from exists and is whole: a ``--optimizer-state`` file, or
-    a Trainer checkpoint's ``optimizer.pt`` beside its ``trainer_state.json`` (``checkpoints.is_trainer_checkpoint``)."""
+    """The optimizer state a unit will start from is there: a ``--optimizer-state`` file, or a Trainer
+    checkpoint's ``optimizer.pt`` beside a readable ``trainer_state.json`` (``checkpoints.is_trainer_checkpoint``;
+    ``optimizer.pt`` itself is read when the unit runs)."""
     if options.optimizer_state is not None:
         optimizer_state_file(options.optimizer_state, unit.model)
-    else:
-        checkpoints.is_trainer_checkpoint(unit.checkpoint)
+    elif checkpoints.is_trainer_checkpoint(unit.checkpoint):
+        checkpoints.read_step(Path(unit.checkpoint) / checkpoints.STATE_FILE)
 
 
 def read_records(path: Path) -> list[dict]:

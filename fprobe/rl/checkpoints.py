@@ -13,6 +13,7 @@ update N + 1 (``trainer_state.json``'s ``learning_rate`` at step N is the rate o
 
 import json
 import pickle
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -75,9 +76,12 @@ def load_optimizer_state(path: str | Path, device) -> dict:
         state_dict = torch.load(path, map_location=device, weights_only=True)
     except EOFError:
         raise ValueError(f"{path}: empty or truncated, not a torch.save file") from None
-    except pickle.UnpicklingError:
-        raise ValueError(f"{path}: holds Python objects that weights_only loading refuses; fprobe does not unpickle") \
-            from None
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        if found is None:
+            raise ValueError(f"{path}: not a torch.save file (unreadable as one)") from None
+        raise ValueError(f"{path}: holds a Python object ({found.group(1)}) that weights_only loading refuses; "
+                         "fprobe does not unpickle") from None
     except RuntimeError as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"{path}: not a torch.save file ({first})") from None
