@@ -23,12 +23,25 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def dropout_rates(module: torch.nn.Module) -> dict[str, float]:
+    """The dropout probabilities a module applies itself: an ``nn.Dropout`` module's ``p``, and the float
+    attributes named ``*dropout*`` or ``*pdrop*`` that transformers' attention modules pass to their
+    attention function as its ``dropout`` argument (e.g. Llama/Qwen2's ``attention_dropout``)."""
+    if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+        return {"": module.p}
+    return {
+        f".{name}": value for name, value in vars(module).items()
+        if ("dropout" in name or "pdrop" in name) and isinstance(value, float)
+    }
+
+
 def active_dropout(model: torch.nn.Module) -> list[str]:
-    """Names of dropout modules that would act in the model's current mode."""
+    """Names of the dropout that would act in the model's current mode: dropout modules, and modules in
+    train mode whose dropout rate attribute is > 0 (``dropout_rates``)."""
     return [
-        name
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0
+        f"{name}{attribute}"
+        for name, m in model.named_modules() if m.training
+        for attribute, rate in dropout_rates(m).items() if rate > 0
     ]
 
 
