@@ -18,6 +18,11 @@ class ZeroAdvantagesWarning(UserWarning):
     """Every advantage in the update batch is zero: the step is weight decay (and momentum) alone."""
 
 
+class UndefinedScoreWarning(UserWarning):
+    """A predictor's agreement scores are NaN: the prediction or the truth is the same at every token of U
+    (one response token, or every advantage 0)."""
+
+
 class DecompositionWarning(UserWarning):
     """The parts of δH₁ do not add up to it (low-precision parameters: bf16, fp16)."""
 
