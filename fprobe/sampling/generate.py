@@ -212,7 +212,7 @@ def tokenize_prompts(tokenizer, records: dict[int, dict], chat_template: bool = 
     """Token ids of the pool's prompts ``{index: record}``, as raw text with the tokenizer's special tokens
     or in its chat template."""
     chosen = list(records.values())
-    texts = prompt_records.apply_chat_template(tokenizer, chosen) if chat_template else [r["prompt"] for r in chosen]
+    texts = prompt_records.prompt_texts(tokenizer, chosen, chat_template)
     ids = {i: tokenizer(text, add_special_tokens=not chat_template)["input_ids"] for i, text in zip(records, texts)}
     empty = [i for i, row in ids.items() if not row]
     if empty:
