@@ -51,14 +51,13 @@ response token, or every advantage 0) raise an ``UndefinedScoreWarning`` and are
 comparison's ``undefined``.
 """
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
 import torch
 
-from fprobe import records, tree
+from fprobe import checks, records, tree
 from fprobe.model import passes, tokens
 from fprobe.rollouts import Rollouts
 from fprobe.warnings import UndefinedScoreWarning, warn
@@ -382,11 +381,9 @@ def compare(
     tree.check_finite(delta, "delta")
     if new_params is not None:
         new_params = tree.check_like(params, new_params, "new_params")
-    if isinstance(lr, bool) or not math.isfinite(float(lr)) or float(lr) < 0:
-        raise ValueError(f"lr must be a finite learning rate >= 0, got {lr!r}")
-    if cov_micro_batch is not None and (isinstance(cov_micro_batch, bool) or not isinstance(cov_micro_batch, int)
-                                        or cov_micro_batch < 1):
-        raise ValueError(f"cov_micro_batch must be a positive number of rows or None, got {cov_micro_batch!r}")
+    lr = checks.learning_rate(lr)
+    if cov_micro_batch is not None:
+        checks.positive_int(cov_micro_batch, "cov_micro_batch", "rows of U, or None (all of U)")
     if U.advantages is None:
         raise ValueError("the update batch U has no advantages: the predictors need them")
     t = truths(policy, params, delta, U, new_params, micro_batch, cov_micro_batch)
