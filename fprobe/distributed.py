@@ -96,3 +96,38 @@ def init_from_env(timeout_s: float = 300.0) -> bool:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# sharded parameters (FSDP2): every rank makes the same collective calls
+
+
+def is_dtensor(x) -> bool:
+    """Whether ``x`` is a ``torch.distributed.tensor.DTensor`` (an FSDP2 parameter is one)."""
+    if not dist.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(x, DTensor)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether the model's trainable parameters are DTensors (FSDP2: each rank holds a shard)."""
+    return any(p.requires_grad and is_dtensor(p) for p in model.parameters())
+
+
+def local_part(x: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view, no copy); a plain tensor as it is."""
+    return x.to_local() if is_dtensor(x) else x
+
+
+def lockstep_rows(n: int) -> tuple[list[int], int]:
+    """(this rank's global row indices of a batch of n rows, how many of them are its own): the contiguous
+    block of ``shard_bounds``, padded to ⌈n / size⌉ rows with repeats of a row (its last, or the batch's last
+    for a rank with none), so that every rank runs the same number of passes over the same number of rows —
+    with sharded parameters each forward is a collective, and unequal call counts hang."""
+    rank, size = world()
+    start, stop = shard_bounds(n, rank, size)
+    width = -(-n // size)
+    filler = stop - 1 if stop > start else n - 1
+    return list(range(start, stop)) + [filler] * (width - (stop - start)), stop - start

@@ -1,0 +1,113 @@
+"""Worker for tests/test_sharded.py: one rank of a 2-process gloo run of a model sharded by transformers'
+native FSDP2 (``from_pretrained(..., distributed_config=DistributedConfig(fsdp_size=2))``), float64.
+
+usage: sharded_probe.py MODEL_DIR OUT_DIR MODE
+MODE ``engine``: two AdamW steps of a plain policy-gradient loss on each rank's own rows, each probed through
+``fprobe.entropy.sharded`` (E of 7 rows: uneven blocks), and the same two steps on a second copy of the model
+without the probe. Rank r saves OUT_DIR/rank{r}.pt with the records, E, whole θ_k and θ_{k+1} (rank 0, through
+``get_model_state_dict``), the trainer's gradients before and after each probe, the reshard state, and both
+runs' final shards, losses and optimizer states.
+MODE ``uneven``: forwards and a gradient pass on a batch of 3 rows (2 + 1) and of 1 row (1 + 0), then exits.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from transformers import AutoModelForCausalLM
+from transformers.distributed import DistributedConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from helpers import make_batch  # noqa: E402
+from fprobe import distributed  # noqa: E402
+from fprobe.entropy import sharded  # noqa: E402
+
+
+def load(model_dir: str):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64, distributed_config=DistributedConfig(fsdp_size=2))
+
+
+def whole(model) -> dict:
+    """Whole parameters on rank 0 (empty elsewhere), as the gather path takes them."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    return {n: state[n].clone() for n in names} if dist.get_rank() == 0 else {}
+
+
+def policy_gradient_loss(model, U) -> torch.Tensor:
+    """−Σ A_i ℓ_ik / Σ T over this rank's update rows, through the model's own attention."""
+    logp = model(U.input_ids, attention_mask=U.attention_mask).logits[:, :-1].log_softmax(-1)
+    ell = logp.gather(-1, U.input_ids[:, 1:, None])[..., 0]
+    mask = U.response_mask[:, 1:].double()
+    return -(U.advantages[:, None] * ell * mask).sum() / mask.sum()
+
+
+def train(model, steps: int, probe_E=None) -> dict:
+    rank = dist.get_rank()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-2, weight_decay=0.1)
+    out = {"losses": [], "records": [], "grads_kept": [], "resharded": [], "theta_k": [], "theta_k1": []}
+    for step in range(steps):
+        U = make_batch(n=4, width=10, seed=100 + 10 * step + rank)
+        loss = policy_gradient_loss(model, U)
+        loss.backward()
+        out["losses"].append(float(loss.detach()))
+        if probe_E is not None:
+            model.eval()
+            policy = sharded.ShardedPolicy(model)
+            grads = {n: p.grad for n, p in model.named_parameters()}
+            copies = {n: g.to_local().clone() for n, g in grads.items()}
+            out["theta_k"].append(whole(model))
+            start = sharded.at_start(policy, probe_E, micro_batch=3)
+            out["grads_kept"].append(all(p.grad is grads[n] and torch.equal(p.grad.to_local(), copies[n])
+                                         for n, p in model.named_parameters()))
+            out["resharded"].append(sharded.is_resharded(model))
+            model.train()
+        optimizer.step()
+        optimizer.zero_grad()
+        if probe_E is not None:
+            model.eval()
+            out["records"].append(sharded.after_update(sharded.ShardedPolicy(model), probe_E, start, micro_batch=3)._asdict())
+            out["resharded"].append(sharded.is_resharded(model))
+            out["theta_k1"].append(whole(model))
+            model.train()
+    out["shards"] = {n: p.to_local().clone() for n, p in model.named_parameters()}
+    out["optimizer"] = {n: {k: v.to_local().clone() if distributed.is_dtensor(v) else v for k, v in optimizer.state[p].items()}
+                        for n, p in model.named_parameters()}
+    return out
+
+
+def engine(model_dir: str, out_dir: Path) -> None:
+    E = make_batch(n=7, width=12, seed=3, with_advantages=False)
+    probed = train(load(model_dir), 2, probe_E=E)
+    plain = train(load(model_dir), 2)
+    torch.save({"probed": probed, "plain": plain, "E": E}, out_dir / f"rank{dist.get_rank()}.pt")
+
+
+def uneven(model_dir: str, out_dir: Path) -> None:
+    model = load(model_dir).eval()
+    policy = sharded.ShardedPolicy(model)
+    sizes = []
+    for n in (3, 1):
+        E = make_batch(n=n, width=8, seed=n, with_advantages=False)
+        stats = sharded.forward(policy, E, micro_batch=1)
+        zeros = torch.zeros(n, 8, dtype=torch.float64)
+        sharded.gradient(policy, E, zeros, E.response_mask.double(), micro_batch=1)
+        sizes.append(stats.logp.shape[0])
+    (out_dir / f"rank{dist.get_rank()}.txt").write_text(" ".join(map(str, sizes)))
+
+
+def main(model_dir: str, out_dir: str, mode: str) -> None:
+    dist.init_process_group("gloo")
+    try:
+        {"engine": engine, "uneven": uneven}[mode](model_dir, Path(out_dir))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
