@@ -7,7 +7,8 @@ MODE ``engine``: two AdamW steps of a plain policy-gradient loss on each rank's 
 without the probe. Rank r saves OUT_DIR/rank{r}.pt with the records, E, whole θ_k and θ_{k+1} (rank 0, through
 ``get_model_state_dict``), the trainer's gradients before and after each probe, the reshard state, and both
 runs' final shards, losses and optimizer states.
-MODE ``uneven``: forwards and a gradient pass on a batch of 3 rows (2 + 1) and of 1 row (1 + 0), then exits.
+MODE ``uneven``: forwards and a gradient pass on a batch of 3 rows (2 + 1) and of 1 row (1 + 0); then whether a plain
+no-grad forward leaves parameters gathered, and whether ``reshard`` frees them.
 """
 
 import sys
@@ -98,7 +99,11 @@ def uneven(model_dir: str, out_dir: Path) -> None:
         zeros = torch.zeros(n, 8, dtype=torch.float64)
         sharded.gradient(policy, E, zeros, E.response_mask.double(), micro_batch=1)
         sizes.append(stats.logp.shape[0])
-    (out_dir / f"rank{dist.get_rank()}.txt").write_text(" ".join(map(str, sizes)))
+    with torch.no_grad():
+        model(E.input_ids)
+    gathered = not sharded.is_resharded(model)  # what a no-grad forward leaves: the check can fail
+    sharded.reshard(model)
+    (out_dir / f"rank{dist.get_rank()}.txt").write_text(" ".join(map(str, [*sizes, gathered, sharded.is_resharded(model)])))
 
 
 def main(model_dir: str, out_dir: str, mode: str) -> None:

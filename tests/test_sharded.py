@@ -1,0 +1,128 @@
+"""Sharded (FSDP2) probing on 2 gloo processes equals single-process fprobe on the same θ_k, Δθ and E.
+
+The workers (tests/workers/sharded_probe.py) shard a tiny float64 model with transformers' native FSDP2; the
+whole θ_k and θ_{k+1} they save come from torch's ``get_model_state_dict``, and the reference here is
+``fprobe.entropy_change`` on an unsharded copy (functional_call, δH₁ by jvp)."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import fprobe
+from helpers import CONFIGS
+
+WORKERS = Path(__file__).parent / "workers"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(worker: str, args: list[str], world_size: int = 2) -> list[subprocess.Popen]:
+    """One process per rank, as torchrun would start them, on the loopback interface."""
+    port = str(free_port())
+    root = str(Path(__file__).parents[1])
+    return [
+        subprocess.Popen(
+            [sys.executable, str(WORKERS / worker), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=port, OMP_NUM_THREADS="1", PYTHONPATH=root),
+        )
+        for rank in range(world_size)
+    ]
+
+
+def finish(procs, timeout: float) -> list[str]:
+    """Wait for every rank (killing all of them past ``timeout``); the outputs, after asserting that each exited 0."""
+    outputs = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"a rank did not finish within {timeout} s (a hang: unequal collective calls?)")
+        assert p.returncode == 0, out
+        outputs.append(out)
+    return outputs
+
+
+def untied(arch: str, root: Path) -> str:
+    """A tiny model of ``arch`` with untied embeddings, saved under ``root``."""
+    config = CONFIGS[arch]()
+    config.tie_word_embeddings = False
+    torch.manual_seed(0)
+    path = root / arch
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return str(path)
+
+
+ARCHITECTURES = ("qwen2", "llama")
+
+
+@pytest.fixture(scope="module")
+def engine_runs(tmp_path_factory):
+    """{arch: (model dir, [rank 0's file, rank 1's file])}, both architectures' runs started together."""
+    root = tmp_path_factory.mktemp("sharded")
+    runs = {}
+    for arch in ARCHITECTURES:
+        out = root / f"out-{arch}"
+        out.mkdir()
+        model = untied(arch, root)
+        runs[arch] = (model, out, launch("sharded_probe.py", [model, str(out), "engine"]))
+    for model, out, procs in runs.values():
+        finish(procs, timeout=120)
+    return {arch: (model, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)])
+            for arch, (model, out, _) in runs.items()}
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_sharded_records_equal_single_process_fprobe(engine_runs, arch):
+    model, ranks = engine_runs[arch]
+    policy = fprobe.Policy.from_pretrained(model, dtype=torch.float64)
+    E, probed = ranks[0]["E"], ranks[0]["probed"]
+    for step, (theta_k, theta_k1) in enumerate(zip(probed["theta_k"], probed["theta_k1"])):
+        delta = {name: theta_k1[name] - theta_k[name] for name in theta_k}
+        want = fprobe.entropy_change(policy, E, delta, params=theta_k, new_params=theta_k1, micro_batch=None)
+        for rank in ranks:
+            got = rank["probed"]["records"][step]
+            assert got["h_orig"] == want.h_orig, (step, got["h_orig"], want.h_orig)
+            assert abs(got["delta_h_true"] - want.delta_h_true) <= 1e-10, step
+            assert abs(got["delta_h1"] - want.delta_h1) <= 1e-10 * max(1.0, abs(want.delta_h1)), step
+            assert abs(got["delta_h1"] - want.delta_h1) <= 1e-6 * abs(want.delta_h1), "δH₁ agrees to rounding, not by luck"
+            assert got["delta_l2"] == pytest.approx(float(fprobe.tree.norm(delta)), rel=1e-12)
+            assert got["ess_fraction"] == pytest.approx(want.ess_fraction, rel=1e-12)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_probed_training_is_bit_identical_on_every_rank(engine_runs, arch):
+    _, ranks = engine_runs[arch]
+    for rank in ranks:
+        probed, plain = rank["probed"], rank["plain"]
+        assert probed["losses"] == plain["losses"]
+        assert probed["shards"].keys() == plain["shards"].keys()
+        assert all(torch.equal(probed["shards"][n], plain["shards"][n]) for n in plain["shards"])
+        for name, state in plain["optimizer"].items():
+            assert all(torch.equal(torch.as_tensor(probed["optimizer"][name][k]), torch.as_tensor(v)) for k, v in state.items()), name
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_gradients_restored_and_modules_resharded(engine_runs, arch):
+    _, ranks = engine_runs[arch]
+    for rank in ranks:
+        assert rank["probed"]["grads_kept"] == [True, True], "the trainer's .grad: the same tensors, bit for bit"
+        assert rank["probed"]["resharded"] == [True] * 4, "every FSDP module resharded after each pass"
+
+
+def test_uneven_rows_do_not_hang(tmp_path, model_dir):
+    """3 rows (2 + 1 per rank) and 1 row (1 + 0): every rank makes the same forward calls and gets every row."""
+    finish(launch("sharded_probe.py", [untied("qwen2", tmp_path), str(tmp_path), "uneven"]), timeout=90)
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["3 1 True True"] * 2
