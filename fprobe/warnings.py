@@ -24,6 +24,10 @@ class DecompositionWarning(UserWarning):
     """The parts of δH₁ do not add up to it (low-precision parameters: bf16, fp16)."""
 
 
+class ShardingWarning(UserWarning):
+    """The run's sharding is not what its configuration asked for (e.g. accelerate's FSDP dropped on CPU: DDP)."""
+
+
 def warn(message: str, category: type[Warning] = UserWarning) -> None:
     """``warnings.warn`` with the stack level of the first caller outside fprobe."""
     frame, level = sys._getframe(0), 1

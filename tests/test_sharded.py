@@ -126,3 +126,88 @@ def test_uneven_rows_do_not_hang(tmp_path, model_dir):
     """3 rows (2 + 1 per rank) and 1 row (1 + 0): every rank makes the same forward calls and gets every row."""
     finish(launch("sharded_probe.py", [untied("qwen2", tmp_path), str(tmp_path), "uneven"]), timeout=90)
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["3 1 True True"] * 2
+
+
+# ---------------------------------------------------------------------------------------------
+# fprobe.trl.attach on a GRPOTrainer sharded by transformers' native FSDP2
+
+
+def untied_tiny_adder(root: Path) -> str:
+    """The built-in tiny policy with its lm_head an untied copy of the embedding (the same logits)."""
+    from transformers import AutoTokenizer
+    from fprobe.sampling import toy
+
+    model = AutoModelForCausalLM.from_pretrained(str(toy.DEFAULT_MODEL_PATH))
+    config = model.config
+    config.tie_word_embeddings = False
+    untied_model = AutoModelForCausalLM.from_config(config)
+    state = {**model.state_dict(), "lm_head.weight": model.get_input_embeddings().weight.detach().clone()}
+    untied_model.load_state_dict(state)
+    path = root / "untied-adder"
+    untied_model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(str(toy.DEFAULT_MODEL_PATH)).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def trl_run(tmp_path_factory):
+    from fprobe.sampling import toy
+
+    root = tmp_path_factory.mktemp("sharded-trl")
+    model = untied_tiny_adder(root)
+    finish(launch("sharded_trl.py", [model, str(toy.DEFAULT_MODEL_PATH), str(root)]), timeout=150)
+    return model, root, [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def test_trl_sharded_records_equal_single_process_fprobe(trl_run):
+    """Every rank's record equals fprobe on one process at the same θ_k, θ_{k+1} and E; E itself is what one
+    process samples from θ_k with the probe's stream; the records file holds rank 0's records."""
+    import json
+
+    from transformers import AutoTokenizer
+    from fprobe.sampling import generate, toy
+
+    model_dir, root, ranks = trl_run
+    policy = fprobe.Policy.from_pretrained(model_dir, dtype=torch.float64, temperature=1.5)
+    records = ranks[0]["records"]
+    assert [r["step"] for r in records] == [1, 2]
+    for i, record in enumerate(records):
+        theta_k, theta_k1 = ranks[0]["before"][i], ranks[0]["after"][i]
+        E = ranks[0]["E"][record["step"]]
+        assert len(E) == 5 and torch.equal(E.input_ids, ranks[1]["E"][record["step"]].input_ids)
+        replica = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
+        replica.load_state_dict(theta_k)
+        want_E, _ = fprobe.sample(
+            fprobe.Policy(replica, temperature=1.5), AutoTokenizer.from_pretrained(model_dir), toy.make_prompts(64, 0),
+            n_eval=5, n_update_prompts=1, group_size=1, reward=lambda *_: 0.0, max_new_tokens=6,
+            seed=generate.stream_seed(0, "trl", record["step"]),
+        )
+        assert torch.equal(E.input_ids, want_E.input_ids) and torch.equal(E.response_mask, want_E.response_mask)
+        delta = {name: theta_k1[name] - theta_k[name] for name in theta_k}
+        want = fprobe.entropy_change(policy, E, delta, params=theta_k, new_params=theta_k1, micro_batch=None)
+        for rank in ranks:
+            got = rank["records"][i]
+            assert got["mode"] == "sharded" and got["updates"] == 1 and got["delta_h2"] is None
+            assert set(got["quantities"]) <= {k for k, v in got.items() if v is not None}
+            assert got["h_orig"] == want.h_orig
+            assert abs(got["delta_h_true"] - want.delta_h_true) <= 1e-10
+            assert abs(got["delta_h1"] - want.delta_h1) <= 1e-10 and abs(got["delta_h1"] - want.delta_h1) <= 1e-6 * abs(want.delta_h1)
+            assert got["step_check"].startswith("skipped: the replay needs whole parameters")
+    lines = [json.loads(line) for line in (root / "probe.jsonl").read_text().splitlines()]
+    assert [line["delta_h1"] for line in lines] == [r["delta_h1"] for r in records]
+
+
+def test_trl_sharded_training_is_bit_identical_on_every_rank(trl_run):
+    _, _, ranks = trl_run
+    for rank in ranks:
+        probed, plain = rank["probed"], rank["plain"]
+        assert probed["losses"] == plain["losses"] and len(plain["losses"]) == 2
+        assert all(torch.equal(probed["shards"][n], plain["shards"][n]) for n in plain["shards"])
+        for name, state in plain["optimizer"].items():
+            assert state and all(torch.equal(torch.as_tensor(probed["optimizer"][name][k]), torch.as_tensor(v)) for k, v in state.items())
+
+
+def test_tied_embeddings_under_native_fsdp2_are_refused_at_attach(trl_run):
+    _, _, ranks = trl_run
+    for rank in ranks:
+        assert "ties its input and output embeddings" in rank["tied_error"] and "upstream" in rank["tied_error"]

@@ -27,6 +27,7 @@ each line appended atomically) from the main process only.
 """
 
 import contextlib
+import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -49,6 +50,7 @@ from fprobe.model.policy import Policy, active_dropout
 from fprobe.entropy.probe import entropy_change, probe
 from fprobe.rollouts import Rollouts
 from fprobe.rl.step import rl_step
+from fprobe.warnings import ShardingWarning, warn
 
 PREFIX = "entropy_probe/"
 TRL_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -122,21 +124,39 @@ class Before(NamedTuple):
 # checks at attach
 
 
-def check_trainer(trainer) -> None:
-    """TypeError unless ``trainer`` is a TRL GRPOTrainer whose parameters are whole on every process."""
+def check_trainer(trainer) -> bool:
+    """Whether the trainer's parameters are (or, with accelerate's FSDP2, will be at ``train()``) sharded by FSDP2:
+    fprobe's sharded mode. TypeError unless ``trainer`` is a TRL GRPOTrainer; ValueError for accelerate's FSDP1
+    (flat parameters) and DeepSpeed (ZeRO's partitioned parameters and its own optimizer); a ``ShardingWarning``
+    where FSDP was asked for but accelerate trains data-parallel (it drops FSDP on CPU)."""
     from trl import GRPOTrainer
 
     if not isinstance(trainer, GRPOTrainer):
         raise TypeError(f"fprobe.trl.attach needs a trl.GRPOTrainer, got {type(trainer).__name__}")
     if getattr(trainer, "is_fsdp_enabled", False):
-        raise ValueError("fprobe.trl: FSDP shards the parameters; the probe needs them whole (not gathered by fprobe)")
+        version = getattr(trainer.accelerator.state.fsdp_plugin, "fsdp_version", 1)
+        if version != 2:
+            raise ValueError(
+                f"fprobe.trl: FSDP shards the parameters, here as FSDP{version}'s flat parameters, which fprobe does not "
+                "read; use FSDP2 (fsdp_version: 2 in accelerate's FSDP config), whose DTensor parameters fprobe's "
+                "sharded mode measures"
+            )
+        return True
     if getattr(trainer, "is_deepspeed_enabled", False):
         plugin = trainer.accelerator.state.deepspeed_plugin
         stage = getattr(plugin, "zero_stage", None)
         raise ValueError(
             f"fprobe.trl: DeepSpeed (ZeRO stage {stage}) shards the parameters or the optimizer state; "
-            "the probe needs whole parameters and a torch optimizer (not gathered by fprobe)"
+            "the probe needs whole parameters and a torch optimizer (not gathered by fprobe); "
+            "for sharded training use FSDP2, which fprobe's sharded mode measures"
         )
+    if distributed.is_sharded(trainer.model):
+        return True
+    if trainer.args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        warn("FSDP was asked for (fsdp in the training arguments or accelerate's config), but accelerate did not "
+             "enable it (it drops FSDP on CPU) and trains the model data-parallel, each process holding all the "
+             "parameters: fprobe probes it so", ShardingWarning)
+    return False
 
 
 def static_skip_reason(trainer) -> str | None:
@@ -379,6 +399,15 @@ def reweighted_change(policy, eval_batch: EvalBatch, params, delta, new_params, 
                       None if delta_h2 is None else float(delta_h2), float(new.ess_fraction))
 
 
+def log_to_trainer(trainer, control, logs: dict) -> None:
+    """``transformers.Trainer.log``: the log history and every reporting callback get ``logs`` at this step.
+    Not TRL's own ``log``, which would take and clear the metrics TRL is collecting for its next log; and
+    the trainer's pending ``should_log`` (which ``on_log`` clears) is kept, so its own log still happens."""
+    should_log = control.should_log
+    Trainer.log(trainer, logs)
+    control.should_log = trainer.control.should_log = should_log
+
+
 # ---------------------------------------------------------------------------------------------
 # the probe
 
@@ -514,18 +543,10 @@ class TrlProbe(TrainerCallback):
         record["step_seconds"] = step_seconds
         self.records.append(record)
         if distributed.is_main():
-            self._log(control, {PREFIX + key: record[key] for key in LOGGED if record.get(key) is not None})
+            log_to_trainer(self.trainer, control, {PREFIX + key: record[key] for key in LOGGED if record.get(key) is not None})
             if self.settings.out is not None:
                 key = {"output_dir": str(Path(args.output_dir).resolve()), "step": record["step"]}
                 files.append_json_line(self.settings.out, {"key": key, **record}, "key", "probe records")
-
-    def _log(self, control, logs: dict) -> None:
-        """``transformers.Trainer.log``: the log history and every reporting callback get ``logs`` at this step.
-        Not TRL's own ``log``, which would take and clear the metrics TRL is collecting for its next log; and
-        the trainer's pending ``should_log`` (which ``on_log`` clears) is kept, so its own log still happens."""
-        should_log = control.should_log
-        Trainer.log(self.trainer, logs)
-        control.should_log = self.trainer.control.should_log = should_log
 
     # -- E at θ_k
 
@@ -655,8 +676,10 @@ def attach(
     of δH₁ (of fprobe's replayed step; needs a fresh E and the cross-check). ``out``: JSONL, one line
     per probed step, opened (created if absent) here. Every input is checked here, before training starts.
     """
-    check_trainer(trainer)
-    if any(isinstance(c, TrlProbe) for c in trainer.callback_handler.callbacks):
+    from fprobe.trl import sharded
+
+    sharded_mode = check_trainer(trainer)
+    if any(isinstance(c, (TrlProbe, sharded.ShardedTrlProbe)) for c in trainer.callback_handler.callbacks):
         raise ValueError("an fprobe probe is already attached to this trainer")
     if not (isinstance(every, int) and every >= 1):
         raise ValueError(f"every must be a positive number of steps, got {every!r}")
@@ -679,6 +702,14 @@ def attach(
         raise ValueError("no prompts to sample E from")
     settings = ProbeSettings(every, n_eval, resample, seed, None if out is None else Path(out), second_order, contributions,
                              check_step, ess_threshold, micro_batch)
+    if sharded_mode:
+        sharded.check_settings(E, resample, second_order, contributions)
+        sharded.check_tied_embeddings(model)
+        if out is not None and distributed.is_main():
+            open_records_file(Path(out), trainer.args.output_dir)
+        probe_callback = sharded.ShardedTrlProbe(trainer, settings, records, chat_template)
+        trainer.add_callback(probe_callback)
+        return probe_callback
     fixed = None
     with modes_kept(model):
         policy = Policy(model, temperature=trainer.temperature)
