@@ -122,10 +122,14 @@ def test_gradients_restored_and_modules_resharded(engine_runs, arch):
         assert rank["probed"]["resharded"] == [True] * 4, "every FSDP module resharded after each pass"
 
 
-def test_uneven_rows_do_not_hang(tmp_path, model_dir):
-    """3 rows (2 + 1 per rank) and 1 row (1 + 0): every rank makes the same forward calls and gets every row."""
+def test_uneven_rows_do_not_hang_and_policy_refuses_a_sharded_model(tmp_path):
+    """3 rows (2 + 1 per rank) and 1 row (1 + 0): every rank makes the same forward calls and gets every row;
+    ``fprobe.Policy`` (functional_call) refuses the sharded module."""
     finish(launch("sharded_probe.py", [untied("qwen2", tmp_path), str(tmp_path), "uneven"]), timeout=90)
-    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["3 1 True True"] * 2
+    for r in range(2):
+        counts, refusal = (tmp_path / f"rank{r}.txt").read_text().split("\n")
+        assert counts == "3 1 True True"
+        assert "parameters are sharded (FSDP2" in refusal and "ignores the parameters it is given" in refusal
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,3 +215,71 @@ def test_tied_embeddings_under_native_fsdp2_are_refused_at_attach(trl_run):
     _, _, ranks = trl_run
     for rank in ranks:
         assert "ties its input and output embeddings" in rank["tied_error"] and "upstream" in rank["tied_error"]
+
+
+def test_accelerate_fsdp_dropped_on_cpu_is_said_in_a_warning(trl_run):
+    """accelerate leaves FSDP off on CPU and trains data-parallel: the probe says so and probes whole parameters."""
+    _, _, ranks = trl_run
+    for rank in ranks:
+        kind, messages = rank["cpu_fsdp"]
+        assert kind == "TrlProbe" and len(messages) == 1 and "trains the model data-parallel" in messages[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# routes and refusals at attach (one process: the trainer's sharding flags as accelerate sets them)
+
+
+@pytest.fixture
+def grpo_trainer(tmp_path):
+    from test_trl import make_trainer
+
+    return make_trainer(tmp_path, steps=1)[0]
+
+
+def accelerate_state(monkeypatch, trainer, **state):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(trainer, "accelerator", SimpleNamespace(state=SimpleNamespace(**state)))
+
+
+def test_accelerate_fsdp1_and_deepspeed_are_refused_at_attach(grpo_trainer, monkeypatch):
+    from types import SimpleNamespace
+
+    callbacks = list(grpo_trainer.callback_handler.callbacks)
+    accelerate_state(monkeypatch, grpo_trainer, fsdp_plugin=SimpleNamespace(fsdp_version=1))
+    monkeypatch.setattr(grpo_trainer, "is_fsdp_enabled", True)
+    with pytest.raises(ValueError, match="FSDP1's flat parameters, which fprobe does not read; use FSDP2"):
+        fprobe.trl.attach(grpo_trainer)
+    monkeypatch.setattr(grpo_trainer, "is_fsdp_enabled", False)
+    accelerate_state(monkeypatch, grpo_trainer, deepspeed_plugin=SimpleNamespace(zero_stage=3))
+    monkeypatch.setattr(grpo_trainer, "is_deepspeed_enabled", True)
+    with pytest.raises(ValueError, match=r"DeepSpeed \(ZeRO stage 3\).*use FSDP2"):
+        fprobe.trl.attach(grpo_trainer)
+    assert grpo_trainer.callback_handler.callbacks == callbacks
+
+
+def test_accelerate_fsdp2_reaches_the_sharded_mode_which_refuses_what_needs_whole_parameters(grpo_trainer, monkeypatch):
+    """accelerate shards the model at train(): attach routes by its FSDP2 plugin; what the sharded mode cannot
+    measure fails at attach, one error each, and attaches nothing."""
+    from types import SimpleNamespace
+    from fprobe.trl import sharded as trl_sharded
+
+    accelerate_state(monkeypatch, grpo_trainer, fsdp_plugin=SimpleNamespace(fsdp_version=2))
+    monkeypatch.setattr(grpo_trainer, "is_fsdp_enabled", True)
+    callbacks = list(grpo_trainer.callback_handler.callbacks)
+    E = make_batch_for(grpo_trainer)
+    for kwargs, message in (
+        (dict(second_order=True), "second_order .* needs whole parameters"),
+        (dict(contributions=True), "contributions .* needs whole parameters"),
+        (dict(E=E), "draws a fresh E at each probed step"),
+        (dict(resample=False), "draws a fresh E at each probed step"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            fprobe.trl.attach(grpo_trainer, **kwargs)
+        assert grpo_trainer.callback_handler.callbacks == callbacks
+    assert isinstance(fprobe.trl.attach(grpo_trainer), trl_sharded.ShardedTrlProbe)
+
+
+def make_batch_for(trainer) -> fprobe.Rollouts:
+    ids = torch.tensor([[2, 3, 4]])
+    return fprobe.Rollouts(ids, torch.ones_like(ids), torch.tensor([[False, True, True]]))

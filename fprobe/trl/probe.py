@@ -134,7 +134,7 @@ def check_trainer(trainer) -> bool:
     if not isinstance(trainer, GRPOTrainer):
         raise TypeError(f"fprobe.trl.attach needs a trl.GRPOTrainer, got {type(trainer).__name__}")
     if getattr(trainer, "is_fsdp_enabled", False):
-        version = getattr(trainer.accelerator.state.fsdp_plugin, "fsdp_version", 1)
+        version = getattr(getattr(trainer.accelerator.state, "fsdp_plugin", None), "fsdp_version", 1)
         if version != 2:
             raise ValueError(
                 f"fprobe.trl: FSDP shards the parameters, here as FSDP{version}'s flat parameters, which fprobe does not "

@@ -8,7 +8,7 @@ without the probe. Rank r saves OUT_DIR/rank{r}.pt with the records, E, whole θ
 ``get_model_state_dict``), the trainer's gradients before and after each probe, the reshard state, and both
 runs' final shards, losses and optimizer states.
 MODE ``uneven``: forwards and a gradient pass on a batch of 3 rows (2 + 1) and of 1 row (1 + 0); then whether a plain
-no-grad forward leaves parameters gathered, and whether ``reshard`` frees them.
+no-grad forward leaves parameters gathered, whether ``reshard`` frees them, and ``fprobe.Policy``'s refusal.
 """
 
 import sys
@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from helpers import make_batch  # noqa: E402
+import fprobe  # noqa: E402
 from fprobe import distributed  # noqa: E402
 from fprobe.entropy import sharded  # noqa: E402
 
@@ -103,7 +104,12 @@ def uneven(model_dir: str, out_dir: Path) -> None:
         model(E.input_ids)
     gathered = not sharded.is_resharded(model)  # what a no-grad forward leaves: the check can fail
     sharded.reshard(model)
-    (out_dir / f"rank{dist.get_rank()}.txt").write_text(" ".join(map(str, [*sizes, gathered, sharded.is_resharded(model)])))
+    try:
+        fprobe.Policy(model)
+        refusal = "none"
+    except ValueError as error:
+        refusal = str(error)
+    (out_dir / f"rank{dist.get_rank()}.txt").write_text(" ".join(map(str, [*sizes, gathered, sharded.is_resharded(model)])) + "\n" + refusal)
 
 
 def main(model_dir: str, out_dir: str, mode: str) -> None:

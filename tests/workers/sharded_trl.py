@@ -4,10 +4,12 @@ transformers' native FSDP2 (float64), probed by ``fprobe.trl.attach`` in its sha
 usage: sharded_trl.py UNTIED_MODEL_DIR TIED_MODEL_DIR OUT_DIR
 Rank r saves OUT_DIR/rank{r}.pt: the probe's records and evaluation batches, the whole θ_k and θ_{k+1} of each
 step (rank 0, ``get_model_state_dict``, kept by a separate callback), and the final shards, losses and optimizer
-state of the probed run and of the same run without the probe; then the error of attaching to the tied model.
+state of the probed run and of the same run without the probe; then the error of attaching to the tied model, and
+the probe class and ShardingWarnings of attaching to a trainer that asks accelerate for FSDP2 on CPU.
 """
 
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -41,13 +43,15 @@ class WholeParameters(TrainerCallback):
         self.after.append(self._whole())
 
 
-def make_trainer(model_dir: str, out: Path) -> GRPOTrainer:
+def make_trainer(model_dir: str, out: Path, **config) -> GRPOTrainer:
+    """Sharded by transformers' native FSDP2 unless ``config`` asks accelerate for FSDP (which it drops on CPU)."""
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64, distributed_config=DistributedConfig(fsdp_size=2))
+    sharding = {} if config else dict(distributed_config=DistributedConfig(fsdp_size=2))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64, **sharding)
     args = GRPOConfig(
         output_dir=str(out / "run"), per_device_train_batch_size=4, num_generations=4, temperature=1.5, max_completion_length=6,
         max_steps=2, learning_rate=3e-3, weight_decay=0.1, max_grad_norm=0.2, loss_type="dapo", bf16=False, use_cpu=True,
-        report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
+        report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0, **config,
     )
     reward = lambda prompts, completions, answer, **_: [toy.verify(p, c, {"answer": a}) for p, c, a in zip(prompts, completions, answer)]
     return GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=Dataset.from_list(toy.make_prompts(64, 0)),
@@ -78,8 +82,12 @@ def main(untied: str, tied: str, out_dir: str) -> None:
         tied_error = None
     except ValueError as error:
         tied_error = str(error)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cpu_fsdp = type(fprobe.trl.attach(make_trainer(untied, out, fsdp=True, fsdp_config={"fsdp_version": 2}))).__name__
+    cpu_warnings = [str(w.message) for w in caught if issubclass(w.category, fprobe.ShardingWarning)]
     rank = dist.get_rank()
-    torch.save({"records": probe.records, "E": probe.eval_batches, "before": whole.before, "after": whole.after,
+    torch.save({"cpu_fsdp": (cpu_fsdp, cpu_warnings), "records": probe.records, "E": probe.eval_batches, "before": whole.before, "after": whole.after,
                 "probed": final_state(probed), "plain": final_state(plain), "tied_error": tied_error}, out / f"rank{rank}.pt")
     dist.destroy_process_group()
 
