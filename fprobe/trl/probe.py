@@ -704,7 +704,7 @@ def attach(
                              check_step, ess_threshold, micro_batch)
     if sharded_mode:
         sharded.check_settings(E, resample, second_order, contributions)
-        sharded.check_tied_embeddings(model)
+        sharded.check_model(model)
         if out is not None and distributed.is_main():
             open_records_file(Path(out), trainer.args.output_dir)
         probe_callback = sharded.ShardedTrlProbe(trainer, settings, records, chat_template)

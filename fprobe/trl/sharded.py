@@ -45,6 +45,14 @@ def check_settings(E, resample: bool, second_order: bool, contributions: bool) -
         )
 
 
+def check_model(model: torch.nn.Module) -> None:
+    """ValueError for what the sharded mode cannot measure in a model that is sharded already (accelerate shards at
+    ``train()``, which checks then): tied embeddings under native FSDP2, sharding other than FSDP2 over every rank."""
+    check_tied_embeddings(model)
+    if distributed.is_sharded(model):
+        sharded.check_sharded(model)
+
+
 def check_tied_embeddings(model: torch.nn.Module) -> None:
     """ValueError for tied input and output embeddings in a model sharded by transformers' native FSDP2: after one
     optimizer step its logits are far (≈25 on a tiny Qwen2) from an unsharded replica with the same named parameters."""
