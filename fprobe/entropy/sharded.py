@@ -193,16 +193,6 @@ def gradient(policy: ShardedPolicy, batch: Rollouts, alpha: torch.Tensor, beta: 
         reshard(policy.model)
 
 
-def local_shards(model: torch.nn.Module) -> tree.Params:
-    """Copies of this rank's shards of the trainable parameters."""
-    return {name: distributed.local_part(p.detach()).clone() for name, p in trainable(model).items()}
-
-
-def local_delta(model: torch.nn.Module, before: tree.Params) -> tree.Params:
-    """This rank's shards of Δθ = θ (held now) − ``before``."""
-    return {name: distributed.local_part(p.detach()) - before[name] for name, p in trainable(model).items()}
-
-
 def dot(a: tree.Params, b: tree.Params) -> float:
     """⟨a, b⟩ of whole trees from this rank's shards: Σ over ranks of the local float64 dots."""
     device = next(iter(a.values())).device
@@ -211,10 +201,9 @@ def dot(a: tree.Params, b: tree.Params) -> float:
 
 
 class AtStart(NamedTuple):
-    """What is kept at θ_k for the measurement after the update: θ_k's shards, E's statistics at θ_k (every
-    row), Ĥ's denominators and the shards of ∇Ĥ(θ_k)."""
+    """What is kept at θ_k for the measurement after the update: E's statistics at θ_k (every row), Ĥ's
+    denominators and this rank's shards of ∇Ĥ(θ_k)."""
 
-    params: tree.Params
     stats0: TokenStats
     denom: torch.Tensor
     gradient: tree.Params
@@ -233,19 +222,18 @@ class ShardedChange(NamedTuple):
 
 def at_start(policy: ShardedPolicy, E: Rollouts, micro_batch=DEFAULT_MICRO_BATCH) -> AtStart:
     """At θ_k (the module holds it): a forward of E, the coefficients of δH₁ (token-normalised Rao–Blackwell
-    SNIS, ``estimators.first_order_coefficients``), the gradient pass, θ_k's shards."""
+    SNIS, ``estimators.first_order_coefficients``) and the gradient pass."""
     stats0 = forward(policy, E, micro_batch)
     alpha, beta = estimators.first_order_coefficients(stats0, E.response_mask)
     denom = estimators.denominators(E.response_mask.to(stats0.logp.device), "token")
-    return AtStart(local_shards(policy.model), stats0, denom, gradient(policy, E, alpha, beta, micro_batch))
+    return AtStart(stats0, denom, gradient(policy, E, alpha, beta, micro_batch))
 
 
-def after_update(policy: ShardedPolicy, E: Rollouts, start: AtStart, micro_batch=DEFAULT_MICRO_BATCH) -> ShardedChange:
-    """At θ_{k+1} (the module holds it): Ĥ by SNIS with log w_i = S_i(θ_{k+1}) − S_i(θ_k), and δH₁ along the
-    Δθ the module took since ``start``."""
+def after_update(policy: ShardedPolicy, E: Rollouts, start: AtStart, delta: tree.Params, micro_batch=DEFAULT_MICRO_BATCH) -> ShardedChange:
+    """At θ_{k+1} (the module holds it): Ĥ by SNIS with log w_i = S_i(θ_{k+1}) − S_i(θ_k), and δH₁ along ``delta``,
+    this rank's shards of Δθ = θ_{k+1} − θ_k (names as the trainable parameters')."""
     rows0 = estimators.rows(start.stats0)
     h0 = float(estimators.snis_value(rows0.logp, rows0.entropy, rows0.logp, start.denom))
     new = estimators.snis(estimators.rows(forward(policy, E, micro_batch)), rows0.logp, start.denom)
-    delta = local_delta(policy.model, start.params)
     return ShardedChange(h0, float(new.value), float(new.value) - h0, dot(start.gradient, delta), float(new.ess_fraction),
                          math.sqrt(dot(delta, delta)))

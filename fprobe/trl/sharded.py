@@ -5,8 +5,8 @@ Step k is probed as in ``fprobe.trl.probe``, through the engine (``fprobe.entrop
 the optimizer update every rank draws the same E from π_θk (fprobe's own per-row streams, generated in
 lockstep), forwards it, and takes ∇Ĥ(θ_k) by FSDP2's backward with the trainer's gradients set aside and
 put back; after the update a forward at θ_{k+1} gives ΔH_true, and δH₁ = ⟨∇Ĥ(θ_k), Δθ⟩ is the all-reduced
-sum of the local dots of the shards. Memory beyond the trainer's: θ_k's and the gradient's shards (2× one
-rank's shard of the trainable parameters) and E's statistics.
+sum of the local dots of the shards. Memory beyond the trainer's: the capture's copies of θ_k, θ_{k+1} and
+Δθ and the gradient, each one rank's shard of the trainable parameters (4× that shard), and E's statistics.
 
 What needs whole parameters — δH₁ by jvp, δH₂, the per-sequence contributions, the step replay — does not
 run here: ``second_order`` and ``contributions`` are refused at attach, and each record's ``step_check`` says
@@ -14,17 +14,18 @@ that the replay was skipped. Records carry ``mode: "sharded"`` and ``quantities`
 """
 
 import time
-from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
 
 from fprobe import distributed
-from fprobe import files
 from fprobe.entropy import sharded
+from fprobe.model.policy import modes_kept
+from fprobe.rl.capture import CapturedStep
 from fprobe.rollouts import Rollouts
-from fprobe.sampling import generate as sampling
+from fprobe.sampling import generate
 from fprobe.trl import probe
+from fprobe.trl.capture import StepCapture, TrainerFacts
+from fprobe.trl.prompts import TrainerChatTemplate
 
 QUANTITIES = ("h_orig", "h_upd", "delta_h_true", "delta_h1", "ratio", "ess_fraction", "delta_l2")
 NOT_SHARDED = "skipped: the replay needs whole parameters, and this run's are sharded (FSDP2)"
@@ -67,110 +68,75 @@ def check_tied_embeddings(model: torch.nn.Module) -> None:
         )
 
 
-class ShardedTrlProbe(TrainerCallback):
-    """The callback ``attach`` adds to a trainer with sharded parameters; ``records`` and ``eval_batches`` fill as it
-    trains. A record: ``step``, ``mode`` ("sharded"), ``quantities``, ``updates``, ``lr``, ``n_eval``, ``h_orig``,
-    ``h_upd``, ``delta_h_true``, ``delta_h1`` (gradient path), ``delta_h2`` (None), ``ratio``, ``ess_fraction``,
-    ``delta_l2``, ``step_check`` (why the replay was skipped), ``probe_seconds``, ``step_seconds``. A step without
-    exactly one optimizer update has no numbers and says why in ``skipped``."""
+class ShardedTrlProbe:
+    """What ``attach`` returns for a trainer with sharded parameters; ``records`` and ``eval_batches`` fill as it
+    trains; ``capture`` is the callback on the trainer (``fprobe.trl.capture.StepCapture`` on this rank's shards:
+    its θ_k, θ_{k+1} and Δθ are local). A record: ``step``, ``mode`` ("sharded"), ``quantities``, ``updates``,
+    ``lr``, ``n_eval``, ``h_orig``, ``h_upd``, ``delta_h_true``, ``delta_h1`` (gradient path), ``delta_h2`` (None),
+    ``ratio``, ``ess_fraction``, ``delta_l2``, ``step_check`` (why the replay was skipped), ``probe_seconds``,
+    ``step_seconds``. A step without exactly one optimizer update has no numbers and says why in ``skipped``."""
 
-    def __init__(self, trainer, settings: probe.ProbeSettings, prompts: list[dict], chat_template: bool):
+    def __init__(self, trainer, facts: TrainerFacts, settings: probe.ProbeSettings, prompts: list[dict], chat_template: bool):
         self.trainer = trainer
+        self.facts = facts
         self.settings = settings
         self.prompts = prompts
         self.chat_template = chat_template
         self.records: list[dict] = []
         self.eval_batches: dict[int, Rollouts] = {}
-        self._hook = None
-        self._updates = 0
-        self._probing = False
-        self._start = None
-        self._step_started = 0.0
+        self.capture = StepCapture(
+            trainer, facts, self._local_shards, lambda step: step % settings.every == 0, self._before_update,
+            self._after_update, replay=False,
+        )
 
     @property
     def model(self) -> torch.nn.Module:
         return self.trainer.model
 
-    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
-        self._uninstall()
-        sharded.check_sharded(self.model)
-        self._hook = getattr(optimizer, "optimizer", optimizer).register_step_post_hook(self._count_update)
+    def _policy(self) -> sharded.ShardedPolicy:
+        return sharded.ShardedPolicy(self.model, temperature=self.facts.temperature)
 
-    def on_train_end(self, args, state, control, **kwargs):
-        self._uninstall()
+    def _local_shards(self) -> dict:
+        """This rank's shards of the trainable parameters (views), by name."""
+        return {name: distributed.local_part(p.detach()) for name, p in sharded.trainable(self.model).items()}
 
-    def _uninstall(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-        self._start = None
-
-    def _count_update(self, optimizer, args, kwargs):
-        self._updates += 1
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._probing = (state.global_step + 1) % self.settings.every == 0
-        self._updates, self._start = 0, None
-        self._step_started = time.perf_counter()
-
-    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        if not self._probing:
-            return
-        self._probing = False
+    def _before_update(self, step: int, params) -> tuple:
+        """At θ_k: (E, what the measurement keeps from θ_k, seconds)."""
         started = time.perf_counter()
-        step = state.global_step + 1
-        try:
-            with probe.modes_kept(self.model):
-                policy = sharded.ShardedPolicy(self.model, temperature=self.trainer.temperature)
-                E = self._sample(policy, step)
-                start = sharded.at_start(policy, E, self.settings.micro_batch)
-        except BaseException:
-            self._uninstall()
-            raise
-        lr = float(getattr(optimizer, "optimizer", optimizer).param_groups[0]["lr"])
-        self._start = (step, E, start, lr, time.perf_counter() - started)
+        with modes_kept(self.model):
+            policy = self._policy()
+            E = self._sample(policy, step)
+            start = sharded.at_start(policy, E, self.settings.estimate.micro_batch)
         self.eval_batches[step] = E
+        return E, start, time.perf_counter() - started
 
     def _sample(self, policy: sharded.ShardedPolicy, step: int) -> Rollouts:
-        """A fresh E from π_θk, the same on every rank (see ``fprobe.trl.probe``'s ``_sample``)."""
-        tokenizer = probe.TrainerChatTemplate(self.trainer) if self.chat_template else self.trainer.processing_class
+        """A fresh E from π_θk, the same on every rank (as ``fprobe.trl.probe`` draws it)."""
+        tokenizer = TrainerChatTemplate(self.trainer) if self.chat_template else self.trainer.processing_class
         try:
-            E, _ = sampling.sample(
+            E, _ = generate.sample(
                 policy, tokenizer, self.prompts,
                 n_eval=self.settings.n_eval, n_update_prompts=1, group_size=1, reward=lambda *_: 0.0,
-                max_new_tokens=self.trainer.max_completion_length, seed=sampling.stream_seed(self.settings.seed, "trl", step),
+                max_new_tokens=self.facts.max_completion_length, seed=generate.stream_seed(self.settings.seed, "trl", step),
                 replace=self.settings.n_eval > len(self.prompts), chat_template=self.chat_template,
             )
         finally:
             sharded.reshard(self.model)
         return E
 
-    def on_step_end(self, args, state, control, **kwargs):
-        kept, self._start = self._start, None
-        if kept is None:
-            return
-        step, E, start, lr, seconds_before = kept
+    def _after_update(self, captured: CapturedStep, context: tuple, control) -> None:
+        E, start, seconds = context
         started = time.perf_counter()
-        record = {"step": state.global_step, "mode": "sharded", "quantities": list(QUANTITIES), "updates": self._updates,
-                  "lr": lr, "n_eval": len(E), "eval_sampled_at": step, "sampler_ess_fraction": 1.0}
-        if self._updates != 1:
-            reason = f"{self._updates} optimizer updates in this step (exactly one expected): no numbers"
+        record = {"step": captured.step, "mode": "sharded", "quantities": list(QUANTITIES), "updates": captured.updates,
+                  "lr": captured.lr, "n_eval": len(E), "eval_sampled_at": captured.step, "sampler_ess_fraction": 1.0}
+        if captured.updates != 1:
+            reason = f"{captured.updates} optimizer updates in this step (exactly one expected): no numbers"
             record.update(quantities=[], skipped=reason, step_check=reason, step_rel_error=None)
         else:
-            try:
-                with probe.modes_kept(self.model):
-                    change = sharded.after_update(sharded.ShardedPolicy(self.model, temperature=self.trainer.temperature), E,
-                                                  start, self.settings.micro_batch)
-            except BaseException:
-                self._uninstall()
-                raise
+            with self.capture.cleaned_up_on_error(), modes_kept(self.model):
+                change = sharded.after_update(self._policy(), E, start, captured.delta, self.settings.estimate.micro_batch)
             record.update(change._asdict(), delta_h2=None, ratio=change.delta_h_true / change.delta_h1 if change.delta_h1 else None,
                           step_check=NOT_SHARDED, step_rel_error=None)
-        record["probe_seconds"] = seconds_before + time.perf_counter() - started
-        record["step_seconds"] = started - self._step_started - seconds_before
-        self.records.append(record)
-        if distributed.is_main():
-            probe.log_to_trainer(self.trainer, control, {probe.PREFIX + key: record[key] for key in probe.LOGGED if record.get(key) is not None})
-            if self.settings.out is not None:
-                key = {"output_dir": str(Path(args.output_dir).resolve()), "step": record["step"]}
-                files.append_json_line(self.settings.out, {"key": key, **record}, "key", "probe records")
+        record["probe_seconds"] = seconds + time.perf_counter() - started
+        record["step_seconds"] = captured.step_seconds
+        probe.sink(self.trainer, self.settings.out, self.records, record, control)

@@ -64,6 +64,7 @@ def train(model, steps: int, probe_E=None) -> dict:
             grads = {n: p.grad for n, p in model.named_parameters()}
             copies = {n: g.to_local().clone() for n, g in grads.items()}
             out["theta_k"].append(whole(model))
+            theta_k = {n: p.detach().to_local().clone() for n, p in model.named_parameters()}
             start = sharded.at_start(policy, probe_E, micro_batch=3)
             out["grads_kept"].append(all(p.grad is grads[n] and torch.equal(p.grad.to_local(), copies[n])
                                          for n, p in model.named_parameters()))
@@ -73,7 +74,8 @@ def train(model, steps: int, probe_E=None) -> dict:
         optimizer.zero_grad()
         if probe_E is not None:
             model.eval()
-            out["records"].append(sharded.after_update(sharded.ShardedPolicy(model), probe_E, start, micro_batch=3)._asdict())
+            delta = {n: p.detach().to_local() - theta_k[n] for n, p in model.named_parameters()}
+            out["records"].append(sharded.after_update(sharded.ShardedPolicy(model), probe_E, start, delta, micro_batch=3)._asdict())
             out["resharded"].append(sharded.is_resharded(model))
             out["theta_k1"].append(whole(model))
             model.train()
