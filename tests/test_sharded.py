@@ -69,19 +69,23 @@ ARCHITECTURES = ("qwen2", "llama")
 
 
 @pytest.fixture(scope="module")
-def engine_runs(tmp_path_factory):
-    """{arch: (model dir, [rank 0's file, rank 1's file])}, both architectures' runs started together."""
+def runs(tmp_path_factory):
+    """One launch of 2 ranks (tests/workers/sharded_probe.py) for every test here: the engine on both
+    architectures, the uneven batches, the TRL run. {"root": its folder, "models": {name: dir}}."""
+    from fprobe.sampling import toy
+
     root = tmp_path_factory.mktemp("sharded")
-    runs = {}
-    for arch in ARCHITECTURES:
-        out = root / f"out-{arch}"
-        out.mkdir()
-        model = untied(arch, root)
-        runs[arch] = (model, out, launch("sharded_probe.py", [model, str(out), "engine"]))
-    for model, out, procs in runs.values():
-        finish(procs, timeout=120)
-    return {arch: (model, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)])
-            for arch, (model, out, _) in runs.items()}
+    models = {arch: untied(arch, root) for arch in ARCHITECTURES} | {"adder": untied_tiny_adder(root)}
+    args = [str(root / "out"), models["qwen2"], models["llama"], models["adder"], str(toy.DEFAULT_MODEL_PATH)]
+    finish(launch("sharded_probe.py", args), timeout=240)
+    return {"root": root / "out", "models": models}
+
+
+@pytest.fixture(scope="module")
+def engine_runs(runs):
+    """{arch: (model dir, [rank 0's file, rank 1's file])}."""
+    load = lambda arch, r: torch.load(runs["root"] / arch / f"rank{r}.pt", weights_only=False)
+    return {arch: (runs["models"][arch], [load(arch, r) for r in range(2)]) for arch in ARCHITECTURES}
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -122,12 +126,11 @@ def test_gradients_restored_and_modules_resharded(engine_runs, arch):
         assert rank["probed"]["resharded"] == [True] * 4, "every FSDP module resharded after each pass"
 
 
-def test_uneven_rows_do_not_hang_and_policy_refuses_a_sharded_model(tmp_path):
-    """3 rows (2 + 1 per rank) and 1 row (1 + 0): every rank makes the same forward calls and gets every row;
-    ``fprobe.Policy`` (functional_call) refuses the sharded module."""
-    finish(launch("sharded_probe.py", [untied("qwen2", tmp_path), str(tmp_path), "uneven"]), timeout=90)
+def test_uneven_rows_do_not_hang_and_policy_refuses_a_sharded_model(runs):
+    """3 rows (2 + 1 per rank) and 1 row (1 + 0): every rank makes the same forward calls and gets every row (the
+    launch itself has a timeout: a hang fails it); ``fprobe.Policy`` (functional_call) refuses the sharded module."""
     for r in range(2):
-        counts, refusal = (tmp_path / f"rank{r}.txt").read_text().split("\n")
+        counts, refusal = (runs["root"] / "uneven" / f"rank{r}.txt").read_text().split("\n")
         assert counts == "3 1 True True"
         assert "parameters are sharded (FSDP2" in refusal and "ignores the parameters it is given" in refusal
 
@@ -154,13 +157,9 @@ def untied_tiny_adder(root: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def trl_run(tmp_path_factory):
-    from fprobe.sampling import toy
-
-    root = tmp_path_factory.mktemp("sharded-trl")
-    model = untied_tiny_adder(root)
-    finish(launch("sharded_trl.py", [model, str(toy.DEFAULT_MODEL_PATH), str(root)]), timeout=150)
-    return model, root, [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(2)]
+def trl_run(runs):
+    root = runs["root"] / "trl"
+    return runs["models"]["adder"], root, [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
 def test_trl_sharded_records_equal_single_process_fprobe(trl_run):
@@ -267,7 +266,7 @@ def test_accelerate_fsdp2_reaches_the_sharded_mode_which_refuses_what_needs_whol
     accelerate_state(monkeypatch, grpo_trainer, fsdp_plugin=SimpleNamespace(fsdp_version=2))
     monkeypatch.setattr(grpo_trainer, "is_fsdp_enabled", True)
     callbacks = list(grpo_trainer.callback_handler.callbacks)
-    E = make_batch_for(grpo_trainer)
+    E = one_row_E()
     for kwargs, message in (
         (dict(second_order=True), "second_order .* needs whole parameters"),
         (dict(contributions=True), "contributions .* needs whole parameters"),
@@ -280,6 +279,6 @@ def test_accelerate_fsdp2_reaches_the_sharded_mode_which_refuses_what_needs_whol
     assert isinstance(fprobe.trl.attach(grpo_trainer), trl_sharded.ShardedTrlProbe)
 
 
-def make_batch_for(trainer) -> fprobe.Rollouts:
+def one_row_E() -> fprobe.Rollouts:
     ids = torch.tensor([[2, 3, 4]])
     return fprobe.Rollouts(ids, torch.ones_like(ids), torch.tensor([[False, True, True]]))

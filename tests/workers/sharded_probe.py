@@ -1,13 +1,13 @@
 """Worker for tests/test_sharded.py: one rank of a 2-process gloo run of a model sharded by transformers'
 native FSDP2 (``from_pretrained(..., distributed_config=DistributedConfig(fsdp_size=2))``), float64.
 
-usage: sharded_probe.py MODEL_DIR OUT_DIR MODE
-MODE ``engine``: two AdamW steps of a plain policy-gradient loss on each rank's own rows, each probed through
+usage: sharded_probe.py OUT_DIR QWEN2_DIR LLAMA_DIR UNTIED_ADDER_DIR TIED_ADDER_DIR (see ``main``)
+``engine``: two AdamW steps of a plain policy-gradient loss on each rank's own rows, each probed through
 ``fprobe.entropy.sharded`` (E of 7 rows: uneven blocks), and the same two steps on a second copy of the model
 without the probe. Rank r saves OUT_DIR/rank{r}.pt with the records, E, whole θ_k and θ_{k+1} (rank 0, through
 ``get_model_state_dict``), the trainer's gradients before and after each probe, the reshard state, and both
 runs' final shards, losses and optimizer states.
-MODE ``uneven``: forwards and a gradient pass on a batch of 3 rows (2 + 1) and of 1 row (1 + 0); then whether a plain
+``uneven``: forwards and a gradient pass on a batch of 3 rows (2 + 1) and of 1 row (1 + 0); then whether a plain
 no-grad forward leaves parameters gathered, whether ``reshard`` frees them, and ``fprobe.Policy``'s refusal.
 """
 
@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 from transformers.distributed import DistributedConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from helpers import make_batch  # noqa: E402
@@ -114,10 +115,20 @@ def uneven(model_dir: str, out_dir: Path) -> None:
     (out_dir / f"rank{dist.get_rank()}.txt").write_text(" ".join(map(str, [*sizes, gathered, sharded.is_resharded(model)])) + "\n" + refusal)
 
 
-def main(model_dir: str, out_dir: str, mode: str) -> None:
+def main(out_dir: str, qwen2: str, llama: str, untied_adder: str, tied_adder: str) -> None:
+    """Everything test_sharded.py asks of the two ranks, in one launch: the engine on both architectures, the
+    uneven batches, the TRL run (``sharded_trl.run``); each writes under its own folder of OUT_DIR."""
+    import sharded_trl
+
     dist.init_process_group("gloo")
+    out = Path(out_dir)
+    for folder in ("qwen2", "llama", "uneven", "trl"):
+        (out / folder).mkdir(parents=True, exist_ok=True)
     try:
-        {"engine": engine, "uneven": uneven}[mode](model_dir, Path(out_dir))
+        for name, model_dir in (("qwen2", qwen2), ("llama", llama)):
+            engine(model_dir, out / name)
+        uneven(qwen2, out / "uneven")
+        sharded_trl.run(untied_adder, tied_adder, out / "trl")
     finally:
         dist.destroy_process_group()
 

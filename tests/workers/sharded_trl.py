@@ -1,8 +1,7 @@
-"""Worker for tests/test_sharded.py: one rank of a 2-process gloo GRPO run of the built-in tiny policy sharded by
+"""Part of the worker for tests/test_sharded.py (run by sharded_probe.py): one rank of a 2-process gloo GRPO run of the built-in tiny policy sharded by
 transformers' native FSDP2 (float64), probed by ``fprobe.trl.attach`` in its sharded mode.
 
-usage: sharded_trl.py UNTIED_MODEL_DIR TIED_MODEL_DIR OUT_DIR
-Rank r saves OUT_DIR/rank{r}.pt: the probe's records and evaluation batches, the whole θ_k and θ_{k+1} of each
+``run(UNTIED_MODEL_DIR, TIED_MODEL_DIR, OUT_DIR)``: rank r saves OUT_DIR/rank{r}.pt: the probe's records and evaluation batches, the whole θ_k and θ_{k+1} of each
 step (rank 0, ``get_model_state_dict``, kept by a separate callback), and the final shards, losses and optimizer
 state of the probed run and of the same run without the probe; then the error of attaching to the tied model, and
 the probe class and ShardingWarnings of attaching to a trainer that asks accelerate for FSDP2 on CPU.
@@ -68,8 +67,7 @@ def final_state(trainer) -> dict:
     }
 
 
-def main(untied: str, tied: str, out_dir: str) -> None:
-    out = Path(out_dir)
+def run(untied: str, tied: str, out: Path) -> None:
     probed = make_trainer(untied, out)
     probe = fprobe.trl.attach(probed, every=1, n_eval=5, out=out / "probe.jsonl", micro_batch=2)
     whole = WholeParameters(probed)
@@ -89,8 +87,3 @@ def main(untied: str, tied: str, out_dir: str) -> None:
     rank = dist.get_rank()
     torch.save({"cpu_fsdp": (cpu_fsdp, cpu_warnings), "records": probe.records, "E": probe.eval_batches, "before": whole.before, "after": whole.after,
                 "probed": final_state(probed), "plain": final_state(plain), "tied_error": tied_error}, out / f"rank{rank}.pt")
-    dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main(*sys.argv[1:])
