@@ -8,6 +8,8 @@ global batch and equals the single-process result up to the order of floating-po
 Without an initialised process group (or with one process) every function here is the identity.
 """
 
+import contextlib
+import contextvars
 import datetime
 import os
 
@@ -17,11 +19,34 @@ import torch.distributed as dist
 from fprobe import tree
 
 
+_ALONE = contextvars.ContextVar("fprobe_this_rank_alone", default=False)
+
+
 def world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) without an initialised process group."""
-    if dist.is_available() and dist.is_initialized():
+    """(rank, world size); (0, 1) without an initialised process group, or inside ``alone()``."""
+    if dist.is_available() and dist.is_initialized() and not _ALONE.get():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+@contextlib.contextmanager
+def alone():
+    """Within: fprobe's passes on this rank run as one process (no row blocks, no collectives), e.g. on rank 0's
+    gathered copy of a sharded model while the other ranks wait."""
+    token = _ALONE.set(True)
+    try:
+        yield
+    finally:
+        _ALONE.reset(token)
+
+
+def broadcast_from_main(value):
+    """Rank 0's ``value`` (a small picklable object) on every rank."""
+    if world()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def is_main() -> bool:

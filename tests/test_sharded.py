@@ -210,6 +210,25 @@ def test_trl_sharded_training_is_bit_identical_on_every_rank(trl_run):
             assert state and all(torch.equal(torch.as_tensor(probed["optimizer"][name][k]), torch.as_tensor(v)) for k, v in state.items())
 
 
+def test_gather_adds_the_jvp_and_second_order_from_whole_parameters_on_rank_0(trl_run):
+    """gather=True: δH₁ by jvp and δH₂ from the whole θ_k, θ_{k+1} gathered on rank 0, the same on every rank, equal
+    to fprobe on one process; the gradient-path δH₁ agrees with the jvp; training still bit-identical."""
+    model_dir, _, ranks = trl_run
+    policy = fprobe.Policy.from_pretrained(model_dir, dtype=torch.float64, temperature=1.5)
+    for rank in ranks:  # the replica's random initialisation draws from its own generator, not the run's
+        assert all(torch.equal(rank["gathered"]["shards"][n], rank["plain"]["shards"][n]) for n in rank["plain"]["shards"])
+    for i, record in enumerate(ranks[0]["gathered"]["records"]):
+        assert record == ranks[1]["gathered"]["records"][i] | {k: record[k] for k in ("probe_seconds", "step_seconds")}
+        assert {"delta_h1_jvp", "delta_h2"} <= set(record["quantities"])
+        theta_k, theta_k1 = ranks[0]["before"][i], ranks[0]["after"][i]  # the same run: bit-identical training
+        E = ranks[0]["gathered"]["E"][record["step"]]
+        want = fprobe.entropy_change(policy, E, {n: theta_k1[n] - theta_k[n] for n in theta_k}, params=theta_k, new_params=theta_k1,
+                                     second_order=True, micro_batch=None)
+        assert abs(record["delta_h1_jvp"] - want.delta_h1) <= 1e-12
+        assert abs(record["delta_h1"] - record["delta_h1_jvp"]) <= 1e-10
+        assert record["delta_h2"] == pytest.approx(want.delta_h2, rel=1e-9, abs=1e-15)
+
+
 def test_tied_embeddings_under_native_fsdp2_are_refused_at_attach(trl_run):
     _, _, ranks = trl_run
     for rank in ranks:
@@ -245,6 +264,8 @@ def test_accelerate_fsdp1_and_deepspeed_are_refused_at_attach(grpo_trainer, monk
     from types import SimpleNamespace
 
     callbacks = list(grpo_trainer.callback_handler.callbacks)
+    with pytest.raises(ValueError, match="gather=True gathers sharded"):
+        fprobe.trl.attach(grpo_trainer, gather=True)
     accelerate_state(monkeypatch, grpo_trainer, fsdp_plugin=SimpleNamespace(fsdp_version=1))
     monkeypatch.setattr(grpo_trainer, "is_fsdp_enabled", True)
     with pytest.raises(ValueError, match="FSDP1's flat parameters, which fprobe does not read; use FSDP2"):
@@ -268,8 +289,9 @@ def test_accelerate_fsdp2_reaches_the_sharded_mode_which_refuses_what_needs_whol
     callbacks = list(grpo_trainer.callback_handler.callbacks)
     E = one_row_E()
     for kwargs, message in (
-        (dict(second_order=True), "second_order .* needs whole parameters"),
-        (dict(contributions=True), "contributions .* needs whole parameters"),
+        (dict(second_order=True), "second_order .* needs whole parameters.*pass gather=True"),
+        (dict(contributions=True), "contributions .* need the step replay"),
+        (dict(contributions=True, gather=True), "does not gather the optimizer state"),
         (dict(E=E), "draws a fresh E at each probed step"),
         (dict(resample=False), "draws a fresh E at each probed step"),
     ):

@@ -237,3 +237,43 @@ def after_update(policy: ShardedPolicy, E: Rollouts, start: AtStart, delta: tree
     new = estimators.snis(estimators.rows(forward(policy, E, micro_batch)), rows0.logp, start.denom)
     return ShardedChange(h0, float(new.value), float(new.value) - h0, dot(start.gradient, delta), float(new.ess_fraction),
                          math.sqrt(dot(delta, delta)))
+
+
+# ---------------------------------------------------------------------------------------------
+# whole parameters, gathered on rank 0 (``gather=True``)
+
+
+def gathered_state(model: torch.nn.Module) -> dict | None:
+    """The model's whole state dict (every parameter and persistent buffer) on rank 0's CPU, None on the other
+    ranks: torch's ``get_model_state_dict(full_state_dict=True, cpu_offload=True)``, a collective every rank calls."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return state if distributed.is_main() else None
+
+
+def whole_trainable(model: torch.nn.Module, state: dict) -> tree.Params:
+    """The trainable parameters, by name, from a gathered state dict."""
+    missing = [name for name in trainable(model) if name not in state]
+    if missing:
+        raise ValueError(f"the gathered state dict has no {missing[0]!r}: its names are not the model's parameter names")
+    return {name: state[name] for name in trainable(model)}
+
+
+def replica(model: torch.nn.Module, state: dict) -> torch.nn.Module:
+    """An unsharded CPU model of ``model``'s architecture and configuration holding the gathered ``state``, in eval
+    mode, its trainable parameters those of ``model``: what fprobe's functional paths run on."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "distributed_config"):
+        del config.distributed_config
+    with torch.random.fork_rng(devices=[]):  # its random initialisation must not draw from the run's generator
+        copy_model = AutoModelForCausalLM.from_config(config, dtype=next(iter(state.values())).dtype)
+    copy_model.load_state_dict(state)
+    names = set(trainable(model))
+    for name, p in copy_model.named_parameters():
+        p.requires_grad_(name in names)
+    return copy_model.eval()

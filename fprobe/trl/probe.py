@@ -324,6 +324,7 @@ def attach(
     prompts: Sequence[str] | None = None,
     ess_threshold: float = Settings.ess_threshold,
     micro_batch: int | None = Settings.micro_batch,
+    gather: bool = False,
 ) -> "TrlProbe | fprobe.trl.sharded.ShardedTrlProbe":
     """Probe every ``every``-th optimizer step of a TRL ``GRPOTrainer`` (see the module docstring); returns
     the probe, whose ``records`` and ``eval_batches`` fill during ``trainer.train()``.
@@ -336,7 +337,8 @@ def attach(
     fraction of those weights falls below ``ess_threshold``. ``contributions`` adds the per-sequence parts
     of δH₁ (of fprobe's replayed step; needs a fresh E and the cross-check). ``out``: JSONL, one line
     per probed step, opened (created if absent) here. Every input is checked here, before training starts.
-    A trainer whose parameters FSDP2 shards is probed in the sharded mode (``fprobe.trl.sharded``).
+    A trainer whose parameters FSDP2 shards is probed in the sharded mode (``fprobe.trl.sharded``); ``gather``
+    (sharded mode only) adds what needs whole parameters, gathered on rank 0 (δH₁ by jvp, δH₂).
     """
     from fprobe.trl import sharded
 
@@ -362,12 +364,14 @@ def attach(
     settings = ProbeSettings(every, n_eval, resample, seed, None if out is None else Path(out), second_order, contributions,
                              check_step, estimate)
     facts = trainer_facts(trainer)
+    if gather and not sharded_mode:
+        raise ValueError("gather=True gathers sharded (FSDP2) parameters, but this trainer's are whole on every process")
     if sharded_mode:
-        sharded.check_settings(E, resample, second_order, contributions)
+        sharded.check_settings(E, resample, second_order, contributions, gather)
         sharded.check_model(model)
         if out is not None and distributed.is_main():
             open_records_file(Path(out), trainer.args.output_dir)
-        probe = sharded.ShardedTrlProbe(trainer, facts, settings, records, chat_template)
+        probe = sharded.ShardedTrlProbe(trainer, facts, settings, records, chat_template, gather)
         trainer.add_callback(probe.capture)
         return probe
     fixed = None

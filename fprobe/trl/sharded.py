@@ -8,18 +8,23 @@ put back; after the update a forward at θ_{k+1} gives ΔH_true, and δH₁ = �
 sum of the local dots of the shards. Memory beyond the trainer's: the capture's copies of θ_k, θ_{k+1} and
 Δθ and the gradient, each one rank's shard of the trainable parameters (4× that shard), and E's statistics.
 
-What needs whole parameters — δH₁ by jvp, δH₂, the per-sequence contributions, the step replay — does not
-run here: ``second_order`` and ``contributions`` are refused at attach, and each record's ``step_check`` says
-that the replay was skipped. Records carry ``mode: "sharded"`` and ``quantities`` (the numbers they hold).
+What needs whole parameters runs only with ``gather=True``: then at θ_k and θ_{k+1} torch's
+``get_model_state_dict(full_state_dict=True, cpu_offload=True)`` gathers them on rank 0's CPU, where fprobe's
+single-process path on an unsharded replica gives δH₁ by jvp (``delta_h1_jvp``, a cross-check of the gradient
+path) and δH₂ (``second_order``), broadcast to every rank; rank 0's CPU then holds the whole model three times.
+Without it ``second_order`` is refused at attach. The per-sequence contributions and the step replay need the
+whole optimizer state, which fprobe does not gather: ``contributions`` is refused, and each record's
+``step_check`` says that the replay was skipped. Records carry ``mode: "sharded"`` and ``quantities`` (the numbers they hold).
 """
 
 import time
 
 import torch
 
-from fprobe import distributed
+from fprobe import distributed, tree
+from fprobe.entropy.measure import measure
 from fprobe.entropy import sharded
-from fprobe.model.policy import modes_kept
+from fprobe.model.policy import Policy, modes_kept
 from fprobe.rl.capture import CapturedStep
 from fprobe.rollouts import Rollouts
 from fprobe.sampling import generate
@@ -31,13 +36,19 @@ QUANTITIES = ("h_orig", "h_upd", "delta_h_true", "delta_h1", "ratio", "ess_fract
 NOT_SHARDED = "skipped: the replay needs whole parameters, and this run's are sharded (FSDP2)"
 
 
-def check_settings(E, resample: bool, second_order: bool, contributions: bool) -> None:
+def check_settings(E, resample: bool, second_order: bool, contributions: bool, gather: bool) -> None:
     """ValueError for what the sharded mode does not measure, before training starts."""
-    if second_order or contributions:
-        asked = "second_order (δH₂ by forward over forward)" if second_order else "contributions (per-sequence parts of the replayed step)"
+    if second_order and not gather:
         raise ValueError(
-            f"fprobe.trl: {asked} needs whole parameters, but this trainer's are sharded (FSDP2): functional_call and "
-            "forward-mode AD do not pass FSDP2's all-gathers; the sharded mode gives ΔH_true and δH₁ (by the gradient path)"
+            "fprobe.trl: second_order (δH₂ by forward over forward) needs whole parameters, but this trainer's are sharded "
+            "(FSDP2): functional_call and forward-mode AD do not pass FSDP2's all-gathers; pass gather=True to gather "
+            "them on rank 0 (its CPU then holds the whole model three times: θ_k, θ_{k+1} and a replica)"
+        )
+    if contributions:
+        raise ValueError(
+            "fprobe.trl: contributions (per-sequence parts of the replayed step) need the step replay, which needs whole "
+            "parameters and the whole optimizer state; this trainer's are sharded (FSDP2) and fprobe does not gather "
+            "the optimizer state"
         )
     if E is not None or not resample:
         raise ValueError(
@@ -76,8 +87,11 @@ class ShardedTrlProbe:
     ``ratio``, ``ess_fraction``, ``delta_l2``, ``step_check`` (why the replay was skipped), ``probe_seconds``,
     ``step_seconds``. A step without exactly one optimizer update has no numbers and says why in ``skipped``."""
 
-    def __init__(self, trainer, facts: TrainerFacts, settings: probe.ProbeSettings, prompts: list[dict], chat_template: bool):
+    def __init__(self, trainer, facts: TrainerFacts, settings: probe.ProbeSettings, prompts: list[dict], chat_template: bool,
+                 gather: bool):
         self.trainer = trainer
+        self.gather = gather
+        self._replica = None  # rank 0's unsharded copy, made at the first gathered step
         self.facts = facts
         self.settings = settings
         self.prompts = prompts
@@ -107,8 +121,9 @@ class ShardedTrlProbe:
             policy = self._policy()
             E = self._sample(policy, step)
             start = sharded.at_start(policy, E, self.settings.estimate.micro_batch)
+        state = sharded.gathered_state(self.model) if self.gather else None
         self.eval_batches[step] = E
-        return E, start, time.perf_counter() - started
+        return E, start, state, time.perf_counter() - started
 
     def _sample(self, policy: sharded.ShardedPolicy, step: int) -> Rollouts:
         """A fresh E from π_θk, the same on every rank (as ``fprobe.trl.probe`` draws it)."""
@@ -125,7 +140,7 @@ class ShardedTrlProbe:
         return E
 
     def _after_update(self, captured: CapturedStep, context: tuple, control) -> None:
-        E, start, seconds = context
+        E, start, state, seconds = context
         started = time.perf_counter()
         record = {"step": captured.step, "mode": "sharded", "quantities": list(QUANTITIES), "updates": captured.updates,
                   "lr": captured.lr, "n_eval": len(E), "eval_sampled_at": captured.step, "sampler_ess_fraction": 1.0}
@@ -137,6 +152,25 @@ class ShardedTrlProbe:
                 change = sharded.after_update(self._policy(), E, start, captured.delta, self.settings.estimate.micro_batch)
             record.update(change._asdict(), delta_h2=None, ratio=change.delta_h_true / change.delta_h1 if change.delta_h1 else None,
                           step_check=NOT_SHARDED, step_rel_error=None)
+            if self.gather:
+                with self.capture.cleaned_up_on_error():
+                    record.update(self._gathered_numbers(E, state))
+                record["quantities"] += [key for key in ("delta_h1_jvp", "delta_h2") if record[key] is not None]
         record["probe_seconds"] = seconds + time.perf_counter() - started
         record["step_seconds"] = captured.step_seconds
         probe.sink(self.trainer, self.settings.out, self.records, record, control)
+
+    def _gathered_numbers(self, E: Rollouts, state_k: dict | None) -> dict:
+        """δH₁ by jvp (``delta_h1_jvp``) and δH₂ (when asked) from the whole θ_k and θ_{k+1}, by fprobe's
+        single-process measurement (``fprobe.entropy.measure``) on rank 0's unsharded replica; the numbers are broadcast to every rank."""
+        state_k1 = sharded.gathered_state(self.model)
+        numbers = None
+        if distributed.is_main():
+            if self._replica is None:
+                self._replica = sharded.replica(self.model, state_k)
+            theta_k, theta_k1 = sharded.whole_trainable(self.model, state_k), sharded.whole_trainable(self.model, state_k1)
+            with distributed.alone():
+                change = measure(Policy(self._replica, temperature=self.facts.temperature), E, tree.sub(theta_k1, theta_k),
+                                 theta_k, theta_k1, None, self.settings.estimate, second_order=self.settings.second_order)
+            numbers = {"delta_h1_jvp": change.delta_h1, "delta_h2": change.delta_h2}
+        return distributed.broadcast_from_main(numbers)

@@ -3,7 +3,7 @@ transformers' native FSDP2 (float64), probed by ``fprobe.trl.attach`` in its sha
 
 ``run(UNTIED_MODEL_DIR, TIED_MODEL_DIR, OUT_DIR)``: rank r saves OUT_DIR/rank{r}.pt: the probe's records and evaluation batches, the whole θ_k and θ_{k+1} of each
 step (rank 0, ``get_model_state_dict``, kept by a separate callback), and the final shards, losses and optimizer
-state of the probed run and of the same run without the probe; then the error of attaching to the tied model, and
+state of the probed run, of the same run without the probe, and of one probed with ``gather=True, second_order=True``; then the error of attaching to the tied model, and
 the probe class and ShardingWarnings of attaching to a trainer that asks accelerate for FSDP2 on CPU.
 """
 
@@ -75,6 +75,9 @@ def run(untied: str, tied: str, out: Path) -> None:
     probed.train()
     plain = make_trainer(untied, out)
     plain.train()
+    gathered = make_trainer(untied, out)
+    gathered_probe = fprobe.trl.attach(gathered, every=1, n_eval=5, micro_batch=2, gather=True, second_order=True)
+    gathered.train()
     try:
         fprobe.trl.attach(make_trainer(tied, out))
         tied_error = None
@@ -86,4 +89,5 @@ def run(untied: str, tied: str, out: Path) -> None:
     cpu_warnings = [str(w.message) for w in caught if issubclass(w.category, fprobe.ShardingWarning)]
     rank = dist.get_rank()
     torch.save({"cpu_fsdp": (cpu_fsdp, cpu_warnings), "records": probe.records, "E": probe.eval_batches, "before": whole.before, "after": whole.after,
-                "probed": final_state(probed), "plain": final_state(plain), "tied_error": tied_error}, out / f"rank{rank}.pt")
+                "probed": final_state(probed), "plain": final_state(plain), "tied_error": tied_error,
+                "gathered": {"records": gathered_probe.records, "E": gathered_probe.eval_batches, **final_state(gathered)}}, out / f"rank{rank}.pt")
