@@ -723,6 +723,49 @@ def test_an_out_that_cannot_take_the_records_fails_at_attach(tmp_path):
         fprobe.trl.attach(again, every=1, n_eval=4, out=out)
 
 
+class RaisingLogger(TrainerCallback):
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if any(key.startswith("entropy_probe/") for key in logs or {}):
+            raise RuntimeError("a reporting callback failed")
+
+
+def test_a_record_reaches_out_even_when_another_callbacks_on_log_raises(tmp_path):
+    # issue 19, case 3: the JSONL line was written after trainer.log, which runs the other callbacks first
+    out = tmp_path / "probe.jsonl"
+    trainer, _ = make_trainer(tmp_path, "dapo", steps=1)
+    probe = fprobe.trl.attach(trainer, every=1, n_eval=4, out=out)
+    trainer.add_callback(RaisingLogger())
+    with pytest.raises(RuntimeError, match="a reporting callback failed"):
+        trainer.train()
+    assert [json.loads(line)["step"] for line in out.read_text().splitlines()] == [r["step"] for r in probe.records] == [1]
+
+
+@pytest.mark.parametrize("device", ["/dev/full", "/dev/zero", "/dev/null"])
+def test_an_out_that_is_a_device_is_refused_at_attach(tmp_path, device):
+    # issue 19, case 4: attach read "existing records" from /dev/zero forever
+    trainer, _ = make_trainer(tmp_path, steps=1)
+    callbacks = list(trainer.callback_handler.callbacks)
+    with pytest.raises(ValueError, match="need a regular file"):
+        fprobe.trl.attach(trainer, out=device)
+    assert trainer.callback_handler.callbacks == callbacks
+
+
+def test_a_reused_eval_batch_whose_weights_degenerate_warns_at_the_users_line_and_flags_the_record(tmp_path):
+    """A reused E (here given at attach) importance-weighted at θ_{k+1} with an ESS fraction under the threshold
+    gives a LowESSWarning and ``ess_low`` in the record, like a fresh E; the warning points at this file's
+    ``trainer.train()`` line, not inside transformers (issue 19, cases 2 and 9)."""
+    trainer, _ = make_trainer(tmp_path, "grpo", steps=1, learning_rate=5e-2)
+    with modes_kept(trainer.model):
+        E, _ = fprobe.sample(fprobe.Policy(trainer.model), TOKENIZER, toy.make_prompts(20, 1), n_eval=10,
+                             n_update_prompts=1, group_size=1, reward="toy", max_new_tokens=MAX_COMPLETION, seed=3)
+    probe = fprobe.trl.attach(trainer, every=1, E=E, ess_threshold=1.0)  # any update makes the ESS fraction < 1
+    with pytest.warns(fprobe.LowESSWarning) as caught:
+        trainer.train()
+    (record,) = probe.records
+    assert record["eval_sampled_at"] == 0 and record["ess_fraction"] < 1.0 and record["ess_low"] is True
+    assert {w.filename for w in caught if issubclass(w.category, fprobe.LowESSWarning)} == {__file__}
+
+
 # ---------------------------------------------------------------------------------------------
 # two processes under accelerate
 

@@ -207,8 +207,9 @@ def fprobe_kernels_installed(model: torch.nn.Module):
         (config, config._attn_implementation_internal, getattr(config, "_experts_implementation_internal", None))
         for config in attention_configs(model)
     ]
+    name = attention.register()
     for config, _, experts in saved:
-        config._attn_implementation_internal = attention.NAME
+        config._attn_implementation_internal = name
         if experts is not None:
             config._experts_implementation_internal = EAGER_EXPERTS
     try:
