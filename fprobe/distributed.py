@@ -146,13 +146,17 @@ def local_part(x: torch.Tensor) -> torch.Tensor:
     return x.to_local() if is_dtensor(x) else x
 
 
-def lockstep_rows(n: int) -> tuple[list[int], int]:
-    """(this rank's global row indices of a batch of n rows, how many of them are its own): the contiguous
-    block of ``shard_bounds``, padded to ⌈n / size⌉ rows with repeats of a row (its last, or the batch's last
-    for a rank with none), so that every rank runs the same number of passes over the same number of rows —
-    with sharded parameters each forward is a collective, and unequal call counts hang."""
-    rank, size = world()
+def lockstep_block(n: int, rank: int, size: int) -> tuple[list[int], int]:
+    """(rank's global row indices of a batch of n rows, how many of them are its own): the contiguous block of
+    ``shard_bounds``, padded to ⌈n / size⌉ rows with repeats of a row (its last, or the batch's last for a rank
+    with none), so that every rank runs the same number of passes over the same number of rows — with sharded
+    parameters each forward is a collective, and unequal call counts hang."""
     start, stop = shard_bounds(n, rank, size)
     width = -(-n // size)
     filler = stop - 1 if stop > start else n - 1
     return list(range(start, stop)) + [filler] * (width - (stop - start)), stop - start
+
+
+def lockstep_rows(n: int) -> tuple[list[int], int]:
+    """This rank's ``lockstep_block`` of a batch of n rows."""
+    return lockstep_block(n, *world())

@@ -177,12 +177,12 @@ def test_trl_sharded_records_equal_single_process_fprobe(trl_run):
     for i, record in enumerate(records):
         theta_k, theta_k1 = ranks[0]["before"][i], ranks[0]["after"][i]
         E = ranks[0]["E"][record["step"]]
-        assert len(E) == 5 and torch.equal(E.input_ids, ranks[1]["E"][record["step"]].input_ids)
+        assert len(E) == 4 and torch.equal(E.input_ids, ranks[1]["E"][record["step"]].input_ids)  # 4 + 1 rows: 3 + 2
         replica = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
         replica.load_state_dict(theta_k)
         want_E, _ = fprobe.sample(
             fprobe.Policy(replica, temperature=1.5), AutoTokenizer.from_pretrained(model_dir), toy.make_prompts(64, 0),
-            n_eval=5, n_update_prompts=1, group_size=1, reward=lambda *_: 0.0, max_new_tokens=6,
+            n_eval=4, n_update_prompts=1, group_size=1, reward=lambda *_: 0.0, max_new_tokens=6,
             seed=generate.stream_seed(0, "trl", record["step"]),
         )
         assert torch.equal(E.input_ids, want_E.input_ids) and torch.equal(E.response_mask, want_E.response_mask)

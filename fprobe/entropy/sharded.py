@@ -149,24 +149,6 @@ def forward(policy: ShardedPolicy, batch: Rollouts, micro_batch=DEFAULT_MICRO_BA
     return TokenStats(*(own(field) for field in zip(*parts)))
 
 
-class GradientSetAside(NamedTuple):
-    """The trainer's ``.grad`` of every trainable parameter (the tensor objects, or None)."""
-
-    grads: dict
-
-
-def set_aside_gradients(params: dict) -> GradientSetAside:
-    saved = GradientSetAside({name: p.grad for name, p in params.items()})
-    for p in params.values():
-        p.grad = None
-    return saved
-
-
-def put_back_gradients(params: dict, saved: GradientSetAside) -> None:
-    for name, p in params.items():
-        p.grad = saved.grads[name]
-
-
 def gradient(policy: ShardedPolicy, batch: Rollouts, alpha: torch.Tensor, beta: torch.Tensor, micro_batch=DEFAULT_MICRO_BATCH) -> tree.Params:
     """This rank's shards of ∇_θ Σ_ik (α_ik ℓ_ik + β_ik h_ik) over the whole batch (α, β: [n, L] for every row),
     by FSDP2's backward at the parameters the module holds. The trainer's ``.grad`` are set aside and put back
@@ -175,7 +157,9 @@ def gradient(policy: ShardedPolicy, batch: Rollouts, alpha: torch.Tensor, beta: 
     block = lockstep(batch)
     weight = (torch.arange(len(block.rows)) < block.n_real).double()[:, None]
     alpha_block, beta_block = alpha.cpu()[block.index] * weight, beta.cpu()[block.index] * weight
-    saved = set_aside_gradients(params)
+    saved = {name: p.grad for name, p in params.items()}  # the trainer's gradients: put back, the same tensors
+    for p in params.values():
+        p.grad = None
     try:
         for mb, rows in micro_batches(block, micro_batch):
             with torch.enable_grad(), attention.for_reverse_mode():
@@ -189,7 +173,8 @@ def gradient(policy: ShardedPolicy, batch: Rollouts, alpha: torch.Tensor, beta: 
             for name, p in params.items()
         }
     finally:
-        put_back_gradients(params, saved)
+        for name, p in params.items():
+            p.grad = saved[name]
         reshard(policy.model)
 
 

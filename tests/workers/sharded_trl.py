@@ -69,7 +69,7 @@ def final_state(trainer) -> dict:
 
 def run(untied: str, tied: str, out: Path) -> None:
     probed = make_trainer(untied, out)
-    probe = fprobe.trl.attach(probed, every=1, n_eval=5, out=out / "probe.jsonl", micro_batch=2)
+    probe = fprobe.trl.attach(probed, every=1, n_eval=4, out=out / "probe.jsonl", micro_batch=2)
     whole = WholeParameters(probed)
     probed.add_callback(whole)
     probed.train()
