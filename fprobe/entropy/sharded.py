@@ -27,12 +27,12 @@ import torch
 from fprobe import distributed
 from fprobe import tree
 from fprobe.entropy import estimators
-from fprobe.model import attention
+from fprobe.model import attention, passes
 from fprobe.model.policy import check_no_dropout, fprobe_numerics, position_ids_from_mask
 from fprobe.model.tokens import TokenStats, token_stats
 from fprobe.rollouts import Rollouts, check_token_ids
 
-DEFAULT_MICRO_BATCH = 16
+DEFAULT_MICRO_BATCH = passes.DEFAULT_MICRO_BATCH
 
 
 @dataclass(frozen=True, eq=False)
@@ -117,8 +117,8 @@ def is_resharded(model: torch.nn.Module) -> bool:
 
 
 class Lockstep(NamedTuple):
-    """This rank's rows of a batch for sharded passes: the padded block (``lockstep_rows``), which of them are
-    its own (``real``, the first ``n_real``), and their global indices."""
+    """This rank's rows of a batch for sharded passes: the padded block (``distributed.lockstep_rows``), their
+    global indices, and how many of them (the first ``n_real``) are its own; the rest are padding."""
 
     rows: Rollouts
     index: torch.Tensor

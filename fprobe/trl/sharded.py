@@ -85,19 +85,20 @@ class ShardedTrlProbe:
     its θ_k, θ_{k+1} and Δθ are local). A record: ``step``, ``mode`` ("sharded"), ``quantities``, ``updates``,
     ``lr``, ``n_eval``, ``h_orig``, ``h_upd``, ``delta_h_true``, ``delta_h1`` (gradient path), ``delta_h2`` (None),
     ``ratio``, ``ess_fraction``, ``delta_l2``, ``step_check`` (why the replay was skipped), ``probe_seconds``,
-    ``step_seconds``. A step without exactly one optimizer update has no numbers and says why in ``skipped``."""
+    ``step_seconds``; with ``gather``, ``delta_h1_jvp`` and ``delta_h2`` (when asked). A step without exactly one
+    optimizer update has no numbers and says why in ``skipped``."""
 
     def __init__(self, trainer, facts: TrainerFacts, settings: probe.ProbeSettings, prompts: list[dict], chat_template: bool,
                  gather: bool):
         self.trainer = trainer
-        self.gather = gather
-        self._replica = None  # rank 0's unsharded copy, made at the first gathered step
         self.facts = facts
         self.settings = settings
         self.prompts = prompts
         self.chat_template = chat_template
         self.records: list[dict] = []
         self.eval_batches: dict[int, Rollouts] = {}
+        self.gather = gather
+        self._replica = None  # rank 0's unsharded copy, made at the first gathered step
         self.capture = StepCapture(
             trainer, facts, self._local_shards, lambda step: step % settings.every == 0, self._before_update,
             self._after_update, replay=False,
@@ -162,7 +163,7 @@ class ShardedTrlProbe:
 
     def _gathered_numbers(self, E: Rollouts, state_k: dict | None) -> dict:
         """δH₁ by jvp (``delta_h1_jvp``) and δH₂ (when asked) from the whole θ_k and θ_{k+1}, by fprobe's
-        single-process measurement (``fprobe.entropy.measure``) on rank 0's unsharded replica; the numbers are broadcast to every rank."""
+        single-process measurement (``fprobe.entropy.measure``) on rank 0's unsharded replica, broadcast to every rank."""
         state_k1 = sharded.gathered_state(self.model)
         numbers = None
         if distributed.is_main():
