@@ -14,8 +14,8 @@ pass its all-gathers: nothing here evaluates the model at parameters it does not
 Every forward of a sharded module is a collective (its all-gathers), so every rank runs the same number of
 passes over the same number of rows (``distributed.lockstep_rows``: rows padded with repeats that carry
 no weight), and after fprobe's passes every FSDP module is resharded (a no-grad forward leaves the root's
-parameters gathered). Memory beyond the trainer's: θ_k's shard and the gradient's shard, 2× one rank's
-shard of the trainable parameters.
+parameters gathered). Memory beyond the trainer's: the gradient's shard (one rank's shard of the trainable
+parameters) and E's statistics; the caller keeps θ_k's shard for Δθ.
 """
 
 import math
