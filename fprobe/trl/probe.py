@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from transformers import Trainer
@@ -48,6 +48,9 @@ from fprobe.sampling import generate
 from fprobe.trl.capture import StepCapture, TrainerFacts, trainer_facts
 from fprobe.trl.prompts import TrainerChatTemplate, dataset_prompts
 from fprobe.warnings import ShardingWarning, warn
+
+if TYPE_CHECKING:
+    from fprobe.trl.sharded import ShardedTrlProbe
 
 PREFIX = "entropy_probe/"
 LOGGED = ("h_orig", "delta_h_true", "delta_h1", "delta_h2", "ratio", "ess_fraction", "delta_l2", "lr", "step_rel_error")
@@ -325,7 +328,7 @@ def attach(
     ess_threshold: float = Settings.ess_threshold,
     micro_batch: int | None = Settings.micro_batch,
     gather: bool = False,
-) -> "TrlProbe | fprobe.trl.sharded.ShardedTrlProbe":
+) -> "TrlProbe | ShardedTrlProbe":
     """Probe every ``every``-th optimizer step of a TRL ``GRPOTrainer`` (see the module docstring); returns
     the probe, whose ``records`` and ``eval_batches`` fill during ``trainer.train()``.
 
