@@ -19,7 +19,8 @@ from fprobe.rollouts import Rollouts
 from fprobe.sampling.generate import sample
 from fprobe.sampling.rewards import group_advantages
 from fprobe.warnings import (
-    DecompositionWarning, LowESSWarning, UndefinedScoreWarning, UpdateLostWarning, ZeroAdvantagesWarning,
+    DecompositionWarning, LowESSWarning, ShardingWarning, UndefinedScoreWarning, UpdateLostWarning,
+    ZeroAdvantagesWarning,
 )
 
 LAZY = {"trl": "fprobe.trl", "checkpoints": "fprobe.rl.checkpoints"}
@@ -35,7 +36,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "Contributions", "DecompositionWarning", "EntropyChange", "LowESSWarning", "Policy", "ProbeResult", "Rollouts",
-    "Step", "SweepResult", "TokenStats", "UndefinedScoreWarning", "UpdateLostWarning", "ZeroAdvantagesWarning",
-    "decompose", "entropy_change",
+    "ShardingWarning", "Step", "SweepResult", "TokenStats", "UndefinedScoreWarning", "UpdateLostWarning",
+    "ZeroAdvantagesWarning", "decompose", "entropy_change",
     "group_advantages", "optim", "probe", "rl_step", "sample", "token_stats", "tree",
 ]
