@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 import fprobe
 from fprobe.model import passes
 from fprobe import tree
-from helpers import make_batch, plain_entropy
+from helpers import make_batch, no_pass, plain_entropy
 
 
 @pytest.fixture(scope="module")
@@ -307,3 +307,62 @@ def test_table_rows_follow_the_fields_by_name(setup):
     for hidden in ("step", "U", "optimizer", "opt_state", "lr_given", "micro_batch", "delta_named", "context"):
         assert hidden not in data
     assert data["max_grad_norm"] is None and data["loss_type"] == "dr_grpo"
+
+
+# --- results refuse reuse once θ₀ or a batch changed in place; bad learning rates refused before any pass
+
+
+@pytest.mark.parametrize("keep_step", [False, True])
+def test_a_result_refuses_to_be_reused_after_the_model_was_changed_in_place(fresh_gpt2, fresh_batches, keep_step):
+    E, U = fresh_batches
+    res = fprobe.probe(fresh_gpt2, E, U, fprobe.optim.adamw(lr=1e-4), keep_step=keep_step)
+    lr = 1e-4 * (1 + 1e-7)
+    before = res.sweep([lr]).delta_h_true[0]
+    assert before == pytest.approx(res.delta_h_true, rel=1e-3)  # (η/η₀ − 1) = 1e-7: nearly the step itself
+    with torch.no_grad():  # the user trains the model further, in place
+        for p in fresh_gpt2.model.parameters():
+            p.add_(1e-4 * torch.randn_like(p))
+    # Before the fix the sweep evaluated Ĥ at the *new* weights + Δθ against H(θ₀): ΔH_true off by 20×.
+    for use in (lambda: res.sweep([lr]), res.predictors, res.contributions, res.replay_step):
+        with pytest.raises(RuntimeError, match="changed in place"):
+            use()
+
+
+def test_a_result_on_params_the_model_does_not_share_survives_training(fresh_gpt2, fresh_batches):
+    E, U = fresh_batches
+    theta0 = tree.tree_map(torch.clone, fresh_gpt2.params)
+    delta = tree.tree_map(lambda p: 1e-4 * torch.randn_like(p), theta0)
+    change = fprobe.entropy_change(fresh_gpt2, E, delta, params=theta0, lr=1e-4)
+    expected = change.sweep([2e-4]).delta_h_true[0]
+    with torch.no_grad():
+        for p in fresh_gpt2.model.parameters():
+            p.add_(1e-3)
+    assert change.sweep([2e-4]).delta_h_true[0] == expected  # θ₀ is the clone: nothing mixed, nothing refused
+
+
+def test_a_result_refuses_to_be_reused_after_a_batch_was_changed_in_place(fresh_gpt2):
+    E, U = make_batch(6, seed=1, with_advantages=False), make_batch(6, seed=2)
+    res = fprobe.probe(fresh_gpt2, E, U, fprobe.optim.adamw(lr=1e-4))
+    comparison = res.predictors()
+    U.advantages.mul_(-1.0)  # a buffer reused for the next batch
+    # was: every predictor's per-token values flipped sign against the same truth
+    with pytest.raises(RuntimeError, match=r"changed in place .*U\['advantages'\]"):
+        res.predictors()
+    U.advantages.mul_(-1.0)  # the values are back, but the result cannot know: still refused
+    with pytest.raises(RuntimeError, match="changed in place"):
+        res.contributions()
+    res2 = fprobe.probe(fresh_gpt2, E, make_batch(6, seed=2), fprobe.optim.adamw(lr=1e-4))
+    assert res2.predictors().scores == comparison.scores  # an untouched batch: the same comparison as before
+    E.input_ids[:, -1] = 5  # E's last column rewritten in place
+    with pytest.raises(RuntimeError, match=r"changed in place .*E\['input_ids'\]"):
+        res2.sweep([2e-4])  # was: Ĥ at θ₀+Δθ on the new tokens against H(θ₀) on the old ones
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -1e-4, float("inf")])
+def test_entropy_change_refuses_a_bad_learning_rate_before_any_pass(fresh_gpt2, fresh_batches, monkeypatch, bad):
+    E, _ = fresh_batches
+    delta = tree.tree_map(lambda p: 1e-4 * torch.randn_like(p), fresh_gpt2.params)
+    for name in ("forward", "jet"):
+        monkeypatch.setattr(passes, name, no_pass)
+    with pytest.raises(ValueError, match="lr"):  # was: accepted; its sweep then scaled Δθ by NaN or flipped it
+        fprobe.entropy_change(fresh_gpt2, E, delta, lr=bad)

@@ -3,6 +3,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
+from fprobe.sampling import prompts
 from fprobe.sampling.prompts import apply_chat_template, load_prompts
 from fprobe.sampling.toy import DEFAULT_MODEL_PATH
 
@@ -74,3 +75,19 @@ def test_apply_chat_template():
         "[user]1+2=[assistant]",
         "[user]3+4=[assistant]",
     ]
+
+
+# --- prompt files: encoding errors name the file and line; a byte order mark is read
+
+
+def test_non_utf8_prompt_file_names_the_file_and_line(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(b'{"prompt": "1+1="}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"prompts.jsonl:2: the prompt file is not UTF-8 text \(byte 16 of the line\)"):
+        prompts.load_prompts(path)
+
+
+def test_a_prompt_file_with_a_byte_order_mark_loads(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2="}\n')
+    assert prompts.load_prompts(path) == [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2="}]
