@@ -19,6 +19,8 @@ from helpers import SUBPROCESS_ENV, no_pass, save_checkpoint, strict_json
 
 SMALL = ["--n-eval", "4", "--n-update-prompts", "2", "--group-size", "2", "--max-new-tokens", "4"]
 REWARDS = "fprobe_cli_test_rewards"
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> Path:
     """A training run's folder of three checkpoints (natural order 5, 10, 20)."""
