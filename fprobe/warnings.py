@@ -22,6 +22,10 @@ class DecompositionWarning(UserWarning):
     """The parts of δH₁ do not add up to it (low-precision parameters: bf16, fp16)."""
 
 
+class ShardingWarning(UserWarning):
+    """The run's sharding is not what its configuration asked for (e.g. accelerate's FSDP dropped on CPU: DDP)."""
+
+
 CALLERS_WITHIN = ("fprobe", "transformers", "trl", "accelerate", "torch")  # frames a warning is not attributed to
 
 
