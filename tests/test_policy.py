@@ -2,6 +2,7 @@
 normally, padding-invariant, tied embeddings counted once, LoRA adapters only, no dropout."""
 
 import copy
+import shutil
 
 import pytest
 import torch
@@ -332,3 +333,15 @@ def test_reverse_mode_statistics_recompute_from_the_logits_with_autograds_gradie
     assert torch.equal(logp_grad(softmax.logp(logits, targets)), logp_grad(plain_logp)), "ℓ's gradient is autograd's, bit for bit"
     small = torch.randn(4, 6, generator=g, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda z: softmax.logp_and_entropy(z, targets[:4] % 6), (small,))
+
+
+# --- a model folder without weights
+
+
+def test_a_model_folder_without_weights_is_not_called_uncached(tmp_path, checkpoint):
+    folder = tmp_path / "no-weights"
+    folder.mkdir()
+    shutil.copy(checkpoint / "config.json", folder / "config.json")
+    with pytest.raises(FileNotFoundError) as error:
+        fprobe.Policy.from_pretrained(folder)
+    assert "local cache" not in str(error.value) and str(folder) in str(error.value)

@@ -11,9 +11,10 @@ from transformers import AutoTokenizer
 
 import fprobe
 from fprobe.entropy import predictors
+from fprobe.model import passes
 from fprobe.sampling import toy
 from fprobe import tree
-from helpers import make_batch
+from helpers import make_batch, no_pass, strict_json
 
 LR = 0.3
 
@@ -470,3 +471,66 @@ def test_undefined_scores_warn_and_say_why(probed):
         c = predictors.compare(policy, params, delta, single, 1e-6)
     assert set(c.undefined) == set(published) | {predictors.REFERENCE}
     assert all(math.isnan(s["pearson"]) for s in c.scores.values())
+
+# --- degenerate inputs: zero predictions and steps, constant advantages, NaN sides, inputs checked first
+
+
+def plain_sign_agreement(p, t):
+    return sum(a != 0 and (a > 0) == (b > 0) and (a < 0) == (b < 0) for a, b in zip(p, t)) / len(p)
+
+
+def test_a_zero_prediction_is_a_wrong_sign_even_where_the_truth_is_zero():
+    p, t = [0.0, 0.0, 1.0, -1.0, 2.0], [0.0, 1.0, 1.0, 1.0, 3.0]
+    got = predictors.sign_agreement(torch.tensor(p, dtype=torch.float64), torch.tensor(t, dtype=torch.float64))
+    assert got == plain_sign_agreement(p, t) == 0.4  # was 0.6: 0 = 0 counted as a right sign
+
+
+def test_a_zero_step_scores_no_predictor_as_right_and_writes_strict_json(fresh_gpt2, fresh_batches):
+    E, U = fresh_batches
+    res = fprobe.probe(fresh_gpt2, E, U, fprobe.optim.adamw(lr=0.0))
+    comparison = res.predictors()
+    assert comparison.delta_h_tokens == 0.0 and float(comparison.truth.abs().max()) == 0.0
+    for name, s in strict_json(comparison.to_json())["scores"].items():
+        assert s["sign_agreement"] == 0.0, name  # was 1.0 for every predictor: nothing was predicted
+        assert s["pearson"] is None and s["spearman"] is None and s["scale"] is None  # 0/0: undefined
+    assert strict_json(res.to_json())["ratio"] is None
+
+
+def test_constant_advantages_give_exactly_zero_covariance_and_undefined_correlations():
+    n = 7
+    advantages = torch.full((n,), 0.1, dtype=torch.float64)  # REINFORCE-style: every row the same advantage
+    logp = torch.linspace(-3.0, -0.1, n, dtype=torch.float64)
+    truth = torch.tensor([0.3, -1.0, 0.2, 0.5, -0.4, 0.9, -0.6], dtype=torch.float64)
+    predicted = predictors.cui_npg_tokens(logp, advantages, 1e-6)
+    assert predicted.tolist() == [0.0] * n  # Cov(log π, A) of a constant A is exactly 0 (was ~1e-23 of rounding)
+    s = predictors.score(predicted, truth)
+    assert math.isnan(s.pearson) and math.isnan(s.scale)  # was Pearson −0.44: a correlation with rounding noise
+    assert math.isnan(predictors.pearson(advantages, truth))  # "NaN when either side is constant" (was 2.7e-17)
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (lambda d, U: (tree.tree_map(lambda x: x.float(), d), U, 1e-4), ValueError, "dtype"),  # was: torch matmul error
+        (lambda d, U: (dict(list(d.items())[1:]), U, 1e-4), ValueError, "missing"),  # was: KeyError
+        (lambda d, U: (tree.scale(d, float("nan")), U, 1e-4), FloatingPointError, "not finite"),  # was: Spearman 1.0
+        (lambda d, U: (d, U, float("nan")), ValueError, "lr"),  # was: NaN predictions with a Spearman of 0.22
+        (lambda d, U: (d, fprobe.Rollouts(U.input_ids, U.attention_mask, U.response_mask), 1e-4), ValueError,
+         "advantages"),  # was: refused only after a jvp and a forward pass on U
+    ],
+)
+def test_compare_checks_its_inputs_before_any_pass(fresh_gpt2, fresh_batches, monkeypatch, change, error, match):
+    _, U = fresh_batches
+    delta = tree.tree_map(lambda p: 1e-4 * torch.randn_like(p), fresh_gpt2.params)
+    args = change(delta, U)
+    for name in ("forward", "jet"):
+        monkeypatch.setattr(passes, name, no_pass)
+    with pytest.raises(error, match=match):
+        predictors.compare(fresh_gpt2, fresh_gpt2.params, *args)
+
+
+def test_spearman_of_a_side_with_nan_is_nan():
+    x = torch.tensor([1.0, float("nan"), 3.0, 4.0], dtype=torch.float64)
+    y = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    assert math.isnan(predictors.spearman(x, y)) and math.isnan(predictors.spearman(y, x))  # was 0.4 and 0.4
+    assert math.isnan(predictors.pearson(x, y))

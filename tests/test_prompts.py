@@ -3,6 +3,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
+from fprobe.sampling import prompts
 from fprobe.sampling.prompts import apply_chat_template, load_prompts, prompt_texts
 from fprobe.sampling.toy import DEFAULT_MODEL_PATH
 
@@ -118,3 +119,18 @@ def test_sampling_from_a_conversation_conditions_on_its_rendered_template():
     for row in range(len(E)):
         prompt = E.input_ids[row][E.attention_mask[row].bool() & ~E.response_mask[row]].tolist()
         assert prompt == expected
+
+# --- prompt files: encoding errors name the file and line; a byte order mark is read
+
+
+def test_non_utf8_prompt_file_names_the_file_and_line(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(b'{"prompt": "1+1="}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"prompts.jsonl:2: the prompt file is not UTF-8 text \(byte 16 of the line\)"):
+        prompts.load_prompts(path)
+
+
+def test_a_prompt_file_with_a_byte_order_mark_loads(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2="}\n')
+    assert prompts.load_prompts(path) == [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2="}]
