@@ -16,7 +16,7 @@ import torch
 import enumeration
 from fprobe.entropy import estimators, uncertainty
 
-DRAWS = 300
+DRAWS = 250
 DESIGNS = [  # (rows, responses per prompt, estimator, baseline)
     (128, 1, "snis", "none"),
     (128, 1, "togo", "position"),

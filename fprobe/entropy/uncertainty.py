@@ -8,7 +8,7 @@ hold (``fprobe.entropy.estimators``): the terms n_i, m_i of Ĥ = Σ n / Σ m at 
     δH₂ = (n̈̄/2 − δH₁ ṁ̄ − Ĥ m̈̄/2)/m̄,  ratio = ΔH_true/δH₁.
 
 Linearised about x̄, f(x̄) − f(μ) ≈ (1/n) Σ_i φ_i with the influence of row i, φ_i = ∇f(x̄) · (X_i − x̄)
-(∇f by autograd, in float64). E's independent units are its prompt groups (rows with one ``E.group_ids``
+(∇f by reverse-mode autograd, in float64). E's independent units are its prompt groups (rows with one ``E.group_ids``
 value: a shared prompt and, with ``baseline='prompt'``, each other's baselines tie them) or else its rows.
 With G units g:  se² = G/(G−1) · Σ_g (Σ_{i∈g} φ_i)² / n².  The ratio's se is this formula for
 f = ΔH_true/δH₁, so it carries the covariance of its two estimates on the same E (their shared noise
@@ -87,11 +87,14 @@ def unit_index(groups: torch.Tensor | None, n: int, device) -> torch.Tensor:
     return torch.unique(groups.to(device), return_inverse=True)[1]
 
 
-def influence(estimate: Callable, terms: Terms) -> torch.Tensor:
-    """φ_i = ∇f(x̄) · (X_i − x̄) for f = ``estimate`` of the column means x̄ of ``terms``."""
-    means = {k: v.mean() for k, v in terms.items()}
-    gradient = torch.func.grad(estimate)(means)
-    return sum(gradient[k] * (terms[k] - means[k]) for k in terms)
+def influence(estimate: Callable, terms: Terms) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f(x̄), φ) with φ_i = ∇f(x̄) · (X_i − x̄), for f = ``estimate`` of the column means x̄ of ``terms``."""
+    means = {k: v.mean().detach().requires_grad_() for k, v in terms.items()}
+    with torch.enable_grad():
+        value = estimate(means)
+        gradient = torch.autograd.grad(value, list(means.values()), allow_unused=True)
+    phi = sum(0.0 if g is None else g * (terms[k] - means[k].detach()) for k, g in zip(means, gradient))
+    return value.detach(), phi
 
 
 def standard_error(phi: torch.Tensor, units: torch.Tensor) -> float | None:
@@ -106,7 +109,7 @@ def standard_error(phi: torch.Tensor, units: torch.Tensor) -> float | None:
 def standard_errors(terms: Terms, groups: torch.Tensor | None = None, missing: Mapping[str, str] | None = None,
                     estimates: Mapping[str, Callable] | None = None, needs: Mapping[str, tuple] | None = None) -> StandardErrors:
     """Value and standard error of every estimate whose terms are all present. ``missing``: {term: why it is
-    absent} (for ``undefined``); ``estimates``/``needs``: other functions of the terms' means (default: the
+    absent}; an estimate whose absent terms all have a reason gets it in ``undefined``; ``estimates``/``needs``: other functions of the terms' means (default: the
     six above) and the terms each reads."""
     estimates, needs, missing = estimates or ESTIMATES, needs or NEEDS, dict(missing or {})
     terms = {k: v.double() for k, v in terms.items() if v is not None}
@@ -115,14 +118,13 @@ def standard_errors(terms: Terms, groups: torch.Tensor | None = None, missing: M
     n_units = int(units.max()) + 1
     values, se, undefined = {}, {}, {}
     for name, f in estimates.items():
-        absent = [missing[k] for k in needs[name] if k not in terms and k in missing]
-        if any(k not in terms for k in needs[name]):
-            if absent:
-                undefined[name] = absent[0]
+        absent = [k for k in needs[name] if k not in terms]
+        if absent:  # an estimate not computed at all (no reason given) is left out silently
+            if all(k in missing for k in absent):
+                undefined[name] = missing[absent[0]]
             continue
-        x = {k: terms[k] for k in needs[name]}
-        values[name] = float(f({k: v.mean() for k, v in x.items()}))
-        se[name] = standard_error(influence(f, x), units)
+        value, phi = influence(f, {k: terms[k] for k in needs[name]})
+        values[name], se[name] = float(value), standard_error(phi, units)
         if se[name] is None:
             undefined[name] = ONE_UNIT.format("one prompt group" if groups is not None and n > 1 else "one sequence")
     return StandardErrors(values, se, undefined, n_units)
