@@ -1,4 +1,5 @@
-"""Data-parallel probing on the gloo backend equals the single-process probe on the same global batch."""
+"""Data-parallel probing on the gloo backend equals the single-process probe on the same global batch (its standard
+errors included, to 1e-12)."""
 
 import os
 import socket
@@ -59,6 +60,7 @@ def test_two_ranks_equal_one_process(runs):
         for name, want in one["numbers"].items():
             got = r["numbers"][name]
             assert abs(got - want) <= 1e-13 * scale if name == "delta_h_true" else close(got, want), (name, got, want)
+        assert all(one["numbers"][f"{name}_se"] > 0 for name in ("h_orig", "delta_h_true", "delta_h1", "delta_h2", "ratio"))
         for got, want in zip(r["sweep"], one["sweep"]):
             assert abs(got - want) <= 1e-13 * scale
         for name, p in one["params"].items():

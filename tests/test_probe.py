@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import fprobe
+from fprobe.records import format_number
 from fprobe.model import passes
 from fprobe import tree
 from helpers import make_batch, plain_entropy
@@ -300,7 +301,10 @@ def test_table_rows_follow_the_fields_by_name(setup):
     res = adamw_probe(setup, 1e-4)
     rows = dict(res.rows())
     for label, name in fprobe.ProbeResult.ROWS:
-        assert rows[label] == getattr(res, name)
+        se = getattr(res, f"{name}_se", None)
+        want = getattr(res, name) if se is None else f"{format_number(getattr(res, name))} ± {format_number(se)}"
+        assert rows[label] == want, label
+    assert res.delta_h_true_se > 0 and f"± {format_number(res.delta_h_true_se)}" in repr(res)
     labels = [label for label, _ in res.rows()]
     assert labels.index("ΔH_true / δH₁") + 1 == labels.index("covariance baseline")
     data = res.to_dict()

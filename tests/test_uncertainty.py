@@ -185,3 +185,74 @@ def test_rows_for_a_target_precision():
     assert uncertainty.rows_for(0.1, 1.0, None, 64) is None
     with pytest.raises(ValueError, match="rel_se"):
         uncertainty.rows_for(0.0, 1.0, 0.1, 64)
+
+
+@pytest.fixture(scope="module")
+def probed(model_dir):
+    import dataclasses
+
+    import fprobe
+    from helpers import make_batch
+
+    policy = fprobe.Policy.from_pretrained(model_dir("gpt2"), dtype=torch.float64)
+    E = make_batch(n=12, width=10, seed=31, with_advantages=False)
+    U = make_batch(n=6, width=10, seed=32)
+    step = fprobe.rl_step(policy, policy.params, fprobe.optim.adamw(lr=1e-3), fprobe.optim.adamw(lr=1e-3).init(policy.params), U)
+    grouped = dataclasses.replace(E, group_ids=torch.arange(12) // 3)
+    return policy, E, grouped, step
+
+
+def test_entropy_change_reports_the_standard_errors_of_its_own_estimates(probed):
+    """Per sequence with the naive entropy, Ĥ(θ₀) is the mean of −S_i: its se is the sample std of −S_i (from a
+    plain float64 log-softmax) over √n; every other se is the delta method's on the pass's own statistics, and
+    the result's dict and JSON carry them."""
+    import json
+
+    import fprobe
+    from helpers import sequence_log_probs
+
+    policy, E, _, step = probed
+    res = fprobe.entropy_change(policy, E, step.delta, new_params=step.params, normalize="seq", entropy="naive", second_order=True)
+    ell, _ = sequence_log_probs(policy, policy.params, E)
+    minus_s = torch.stack([-e.sum() for e in ell])
+    assert res.h_orig_se == pytest.approx(float(minus_s.std()) / math.sqrt(len(E)), rel=1e-10)
+    for name in ("h_upd", "delta_h_true", "delta_h1", "delta_h2", "ratio"):
+        assert getattr(res, f"{name}_se") > 0, name
+    assert res.se_units == 12 and res.se_undefined == {}
+    data = json.loads(res.to_json())
+    assert data["delta_h_true_se"] == pytest.approx(res.delta_h_true_se, rel=1e-15) and "se_terms" not in data
+    assert res.n_eval_for(0.1) == uncertainty.rows_for(0.1, res.delta_h_true, res.delta_h_true_se, 12)
+    assert res.n_eval_for(0.5, of="delta_h1") < res.n_eval_for(0.1, of="delta_h1")
+    with pytest.raises(ValueError, match="of must name"):
+        res.n_eval_for(0.1, of="ess")
+
+
+def test_gradient_method_and_one_row_say_why_a_standard_error_is_missing(probed):
+    import fprobe
+
+    policy, E, _, step = probed
+    jvp = fprobe.entropy_change(policy, E, step.delta, new_params=step.params)
+    grad = fprobe.entropy_change(policy, E, step.delta, new_params=step.params, method="grad")
+    assert grad.delta_h_true_se == pytest.approx(jvp.delta_h_true_se, rel=1e-12)
+    assert grad.delta_h1_se is None and grad.ratio_se is None
+    assert grad.se_undefined == {"delta_h1": uncertainty.GRAD_METHOD, "ratio": uncertainty.GRAD_METHOD}
+    one = fprobe.entropy_change(policy, E.select([3]), step.delta, new_params=step.params)
+    assert all(getattr(one, f"{name}_se") is None for name in ("h_orig", "delta_h_true", "delta_h1", "ratio"))
+    assert "at least two" in one.se_undefined["delta_h_true"] and one.n_eval_for(0.1) is None
+    assert "ΔH_true" in repr(one) and "±" not in repr(one)
+
+
+def test_prompt_baseline_through_entropy_change(probed):
+    """baseline='prompt' needs E's group ids (refused before any pass); with them the result clusters its se by
+    prompt, and ΔH_true / δH₁ → 1 as the step shrinks, as for plain snis."""
+    import fprobe
+
+    policy, E, grouped, step = probed
+    with pytest.raises(ValueError, match="group_ids"):
+        fprobe.entropy_change(policy, E, step.delta, baseline="prompt")
+    small = {name: 1e-3 * d for name, d in step.delta.items()}
+    res = fprobe.entropy_change(policy, grouped, small, baseline="prompt")
+    plain = fprobe.entropy_change(policy, grouped, small)
+    assert res.se_units == 4 and abs(res.ratio - 1) < 1e-3 and abs(plain.ratio - 1) < 1e-3
+    assert res.delta_h1 != pytest.approx(plain.delta_h1, rel=1e-9)
+    assert res.h_orig == pytest.approx(plain.h_orig, rel=1e-14)

@@ -27,12 +27,14 @@ class Rows(NamedTuple):
 
 
 class Snis(NamedTuple):
-    """Ĥ and its importance-weight diagnostics: ESS = (Σw)²/Σw², its fraction of n, max w_i/Σw."""
+    """Ĥ and its importance-weight diagnostics: ESS = (Σw)²/Σw², its fraction of n, max w_i/Σw; and the
+    per-row statistics it was computed from (for its standard error)."""
 
     value: torch.Tensor
     ess: torch.Tensor
     ess_fraction: torch.Tensor
     max_weight: torch.Tensor
+    rows: Rows
 
 
 def rows(stats: TokenStats, entropy: Entropy = "rb") -> Rows:
@@ -126,7 +128,7 @@ def snis(r: Rows, logp_ref: torch.Tensor, denom: torch.Tensor, baselines: Baseli
     logw = log_weights(r.logp, logp_ref)
     ess = effective_sample_size(logw)
     value = snis_value(r.logp, r.entropy, logp_ref, denom, baselines)
-    return Snis(value, ess, ess / len(logw), torch.softmax(logw, 0).max())
+    return Snis(value, ess, ess / len(logw), torch.softmax(logw, 0).max(), r)
 
 
 def entropy_to_go(stats: TokenStats, mask: torch.Tensor, entropy: Entropy) -> torch.Tensor:

@@ -72,12 +72,14 @@ GRAD_METHOD = "method='grad' gives δH₁ as one ∇Ĥ·Δθ, without per-sequen
 
 class StandardErrors(NamedTuple):
     """``values``: each estimate f(x̄) (equal to the reported one); ``se``: its standard error, or None where
-    ``undefined`` says why; ``n_units``: E's independent units (prompt groups, or rows)."""
+    ``undefined`` says why; ``n_units``: E's independent units (prompt groups, or rows); ``terms``: the per-row
+    terms they were computed from (for other functions of them, such as a sweep's)."""
 
     values: dict
     se: dict
     undefined: dict
     n_units: int
+    terms: dict
 
 
 def unit_index(groups: torch.Tensor | None, n: int, device) -> torch.Tensor:
@@ -127,7 +129,7 @@ def standard_errors(terms: Terms, groups: torch.Tensor | None = None, missing: M
         values[name], se[name] = float(value), standard_error(phi, units)
         if se[name] is None:
             undefined[name] = ONE_UNIT.format("one prompt group" if groups is not None and n > 1 else "one sequence")
-    return StandardErrors(values, se, undefined, n_units)
+    return StandardErrors(values, se, undefined, n_units, terms)
 
 
 def first_order_rows(t: estimators.FirstOrderTerms, tangent: TokenStats) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,6 +14,8 @@ import fprobe
 from helpers import make_batch
 from fprobe import distributed
 
+SE = ("h_orig_se", "h_upd_se", "delta_h_true_se", "delta_h1_se", "delta_h2_se", "ratio_se")
+
 
 def main(model_dir, out_dir, mode):
     distributed.init_from_env(timeout_s=10.0)
@@ -32,7 +34,7 @@ def main(model_dir, out_dir, mode):
     torch.save(
         dict(
             rank=rank, size=size, updates=len(calls), params=res.step.params, delta=res.delta_named,
-            numbers={k: getattr(res, k) for k in ("delta_h_true", "delta_h1", "delta_h2", "ess", "h_orig", "loss", "grad_norm")},
+            numbers={k: getattr(res, k) for k in ("delta_h_true", "delta_h1", "delta_h2", "ess", "h_orig", "loss", "grad_norm", *SE)},
             sweep=sweep.delta_h_true, per_sequence=parts.per_sequence, per_token=parts.per_token,
         ),
         f"{out_dir}/rank{rank}.pt",
