@@ -302,9 +302,9 @@ def test_table_rows_follow_the_fields_by_name(setup):
     rows = dict(res.rows())
     for label, name in fprobe.ProbeResult.ROWS:
         se = getattr(res, f"{name}_se", None)
-        want = getattr(res, name) if se is None else f"{format_number(getattr(res, name))} ± {format_number(se)}"
+        want = getattr(res, name) if se is None else f"{format_number(getattr(res, name))} ± {se:.2g}"
         assert rows[label] == want, label
-    assert res.delta_h_true_se > 0 and f"± {format_number(res.delta_h_true_se)}" in repr(res)
+    assert res.delta_h_true_se > 0 and f"± {res.delta_h_true_se:.2g}" in repr(res)
     labels = [label for label, _ in res.rows()]
     assert labels.index("ΔH_true / δH₁") + 1 == labels.index("covariance baseline")
     data = res.to_dict()

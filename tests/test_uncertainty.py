@@ -256,3 +256,25 @@ def test_prompt_baseline_through_entropy_change(probed):
     assert res.se_units == 4 and abs(res.ratio - 1) < 1e-3 and abs(plain.ratio - 1) < 1e-3
     assert res.delta_h1 != pytest.approx(plain.delta_h1, rel=1e-9)
     assert res.h_orig == pytest.approx(plain.h_orig, rel=1e-14)
+
+
+def test_sweep_standard_errors_match_a_fresh_measurement_at_each_rate(probed, tmp_path):
+    """At η = η₀ the sweep's se are the change's own; at 3η₀ its ΔH_true se is that of entropy_change along 3Δθ
+    measured afresh, its δH₁ se three times η₀'s; the plot shades a band per estimate with an se."""
+    import fprobe
+
+    policy, E, _, step = probed
+    res = fprobe.entropy_change(policy, E, step.delta, new_params=step.params, lr=1e-3, second_order=True)
+    sweep = res.sweep([1e-3, 3e-3])
+    again = fprobe.entropy_change(policy, E, {k: 3 * d for k, d in step.delta.items()}, lr=3e-3, second_order=True)
+    assert sweep.delta_h_true_se[0] == pytest.approx(res.delta_h_true_se, rel=1e-12)
+    assert sweep.ratio_se[0] == pytest.approx(res.ratio_se, rel=1e-12)
+    assert sweep.delta_h_true_se[1] == pytest.approx(again.delta_h_true_se, rel=1e-9)
+    assert sweep.ratio_se[1] == pytest.approx(again.ratio_se, rel=1e-9)
+    assert sweep.delta_h1_se[1] == pytest.approx(3 * res.delta_h1_se, rel=1e-12)
+    assert sweep.records()[1]["delta_h12_se"] > 0 and "±" in repr(sweep)
+    fig = sweep.plot(tmp_path / "sweep.png")
+    from matplotlib.collections import PolyCollection
+
+    bands = [c for ax in fig.axes for c in ax.collections if isinstance(c, PolyCollection)]
+    assert len(bands) == 1 + 3  # the ratio's, then |ΔH_true|, |δH₁|, |δH₁+δH₂|

@@ -152,7 +152,7 @@ def with_error(value, se) -> object:
     """``value ± se`` as table text where a standard error is known; the value itself otherwise."""
     if se is None or value is None:
         return value
-    return f"{records.format_number(value)} ± {records.format_number(se)}"
+    return f"{records.format_number(value)} ± {se:.2g}"
 
 
 def measure(policy, E: Rollouts, delta, params, new_params, lr: float | None, settings: Settings, *, logp_sampler=None,

@@ -66,6 +66,17 @@ NEEDS = dict(
     h_orig=("n0", "m0"), h_upd=("a", "b"), delta_h_true=("n0", "m0", "a", "b"), delta_h1=("n0", "m0", "n1", "m1"),
     delta_h2=("n0", "m0", "n1", "m1", "n2", "m2"), ratio=("n0", "m0", "n1", "m1", "a", "b"),
 )
+def along_the_step(scale: float) -> tuple[dict, dict]:
+    """(estimates, needs) at Δθ scaled by s = η/η₀ (a learning-rate sweep; a, b the terms at θ₀ + sΔθ):
+    ΔH_true, s δH₁, s δH₁ + s² δH₂ and ΔH_true / (s δH₁)."""
+    first = lambda x: scale * delta_h1(x)
+    estimates = dict(
+        delta_h_true=delta_h_true, delta_h1=first, delta_h12=lambda x: first(x) + scale**2 * delta_h2(x),
+        ratio=lambda x: delta_h_true(x) / first(x),
+    )
+    return estimates, {**NEEDS, "delta_h12": NEEDS["delta_h2"]}
+
+
 ONE_UNIT = "E holds one independent unit ({}): a standard error needs at least two"
 GRAD_METHOD = "method='grad' gives δH₁ as one ∇Ĥ·Δθ, without per-sequence tangents; method='jvp' gives its standard error"
 
