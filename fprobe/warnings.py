@@ -18,6 +18,10 @@ class ZeroAdvantagesWarning(UserWarning):
     """Every advantage in the update batch is zero: the step is weight decay (and momentum) alone."""
 
 
+class ImpreciseWarning(UserWarning):
+    """The standard error of ΔH_true stays above a chosen fraction of |ΔH_true|: E is too small for that precision."""
+
+
 class DecompositionWarning(UserWarning):
     """The parts of δH₁ do not add up to it (low-precision parameters: bf16, fp16)."""
 
