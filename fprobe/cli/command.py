@@ -115,6 +115,8 @@ def common_options(parser: argparse.ArgumentParser) -> None:
         "directory is searched too) or path/to/file.py:function; default: 'toy' for the toy prompts, else 'numeric'")
     add("--n-eval", type=positive_int, default=DEFAULT_N_EVAL, help="sequences in the evaluation batch E")
     add("--replace", action="store_true", help="draw E's prompts with replacement")
+    add("--eval-group-size", type=positive_int, default=1,
+        help="responses per prompt in E (--n-eval / this many prompts); E's prompts are then its independent units")
     add("--n-update-prompts", type=positive_int, default=DEFAULT_N_UPDATE_PROMPTS, help="prompts in the update batch U")
     add("--group-size", type=positive_int, default=DEFAULT_GROUP_SIZE, help="responses per update prompt")
     add("--max-new-tokens", type=positive_int, help=f"response length cap; default: the model's generation config, "
@@ -173,6 +175,8 @@ def device_type(name: str) -> str:
 
 def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the defaults that depend on other options (device → dtype, prompts → reward)."""
+    if args.n_eval % args.eval_group_size:
+        raise ValueError(f"--n-eval {args.n_eval} is not a whole number of groups of --eval-group-size {args.eval_group_size}")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("float64" if device_type(args.device) == "cpu" else "float32")
     files.check_writable(args.out, "--out")
@@ -356,8 +360,8 @@ def probe_model(args, model: str, pool: list[dict], reward, key: dict, plot: Pat
     E, U = sample(
         policy, tokenizer, pool,
         n_eval=args.n_eval, n_update_prompts=args.n_update_prompts, group_size=args.group_size, reward=reward,
-        max_new_tokens=length, seed=args.seed, replace=args.replace, chat_template=args.chat_template,
-        batch_size=args.generation_batch, quiet=args.quiet,
+        max_new_tokens=length, seed=args.seed, replace=args.replace, eval_group_size=args.eval_group_size,
+        chat_template=args.chat_template, batch_size=args.generation_batch, quiet=args.quiet,
     )
     sampled = time.perf_counter()
     optimizer, opt_state = optimizer_and_state(args, model, policy)
@@ -392,8 +396,18 @@ def probe_model(args, model: str, pool: list[dict], reward, key: dict, plot: Pat
         f"and U ({args.n_update_prompts}×{args.group_size}, {s['update_tokens']} tokens, mean reward "
         f"{s['mean_reward']:.3g}) in {t['sample']:.2f} s",
         str(result),
+        *precision_note(result),
     ]
     return record, sweep, "\n".join(report + ([str(sweep)] if sweep is not None else []))
+
+
+def precision_note(result, target: float = 0.1) -> list[str]:
+    """A line with the |E| for a ``target`` relative error when ΔH_true's standard error exceeds a quarter of |ΔH_true|."""
+    se, value = result.delta_h_true_se, result.delta_h_true
+    if se is None or not value or se <= abs(value) / 4:
+        return []
+    return [f"ΔH_true's standard error is {se / abs(value):.0%} of |ΔH_true| with |E| = {result.n_eval}: |E| ≈ "
+            f"{result.n_eval_for(target)} (--n-eval) would bring it to {target:.0%}"]
 
 
 def say(text: str, stderr: bool = False) -> None:
