@@ -805,6 +805,7 @@ def test_example_writes_its_records_and_figure(tmp_path, capsys):
     assert (tmp_path / "entropy.png").stat().st_size > 0
     printed = capsys.readouterr().out
     assert "× the training step it probed" in printed
+    assert all(line["delta_h_true_se"] > 0 for line in lines) and printed.count("ΔH_true") >= 2 and " ± " in printed
 
 
 def test_records_carry_standard_errors_and_an_imprecise_run_warns_once(tmp_path):
