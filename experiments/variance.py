@@ -48,6 +48,7 @@ def parse_args(argv):
     add("--seed", type=int, default=0)
     add("--readme", default=str(HERE / "README.md"))
     add("--json", default=str(HERE / "variance.json"))
+    add("--from-json", action="store_true", help="rewrite the README section from --json without drawing again")
     return parser.parse_args(argv)
 
 
@@ -84,7 +85,7 @@ def table(results, normalize, rows) -> list[str]:
     lines = [
         f"**{normalize} normalisation**, |E| = {rows} rows (≈ {base['tokens']:.0f} response tokens) per draw:",
         "",
-        "| estimator, design | sd(ΔH_true)/|ΔH| | sd(δH₁)/|δH₁| | sd·√tokens ΔH_true | variance factor vs default (ΔH_true, δH₁) "
+        "| estimator, design | sd(ΔH_true)/\\|ΔH\\| | sd(δH₁)/\\|δH₁\\| | sd·√tokens ΔH_true | variance factor vs default (ΔH_true, δH₁) "
         "| mean se / sd (ΔH_true) | z sd, 95% cover (ΔH_true) | ratio mean ± sd |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -100,14 +101,14 @@ def table(results, normalize, rows) -> list[str]:
     return lines
 
 
-def section(results, case, args, seconds) -> str:
-    pop = case.population
+def section(results, population: dict, n_prompts: int, args, seconds) -> str:
+    pop = enumeration.Population(**population)
     lines = [
         START,
         "## Standard errors and variance at equal cost (experiments/variance.py)",
         "",
         f"Exact enumeration (tests/enumeration.py): the built-in policy, responses of ≤ {enumeration.LENGTH} tokens, a pool "
-        f"of {case.responses.prob.shape[0]} prompts, one AdamW step at lr {args.lr:g}; exact ΔH = "
+        f"of {n_prompts} prompts, one AdamW step at lr {args.lr:g}; exact ΔH = "
         f"{pop.delta_h['token']:.4g} per token ({pop.delta_h['seq']:.4g} per sequence), δH₁ = {pop.delta_h1['token']:.4g} "
         f"({pop.delta_h1['seq']:.4g}). {args.draws} independent draws of E per row (prompts uniform with replacement, "
         f"responses from π_θ₀); sd = the spread of the estimate over draws (its true standard error); variance factor = "
@@ -123,11 +124,17 @@ def section(results, case, args, seconds) -> str:
         "numerator and denominator terms b_i (w_i − 1), b_i the mean of the other responses to its prompt: a zero-mean",
         "term (E_q[w | prompt] = 1) whose ε-derivative is the score-function baseline of δH₁, so ΔH_true and δH₁ stay",
         "the difference and the derivative of *one* estimator Ĥ_b(θ) on the same E and the ratio → 1 as the step",
-        "shrinks (its mean above). `togo` lowers δH₁'s variance but not ΔH_true's and is not the derivative of ΔH_true's",
-        "estimator, so its ratio is noisy. Several responses per prompt without a baseline cost precision (fewer",
-        "prompts); with it the prompt-level part of the score-function noise cancels.",
+        "shrinks, as for plain `snis` (ratio mean ± sd above). Several responses per prompt cost prompt diversity: without",
+        "the baseline they lose precision; with it, two per prompt gain the most here, while four or eight lose again to",
+        "the fewer prompts, and the reported se is then less well calibrated (z sd above 1: a prompt that dominates ΔH",
+        "is missed or hit by few draws). `togo` lowers δH₁'s variance more than ΔH_true's, is not the derivative of",
+        "ΔH_true's estimator, and its ratio wanders from 1; its position baseline does not help on this case. The",
+        "default stays `snis` with one response per prompt: the best k depends on how much the prompts differ, which",
+        "a default cannot know, and its se is the best calibrated; `eval_group_size=2, baseline='prompt'` is the",
+        "option to try when E's prompts are many.",
         "",
-        f"Run in {seconds:.0f} s (`python experiments/variance.py`). Every draw's numbers: experiments/variance.json.",
+        f"Run in {seconds:.0f} s on 2 shared CPU cores (`python experiments/variance.py`). Every draw's numbers: "
+        "experiments/variance.json.",
         END,
     ]
     return "\n".join(lines)
@@ -146,6 +153,10 @@ def write_section(path: Path, text: str) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.from_json:
+        saved = json.loads(Path(args.json).read_text())
+        write_section(Path(args.readme), section(saved["summary"], saved["population"], saved["n_prompts"], args, saved["seconds"]))
+        return
     torch.set_num_threads(1)
     start = time.perf_counter()
     case = enumeration.build(lr=args.lr, seed=args.seed)
@@ -160,8 +171,10 @@ def main(argv=None):
             print(f"{normalize:5} {label:30} sd(ΔH)/|ΔH| {r['delta_h_true']['rel_sd']:.3f}  sd(δH₁)/|δH₁| "
                   f"{r['delta_h1']['rel_sd']:.3f}  z sd {r['delta_h_true']['z_sd']:.2f}  ratio {r['ratio']['mean']:.3f}", flush=True)
     seconds = time.perf_counter() - start
-    write_section(Path(args.readme), section(results, case, args, seconds))
-    Path(args.json).write_text(json.dumps({"population": case.population._asdict(), "summary": results, "draws": raw}))
+    n_prompts = case.responses.prob.shape[0]
+    write_section(Path(args.readme), section(results, case.population._asdict(), n_prompts, args, seconds))
+    Path(args.json).write_text(json.dumps({"population": case.population._asdict(), "n_prompts": n_prompts, "seconds": seconds,
+                                           "summary": results, "draws": raw}))
     print(f"wrote {args.readme} and {args.json} in {seconds:.0f} s")
 
 
