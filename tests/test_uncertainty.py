@@ -243,13 +243,19 @@ def test_gradient_method_and_one_row_say_why_a_standard_error_is_missing(probed)
 
 
 def test_prompt_baseline_through_entropy_change(probed):
-    """baseline='prompt' needs E's group ids (refused before any pass); with them the result clusters its se by
-    prompt, and ΔH_true / δH₁ → 1 as the step shrinks, as for plain snis."""
+    """baseline='prompt' needs E's group ids (refused before any pass or step); with them the result clusters its
+    se by prompt, and ΔH_true / δH₁ → 1 as the step shrinks, as for plain snis."""
     import fprobe
+    from helpers import make_batch
 
     policy, E, grouped, step = probed
     with pytest.raises(ValueError, match="group_ids"):
         fprobe.entropy_change(policy, E, step.delta, baseline="prompt")
+    calls = []
+    counting = fprobe.optim.sgd(lr=1e-3)._replace(update=lambda *a, **k: calls.append(1))
+    with pytest.raises(ValueError, match="group_ids"):
+        fprobe.probe(policy, E, make_batch(n=6, width=10, seed=32), counting, baseline="prompt")
+    assert calls == [], "refused before the step"
     small = {name: 1e-3 * d for name, d in step.delta.items()}
     res = fprobe.entropy_change(policy, grouped, small, baseline="prompt")
     plain = fprobe.entropy_change(policy, grouped, small)

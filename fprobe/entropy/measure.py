@@ -155,11 +155,16 @@ def with_error(value, se) -> object:
     return f"{records.format_number(value)} ± {se:.2g}"
 
 
+def check_eval_batch(E: Rollouts, settings: Settings) -> None:
+    """What the settings need of E, checked before any pass: group ids for ``baseline='prompt'``."""
+    if settings.baseline == "prompt":
+        estimators.check_groups(E.group_ids, len(E))
+
+
 def measure(policy, E: Rollouts, delta, params, new_params, lr: float | None, settings: Settings, *, logp_sampler=None,
             second_order: bool = False, progress: bool = False) -> EntropyChange:
     """``entropy_change`` on checked arguments (``params``, ``delta``, ``new_params`` trees like the policy's)."""
-    if settings.baseline == "prompt":
-        estimators.check_groups(E.group_ids, len(E))
+    check_eval_batch(E, settings)
     timings = {}
     first = first_order(policy, params, delta, E, settings, second_order, progress, timings, logp_sampler)
     rows0 = estimators.rows(first.stats0, settings.entropy)
