@@ -264,6 +264,8 @@ def test_replay_refuses_a_step_that_no_longer_matches(setup):
         (dict(normalize="tokens"), "normalize"),
         (dict(entropy="exact"), "entropy"),
         (dict(baseline="position"), "togo"),
+        (dict(baseline="prompt", estimator="togo"), "snis"),
+        (dict(baseline="prompt"), "group_ids"),
         (dict(micro_batch=0), "micro_batch"),
         (dict(ess_threshold=2.0), "ess_threshold"),
     ],
