@@ -229,3 +229,45 @@ def test_probe_prints_standard_errors_and_the_eval_size_for_ten_percent(tmp_path
     assert (f"|E| ≈ {needed} (--n-eval)" in stdout) == (relative > 0.25)
     assert cli.main(["probe", "--n-eval", "7", "--eval-group-size", "2", "--quiet"]) == 2
     assert "--eval-group-size 2" in capsys.readouterr().err
+
+
+def save_adapter(path: Path, seed: int) -> Path:
+    """A LoRA adapter on the built-in policy (random, not the identity), saved as a LoRA run saves a checkpoint."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(toy.DEFAULT_MODEL_PATH)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
+    get_peft_model(base, config).save_pretrained(path)
+    return path
+
+
+def test_a_lora_runs_checkpoints_are_probed_as_one_run_of_adapters(tmp_path):
+    """Was: --adapter took one path, so a LoRA run's checkpoints could not be probed together."""
+    run = tmp_path / "lora-run"
+    for step in (10, 2):
+        save_adapter(run / f"checkpoint-{step}", seed=step)
+    out = tmp_path / "run.jsonl"
+    assert cli.main(["probe", "--adapter", str(run), *SMALL, "--out", str(out), "--quiet"]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    expected = [str((run / f"checkpoint-{step}").resolve()) for step in (2, 10)]
+    assert [r["key"]["adapter"] for r in records] == expected
+    for record, adapter in zip(records, expected):  # each record is the one-adapter run's
+        single = tmp_path / f"{Path(adapter).name}.json"
+        assert cli.main(["probe", "--adapter", adapter, *SMALL, "--out", str(single), "--quiet"]) == 0
+        alone = json.loads(single.read_text())
+        assert alone["key"] == record["key"] and alone["result"]["delta_h1"] == record["result"]["delta_h1"]
+    assert records[0]["result"]["delta_h1"] != records[1]["result"]["delta_h1"]
+
+
+def test_adapters_pair_with_models_or_are_refused_before_any_work(tmp_path, checkpoints, capsys, monkeypatch):
+    from fprobe.cli import plan
+
+    adapters = [str(save_adapter(tmp_path / f"a{i}", seed=i)) for i in range(3)]
+    models = [str(checkpoints / "checkpoint-5"), str(checkpoints / "checkpoint-10")]
+    units = plan.pair(plan.expand_models(models), plan.expand_adapters(adapters[:2]))
+    assert [(u.model, u.adapter) for u in units] == [
+        (str(Path(m).resolve()), str(Path(a).resolve())) for m, a in zip(models, adapters[:2])]
+    monkeypatch.setattr(cli, "probe_model", lambda *args: pytest.fail("probed despite a bad pairing"))
+    assert cli.main(["probe", "--model", *models, "--adapter", *adapters, "--out", str(tmp_path / "r.jsonl")]) == 2
+    assert "--adapter gives 3 adapters for 2 models" in capsys.readouterr().err

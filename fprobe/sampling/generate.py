@@ -133,9 +133,11 @@ def generate_responses(
     top_p: float = 1.0,
     batch_size: int = 16,
     quiet: bool = True,
+    synced_gpus: bool = False,
 ) -> list[list[int]]:
     """One sampled response per prompt (token ids up to and including EOS), generated ``batch_size`` rows
-    at a time with left padding; row i uses ``generators[i]`` only."""
+    at a time with left padding; row i uses ``generators[i]`` only. ``synced_gpus``: every rank keeps
+    running forwards until all ranks' rows have finished (sharded parameters: each forward is a collective)."""
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}")
     model, device = policy.model, policy.device
@@ -152,6 +154,7 @@ def generate_responses(
                 do_sample=False,
                 max_new_tokens=max_new_tokens,
                 logits_processor=LogitsProcessorList([sampler]),
+                synced_gpus=synced_gpus,
             )
             responses += [response_until_eos(row.tolist(), eos_ids) for row in out[:, ids.shape[1] :].cpu()]
     return responses
@@ -218,7 +221,7 @@ def tokenize_prompts(tokenizer, records: dict[int, dict], chat_template: bool = 
     """Token ids of the pool's prompts ``{index: record}``, as raw text with the tokenizer's special tokens
     or in its chat template."""
     chosen = list(records.values())
-    texts = prompt_records.apply_chat_template(tokenizer, chosen) if chat_template else [r["prompt"] for r in chosen]
+    texts = prompt_records.prompt_texts(tokenizer, chosen, chat_template)
     ids = {i: tokenizer(text, add_special_tokens=not chat_template)["input_ids"] for i, text in zip(records, texts)}
     empty = [i for i, row in ids.items() if not row]
     if empty:
@@ -268,7 +271,9 @@ def sample(
     ``baseline='prompt'``. Every row samples until EOS or ``max_new_tokens``,
     with no top-k truncation; ``top_p < 1`` samples a truncated distribution, no longer π_θ₀ itself.
     Reproducible from ``seed`` whatever ``batch_size`` (see the module docstring). Under
-    torch.distributed each rank generates its block of rows and every rank receives all of them.
+    torch.distributed each rank generates its block of rows and every rank receives all of them; with
+    sharded parameters (FSDP2) every rank generates the same number of rows in the same number of calls
+    (``distributed.lockstep_rows``; the padding rows are dropped).
     """
     records = prompt_records.load_prompts(prompts)
     reward_fn = reward_functions.resolve_reward(reward)
@@ -279,12 +284,14 @@ def sample(
     eos_ids = stop_token_ids(policy.model, tokenizer)
     pad_id = pad_token_id(tokenizer, eos_ids)
     row_prompts = [prompt_ids[p] for _, p, _ in rows]
-    mine = distributed.local_rows(len(rows))
-    generators = [row_generator(seed, role, p, s, policy.device) for role, p, s in rows[mine]]
+    sharded = distributed.is_sharded(policy.model)
+    mine, own = distributed.lockstep_rows(len(rows)) if sharded else (list(range(len(rows)))[distributed.local_rows(len(rows))], None)
+    generators = [row_generator(seed, *rows[i], policy.device) for i in mine]
     responses = distributed.gather_lists(generate_responses(
-        policy, row_prompts[mine], generators, eos_ids=eos_ids, pad_id=pad_id,
+        policy, [row_prompts[i] for i in mine], generators, eos_ids=eos_ids, pad_id=pad_id,
         max_new_tokens=max_new_tokens, top_p=top_p, batch_size=batch_size, quiet=quiet,
-    ))
+        synced_gpus=sharded and distributed.world()[1] > 1,
+    )[:own])
     n = len(eval_rows)
     E = to_rollouts(row_prompts[:n], responses[:n], pad_id, group_ids=torch.arange(n) // eval_group_size)
     update_records = [records[p] for p, _ in update_rows]

@@ -23,11 +23,12 @@ module's mode is put back. Each record is appended to ``out`` (JSONL, atomically
 ``trainer.log`` (``entropy_probe/...``), from the main process only.
 """
 
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from transformers import Trainer
@@ -46,7 +47,10 @@ from fprobe.rollouts import Rollouts
 from fprobe.sampling import generate
 from fprobe.trl.capture import StepCapture, TrainerFacts, trainer_facts
 from fprobe.trl.prompts import TrainerChatTemplate, dataset_prompts
-from fprobe.warnings import ImpreciseWarning, warn
+from fprobe.warnings import ImpreciseWarning, ShardingWarning, warn
+
+if TYPE_CHECKING:
+    from fprobe.trl.sharded import ShardedTrlProbe
 
 PREFIX = "entropy_probe/"
 SE = ("h_orig_se", "h_upd_se", "delta_h_true_se", "delta_h1_se", "delta_h2_se", "ratio_se")
@@ -83,21 +87,39 @@ class EvalBatch(NamedTuple):
 # checks at attach
 
 
-def check_trainer(trainer) -> None:
-    """TypeError unless ``trainer`` is a TRL GRPOTrainer whose parameters are whole on every process."""
+def check_trainer(trainer) -> bool:
+    """Whether the trainer's parameters are (or, with accelerate's FSDP2, will be at ``train()``) sharded by FSDP2:
+    fprobe's sharded mode (``fprobe.trl.sharded``). TypeError unless ``trainer`` is a TRL GRPOTrainer; ValueError
+    for accelerate's FSDP1 (flat parameters) and DeepSpeed (ZeRO's partitioned parameters and its own optimizer);
+    a ``ShardingWarning`` where FSDP was asked for but accelerate trains data-parallel (it drops FSDP on CPU)."""
     from trl import GRPOTrainer
 
     if not isinstance(trainer, GRPOTrainer):
         raise TypeError(f"fprobe.trl.attach needs a trl.GRPOTrainer, got {type(trainer).__name__}")
     if getattr(trainer, "is_fsdp_enabled", False):
-        raise ValueError("fprobe.trl: FSDP shards the parameters; the probe needs them whole (not gathered by fprobe)")
+        version = getattr(getattr(trainer.accelerator.state, "fsdp_plugin", None), "fsdp_version", 1)
+        if version != 2:
+            raise ValueError(
+                f"fprobe.trl: FSDP shards the parameters, here as FSDP{version}'s flat parameters, which fprobe does not "
+                "read; use FSDP2 (fsdp_version: 2 in accelerate's FSDP config), whose DTensor parameters fprobe's "
+                "sharded mode measures"
+            )
+        return True
     if getattr(trainer, "is_deepspeed_enabled", False):
         plugin = trainer.accelerator.state.deepspeed_plugin
         stage = getattr(plugin, "zero_stage", None)
         raise ValueError(
             f"fprobe.trl: DeepSpeed (ZeRO stage {stage}) shards the parameters or the optimizer state; "
-            "the probe needs whole parameters and a torch optimizer (not gathered by fprobe)"
+            "the probe needs whole parameters and a torch optimizer (not gathered by fprobe); "
+            "for sharded training use FSDP2, which fprobe's sharded mode measures"
         )
+    if distributed.is_sharded(trainer.model):
+        return True
+    if trainer.args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        warn("FSDP was asked for (fsdp in the training arguments or accelerate's config), but accelerate did not "
+             "enable it (it drops FSDP on CPU) and trains the model data-parallel, each process holding all the "
+             "parameters: fprobe probes it so", ShardingWarning)
+    return False
 
 
 def check_eval_batch(E, model) -> None:
@@ -276,16 +298,8 @@ class TrlProbe:
         return out
 
     def _sink(self, record: dict, control) -> None:
-        """The record to ``records``, then (main process) to ``out`` — before ``trainer.log``, whose other callbacks
-        may raise — then to the trainer's log."""
-        self.records.append(record)
+        sink(self.trainer, self.settings.out, self.records, record, control)
         self._warn_if_imprecise()
-        if not distributed.is_main():
-            return
-        if self.settings.out is not None:
-            key = {"output_dir": str(Path(self.trainer.args.output_dir).resolve()), "step": record["step"]}
-            files.append_json_line(self.settings.out, {"key": key, **record}, "key", "probe records")
-        self._log(control, {PREFIX + key: record[key] for key in LOGGED if record.get(key) is not None})
 
     def _warn_if_imprecise(self) -> None:
         """Once per probe: an ``ImpreciseWarning`` when the last ``IMPRECISE_RECORDS`` records' se of ΔH_true all
@@ -307,13 +321,26 @@ class TrlProbe:
             ImpreciseWarning,
         )
 
-    def _log(self, control, logs: dict) -> None:
-        """``transformers.Trainer.log``: the log history and every reporting callback get ``logs`` at this step.
-        Not TRL's own ``log``, which would take and clear the metrics TRL is collecting for its next log; and
-        the trainer's pending ``should_log`` (which ``on_log`` clears) is kept, so its own log still happens."""
-        should_log = control.should_log
-        Trainer.log(self.trainer, logs)
-        control.should_log = self.trainer.control.should_log = should_log
+
+def sink(trainer, out: Path | None, records: list[dict], record: dict, control) -> None:
+    """The record to ``records``, then (main process) to ``out`` — before ``trainer.log``, whose other callbacks
+    may raise — then to the trainer's log."""
+    records.append(record)
+    if not distributed.is_main():
+        return
+    if out is not None:
+        key = {"output_dir": str(Path(trainer.args.output_dir).resolve()), "step": record["step"]}
+        files.append_json_line(out, {"key": key, **record}, "key", "probe records")
+    log_to_trainer(trainer, control, {PREFIX + key: record[key] for key in LOGGED if record.get(key) is not None})
+
+
+def log_to_trainer(trainer, control, logs: dict) -> None:
+    """``transformers.Trainer.log``: the log history and every reporting callback get ``logs`` at this step.
+    Not TRL's own ``log``, which would take and clear the metrics TRL is collecting for its next log; and
+    the trainer's pending ``should_log`` (which ``on_log`` clears) is kept, so its own log still happens."""
+    should_log = control.should_log
+    Trainer.log(trainer, logs)
+    control.should_log = trainer.control.should_log = should_log
 
 
 def attach(
@@ -333,7 +360,8 @@ def attach(
     rel_se_warning: float | None = 0.25,
     ess_threshold: float = Settings.ess_threshold,
     micro_batch: int | None = Settings.micro_batch,
-) -> TrlProbe:
+    gather: bool = False,
+) -> "TrlProbe | ShardedTrlProbe":
     """Probe every ``every``-th optimizer step of a TRL ``GRPOTrainer`` (see the module docstring); returns
     the probe, whose ``records`` and ``eval_batches`` fill during ``trainer.train()``.
 
@@ -349,8 +377,12 @@ def attach(
     it (None: no warning). ``contributions`` adds the per-sequence parts
     of δH₁ (of fprobe's replayed step; needs a fresh E and the cross-check). ``out``: JSONL, one line
     per probed step, opened (created if absent) here. Every input is checked here, before training starts.
+    A trainer whose parameters FSDP2 shards is probed in the sharded mode (``fprobe.trl.sharded``); ``gather``
+    (sharded mode only) adds what needs whole parameters, gathered on rank 0 (δH₁ by jvp, δH₂).
     """
-    check_trainer(trainer)
+    from fprobe.trl import sharded
+
+    sharded_mode = check_trainer(trainer)
     if any(isinstance(c, StepCapture) for c in trainer.callback_handler.callbacks):
         raise ValueError("an fprobe probe is already attached to this trainer")
     checks.positive_int(every, "every", "steps")
@@ -377,6 +409,16 @@ def attach(
     settings = ProbeSettings(every, n_eval, eval_group_size, rel_se_warning, resample, seed, None if out is None else Path(out),
                              second_order, contributions, check_step, estimate)
     facts = trainer_facts(trainer)
+    if gather and not sharded_mode:
+        raise ValueError("gather=True gathers sharded (FSDP2) parameters, but this trainer's are whole on every process")
+    if sharded_mode:
+        sharded.check_settings(E, resample, second_order, contributions, gather)
+        sharded.check_model(model)
+        if out is not None and distributed.is_main():
+            open_records_file(Path(out), trainer.args.output_dir)
+        probe = sharded.ShardedTrlProbe(trainer, facts, settings, records, chat_template, gather)
+        trainer.add_callback(probe.capture)
+        return probe
     fixed = None
     with modes_kept(model):
         policy = Policy(model, temperature=facts.temperature)
