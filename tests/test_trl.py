@@ -150,24 +150,26 @@ def test_attached_run_is_bit_identical_and_fprobe_replays_trl_step(tmp_path, los
 CHAT_TEMPLATE = "{{ bos_token }}{% for m in messages %}{% if doubled %}{{ bos_token }}{% endif %}{{ m['content'] }}{% endfor %}"
 
 
-def make_chat_trainer(tmp_path, **options):
-    """``make_trainer`` with conversational prompts (one user turn each) rendered by a chat template that TRL
-    and fprobe must both apply, with the run's ``chat_template_kwargs`` (a second <bos> before the turn, which
-    plain-text prompts and the template without them do not have)."""
+def make_chat_trainer(tmp_path, system: bool = False, **options):
+    """``make_trainer`` with conversational prompts (one user turn each, after a system turn if ``system``)
+    rendered by a chat template that TRL and fprobe must both apply, with the run's ``chat_template_kwargs`` (a
+    second <bos> before each turn, which plain-text prompts and the template without them do not have)."""
     trainer, seen = make_trainer(tmp_path, chat_template_kwargs={"doubled": True}, **options)
     tokenizer = AutoTokenizer.from_pretrained(str(toy.DEFAULT_MODEL_PATH))
     tokenizer.chat_template = CHAT_TEMPLATE
-    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]} for r in toy.make_prompts(64, 0)])
+    turns = [{"role": "system", "content": "1+1=2"}] if system else []
+    dataset = Dataset.from_list([{"prompt": turns + [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
+                                 for r in toy.make_prompts(64, 0)])
 
     def reward(prompts, completions, answer, **_):
         seen.extend(c[0]["content"] for c in completions)
-        return [toy.verify(p[0]["content"], c[0]["content"], {"answer": a}) for p, c, a in zip(prompts, completions, answer)]
+        return [toy.verify(p[-1]["content"], c[0]["content"], {"answer": a}) for p, c, a in zip(prompts, completions, answer)]
 
     trainer = GRPOTrainer(model=trainer.model, reward_funcs=reward, args=trainer.args, train_dataset=dataset, processing_class=tokenizer)
     return trainer, seen
 
 
-@pytest.mark.parametrize("case", ["bf16_autocast", "two_iterations", "conversational"])
+@pytest.mark.parametrize("case", ["bf16_autocast", "two_iterations", "conversational", "conversational_system"])
 def test_attaching_changes_nothing_in_other_kinds_of_run(tmp_path, case):
     """bf16 autocast on CPU (a float32 model), two iterations per generation (old log-probs, no replay),
     conversational prompts: bit-identical weights, losses, completions and model state with and without the
@@ -176,6 +178,7 @@ def test_attaching_changes_nothing_in_other_kinds_of_run(tmp_path, case):
         "bf16_autocast": lambda: make_trainer(tmp_path, dtype=torch.float32, bf16=True, steps=2),
         "two_iterations": lambda: make_trainer(tmp_path, num_iterations=2, steps=2),
         "conversational": lambda: make_chat_trainer(tmp_path, steps=2),
+        "conversational_system": lambda: make_chat_trainer(tmp_path, system=True, steps=2),
     }[case]
     plain, plain_completions = build()
     plain.train()
@@ -655,14 +658,18 @@ def test_trl_advantages_use_the_same_epsilon_as_group_advantages(tmp_path):
     assert bool((rewards.view(-1, 4).std(-1) > 0).any()), "a group with different rewards makes eps matter"
 
 
-def test_eval_prompts_come_from_the_dataset_as_text_or_single_user_turns():
+def test_eval_prompts_come_from_the_dataset_as_text_or_conversations():
     text = SimpleNamespace(train_dataset=Dataset.from_list([{"prompt": "1+2="}, {"prompt": "3+4="}]))
     assert trl_prompts.dataset_prompts(text) == ([{"prompt": "1+2="}, {"prompt": "3+4="}], False)
     chat = SimpleNamespace(train_dataset=Dataset.from_list([{"prompt": [{"role": "user", "content": "1+2="}]}]))
     assert trl_prompts.dataset_prompts(chat) == ([{"prompt": "1+2="}], True)
+    # a system turn once needed prompts=, and E then lost the chat template
     turns = [{"role": "system", "content": "add"}, {"role": "user", "content": "1+2="}]
+    records, chat_template = trl_prompts.dataset_prompts(SimpleNamespace(train_dataset=Dataset.from_list([{"prompt": turns}])))
+    assert chat_template and records == [{"prompt": turns}]
+    structured = [{"role": "user", "content": [{"type": "text", "text": "1+2="}]}]
     with pytest.raises(ValueError, match="pass prompts="):
-        trl_prompts.dataset_prompts(SimpleNamespace(train_dataset=Dataset.from_list([{"prompt": turns}])))
+        trl_prompts.dataset_prompts(SimpleNamespace(train_dataset=Dataset.from_list([{"prompt": structured}])))
     with pytest.raises(ValueError, match="no 'prompt' column"):
         trl_prompts.dataset_prompts(SimpleNamespace(train_dataset=Dataset.from_list([{"question": "1+2="}])))
 

@@ -111,7 +111,7 @@ class ProbeResult(records.Record):
     def predictors(self) -> predictors.PredictorComparison:
         """The published logit-space predictors of the entropy change, scored against the true per-token
         change Δh_ik at U's states, with fprobe's own ḣ_ik as the reference (see ``fprobe.entropy.predictors``).
-        Cost: one jvp on U and one forward pass on U at θ₀+Δθ."""
+        Cost: one jvp on U and two forward passes on U (at θ₀+Δθ, and at θ₀ for Wang et al.'s N)."""
         return predictors.from_probe(self)
 
 
