@@ -19,7 +19,7 @@ from fprobe.rollouts import Rollouts
 from fprobe.sampling.generate import sample
 from fprobe.sampling.rewards import group_advantages
 from fprobe.warnings import (
-    DecompositionWarning, LowESSWarning, ShardingWarning, UndefinedScoreWarning, UpdateLostWarning,
+    DecompositionWarning, ImpreciseWarning, LowESSWarning, ShardingWarning, UndefinedScoreWarning, UpdateLostWarning,
     ZeroAdvantagesWarning,
 )
 
@@ -35,8 +35,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "Contributions", "DecompositionWarning", "EntropyChange", "LowESSWarning", "Policy", "ProbeResult", "Rollouts",
-    "ShardingWarning", "Step", "SweepResult", "TokenStats", "UndefinedScoreWarning", "UpdateLostWarning",
+    "Contributions", "DecompositionWarning", "EntropyChange", "ImpreciseWarning", "LowESSWarning", "Policy", "ProbeResult",
+    "Rollouts", "ShardingWarning", "Step", "SweepResult", "TokenStats", "UndefinedScoreWarning", "UpdateLostWarning",
     "ZeroAdvantagesWarning", "decompose", "entropy_change",
     "group_advantages", "optim", "probe", "rl_step", "sample", "token_stats", "tree",
 ]

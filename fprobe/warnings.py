@@ -18,6 +18,10 @@ class ZeroAdvantagesWarning(UserWarning):
     """Every advantage in the update batch is zero: the step is weight decay (and momentum) alone."""
 
 
+class ImpreciseWarning(UserWarning):
+    """The standard error of ΔH_true stays above a chosen fraction of |ΔH_true|: E is too small for that precision."""
+
+
 class UndefinedScoreWarning(UserWarning):
     """A predictor's agreement scores are NaN: the prediction or the truth is the same at every token of U
     (one response token, or every advantage 0)."""

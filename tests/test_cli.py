@@ -200,6 +200,24 @@ def test_usage_error_is_one_line(capsys):
     assert line.startswith("fprobe probe: error: argument --lora: expected r,alpha,targets")
 
 
+def test_probe_prints_standard_errors_and_the_eval_size_for_ten_percent(tmp_path, capsys):
+    """The table shows value ± se and the record holds the *_se fields; E of 2 responses per prompt has 2
+    units; with ΔH_true's se above a quarter of |ΔH_true| the |E| for a 10% error is printed; an --n-eval that
+    is not whole groups is one error line."""
+    out = tmp_path / "one.json"
+    argv = ["probe", "--n-eval", "8", "--eval-group-size", "2", "--n-update-prompts", "2", "--group-size", "2",
+            "--max-new-tokens", "4", "--out", str(out)]
+    assert cli.main(argv) == 0
+    stdout = capsys.readouterr().out
+    result = json.loads(out.read_text())["result"]
+    assert result["se_units"] == 4 and result["delta_h_true_se"] > 0 and "±" in stdout
+    relative = result["delta_h_true_se"] / abs(result["delta_h_true"])
+    needed = fprobe.entropy.uncertainty.rows_for(0.1, result["delta_h_true"], result["delta_h_true_se"], 8)
+    assert (f"|E| ≈ {needed} (--n-eval)" in stdout) == (relative > 0.25)
+    assert cli.main(["probe", "--n-eval", "7", "--eval-group-size", "2", "--quiet"]) == 2
+    assert "--eval-group-size 2" in capsys.readouterr().err
+
+
 def save_adapter(path: Path, seed: int) -> Path:
     """A LoRA adapter on the built-in policy (random, not the identity), saved as a LoRA run saves a checkpoint."""
     from peft import LoraConfig, get_peft_model

@@ -1,5 +1,5 @@
-"""Data-parallel probing on the gloo backend equals the single-process probe on the same global batch; the
-lockstep row blocks of sharded passes."""
+"""Data-parallel probing on the gloo backend equals the single-process probe on the same global batch (its standard
+errors included: to 1e-12 along one fixed Δθ); the lockstep row blocks of sharded passes."""
 
 import os
 import socket
@@ -64,6 +64,10 @@ def test_two_ranks_equal_one_process(runs):
         for name, want in one["numbers"].items():
             got = r["numbers"][name]
             assert abs(got - want) <= 1e-13 * scale if name == "delta_h_true" else close(got, want), (name, got, want)
+        for name, want in one["fixed_se"].items():  # along one fixed Δθ: to 1e-12
+            assert want > 0 and close(r["fixed_se"][name], want), (name, r["fixed_se"][name], want)
+        for name, want in one["probe_se"].items():  # along each run's own Δθ, which agree to 1e-10 (below)
+            assert want > 0 and close(r["probe_se"][name], want, rel=1e-9), (name, r["probe_se"][name], want)
         for got, want in zip(r["sweep"], one["sweep"]):
             assert abs(got - want) <= 1e-13 * scale
         for name, p in one["params"].items():

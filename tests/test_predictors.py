@@ -422,6 +422,28 @@ def test_cli_probe_predictors_flag_adds_the_comparison_to_the_record(tmp_path):
     assert (comparison["lr"], comparison["delta_h_true"]) == (record["result"]["lr_used"], record["result"]["delta_h_true"])
 
 
+def test_bootstrap_intervals_over_sequences():
+    """Over U's sequences: an exact relationship gives degenerate intervals at its values; one token per row gives
+    Pearson's interval of the textbook Fisher transform, atanh r ± 1.96/√(n−3); copying every row's token three
+    times within its row (a row resampled whole) leaves every interval as it was."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(400, generator=g, dtype=torch.float64)
+    rows = torch.arange(400)
+    exact = predictors.bootstrap_intervals(p, 2 * p, rows)
+    assert exact["scale"] == pytest.approx([2.0, 2.0], rel=1e-12) and exact["pearson"] == pytest.approx([1.0, 1.0], rel=1e-12)
+    assert exact["spearman"] == pytest.approx([1.0, 1.0], rel=1e-12) and exact["sign_agreement"] == [1.0, 1.0]
+    truth = 0.5 * p + torch.randn(400, generator=g, dtype=torch.float64)
+    got = predictors.bootstrap_intervals(p, truth, rows, draws=2000)
+    r = predictors.pearson(p, truth)
+    fisher = [math.tanh(math.atanh(r) + s * 1.959964 / math.sqrt(400 - 3)) for s in (-1, 1)]
+    assert got["pearson"] == pytest.approx(fisher, abs=0.02)
+    copies = predictors.bootstrap_intervals(p.repeat_interleave(3), truth.repeat_interleave(3), rows.repeat_interleave(3), draws=2000)
+    for name in ("scale", "pearson", "spearman", "sign_agreement"):
+        assert copies[name] == pytest.approx(got[name], rel=1e-9), name
+    score = predictors.score(p, truth, rows)
+    assert score.intervals["pearson"][0] < score.pearson < score.intervals["pearson"][1]
+
+
 def test_collision_terms_on_u_equal_an_independent_full_vocabulary_loop(probed):
     policy, U, result, _ = probed
     params = result.context.params

@@ -1,6 +1,7 @@
 """ΔH_true, δH₁, δH₂ and the sweep on a tiny float64 GPT-2 after a real AdamW step."""
 
 import dataclasses
+import re
 import warnings
 
 import pytest
@@ -263,6 +264,8 @@ def test_replay_refuses_a_step_that_no_longer_matches(setup):
         (dict(normalize="tokens"), "normalize"),
         (dict(entropy="exact"), "entropy"),
         (dict(baseline="position"), "togo"),
+        (dict(baseline="prompt", estimator="togo"), "snis"),
+        (dict(baseline="prompt"), "group_ids"),
         (dict(micro_batch=0), "micro_batch"),
         (dict(ess_threshold=2.0), "ess_threshold"),
     ],
@@ -300,12 +303,17 @@ def shown_rows(text: str) -> tuple[str, list[tuple[str, str]]]:
     """The title and the (label, value text) rows of a printed two-column table (title, a rule of dashes, rows)."""
     title, rule, *lines = text.splitlines()
     assert set(rule) == {"-"}, rule
-    return title, [tuple(part.strip() for part in line.rsplit(None, 1)) for line in lines]
+    return title, [tuple(part.strip() for part in re.split(r"\s{2,}", line, maxsplit=1)) for line in lines]
 
 
-def shows(text: str, value) -> bool:
+def shows(text: str, value, se=None) -> bool:
     """Whether ``text`` shows ``value``: "—" for None, an int exactly, a float in at most 7 significant digits
-    that read back to it within 5e-6 of its size (rounded to 6 digits at least)."""
+    that read back to it within 5e-6 of its size (rounded to 6 digits at least); with a standard error,
+    "value ± se" and the se in two significant digits."""
+    if se is not None:
+        shown, _, error = text.partition(" ± ")
+        return shows(shown, value) and len(error.lstrip("0.").replace(".", "").partition("e")[0]) <= 2 and (
+            float(error) == pytest.approx(se, rel=0.05))
     if value is None or isinstance(value, int):
         return text == ("—" if value is None else str(value))
     digits = text.lstrip("-").partition("e")[0].replace(".", "").lstrip("0")
@@ -327,8 +335,10 @@ def test_printed_table_shows_the_results_numbers(setup):
     shown = [(label, data[key]) for label, key in expected]
     shown += [(f"time {phase} [s]", round(seconds, 3)) for phase, seconds in data["timings"].items()]
     assert [label for label, _ in rows] == [label for label, _ in shown]  # and no internal field among them
+    errors = dict(zip([label for label, _ in expected], [data.get(f"{key}_se") for _, key in expected]))
+    assert errors["ΔH_true"] > 0 and errors["δH₁"] > 0  # the estimates on E carry their standard errors
     for (label, text), (_, value) in zip(rows, shown):
-        assert shows(text, value), (label, text, value)
+        assert shows(text, value, errors.get(label)), (label, text, value)
     # the numbers themselves, against plain references
     params, new = policy.params, tree.add(policy.params, res.delta_named)
     h0, h1 = float(plain_entropy(policy, params, E)), float(plain_entropy(policy, new, E, params0=params))

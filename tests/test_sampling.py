@@ -215,3 +215,22 @@ def test_check_scores_accepts_masked_logits_and_rejects_rows_without_a_distribut
             sampling.check_scores(scores)
     with pytest.raises(FloatingPointError, match="in 1 of 2 rows"):
         sampling.check_scores(torch.tensor([[0.0, 1.0], [-float("inf"), -float("inf")]]))
+
+
+def test_several_responses_per_evaluation_prompt(policy, tokenizer):
+    """eval_group_size=k: E's n_eval rows are n_eval/k prompt draws with k responses each (own streams, so
+    they differ), numbered by E.group_ids; k=1 leaves E as it was, one group per row."""
+    E, U = draw(policy, tokenizer, n_eval=12, eval_group_size=4)
+    single, U1 = draw(policy, tokenizer, n_eval=12)
+    assert len(E) == 12 and E.group_ids.tolist() == [g for g in range(3) for _ in range(4)]
+    assert single.group_ids.tolist() == list(range(12)) and same_rollouts(U, U1)
+    prompt_of = lambda i: E.input_ids[i][E.attention_mask[i].bool() & ~E.response_mask[i]].tolist()
+    response_of = lambda i: E.input_ids[i][E.response_mask[i]].tolist()
+    for g in range(3):
+        rows = range(4 * g, 4 * g + 4)
+        assert len({tuple(prompt_of(i)) for i in rows}) == 1
+        assert len({tuple(response_of(i)) for i in rows}) > 1, "each response draws from its own stream"
+    rows, _ = sampling.choose_prompts(3, 12, 1, 1, seed=0, replace=True, eval_group_size=4)
+    assert len(set(rows)) == 12 and all(rows[4 * g][0] == rows[4 * g + 3][0] for g in range(3))
+    with pytest.raises(ValueError, match="eval_group_size=5"):
+        sampling.choose_prompts(40, 12, 1, 1, seed=0, eval_group_size=5)

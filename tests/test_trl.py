@@ -24,6 +24,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 import fprobe
 import fprobe.trl
+from fprobe.entropy import uncertainty
 from fprobe.model.policy import modes_kept
 from fprobe.trl import batches as trl_batches
 from fprobe.trl import prompts as trl_prompts
@@ -811,3 +812,24 @@ def test_example_writes_its_records_and_figure(tmp_path, capsys):
     assert (tmp_path / "entropy.png").stat().st_size > 0
     printed = capsys.readouterr().out
     assert "× the training step it probed" in printed
+    assert all(line["delta_h_true_se"] > 0 for line in lines) and printed.count("ΔH_true") >= 2 and " ± " in printed
+
+
+def test_records_carry_standard_errors_and_an_imprecise_run_warns_once(tmp_path):
+    """Each record has the standard errors of its estimates (logged as entropy_probe/..._se) from a fresh E of
+    several responses per prompt (its units: the prompt draws); with a threshold no |E| = 4 can meet, the
+    ImpreciseWarning comes once, after three records, with the |E| that would reach it."""
+    trainer, _ = make_trainer(tmp_path, "dapo", steps=4)
+    probe = fprobe.trl.attach(trainer, every=1, n_eval=4, eval_group_size=2, rel_se_warning=1e-6)
+    with pytest.warns(fprobe.ImpreciseWarning) as caught:
+        trainer.train()
+    imprecise = [w for w in caught if issubclass(w.category, fprobe.ImpreciseWarning)]
+    needed = max(r["n_eval_for"] for r in probe.records[:3])
+    assert len(imprecise) == 1 and f"(attach(..., n_eval={needed}))" in str(imprecise[0].message)
+    assert imprecise[0].filename == __file__
+    for record in probe.records:
+        assert record["se_units"] == 2 and record["delta_h_true_se"] > 0 and record["ratio_se"] > 0
+        assert record["n_eval_for"] == uncertainty.rows_for(1e-6, record["delta_h_true"], record["delta_h_true_se"], 4)
+    assert all(probe.eval_batches[r["step"]].group_ids.tolist() == [0, 0, 1, 1] for r in probe.records)
+    with pytest.raises(ValueError, match="eval_group_size=3"):
+        fprobe.trl.attach(make_trainer(tmp_path / "b", "dapo", steps=1)[0], n_eval=4, eval_group_size=3)

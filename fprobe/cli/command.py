@@ -107,6 +107,7 @@ def probe_model(options, unit: Unit, pool, reward, key: dict, plot: Path | None)
         policy, tokenizer, pool,
         n_eval=options.n_eval, n_update_prompts=options.n_update_prompts, group_size=options.group_size,
         reward=reward, max_new_tokens=length, seed=options.seed, replace=options.replace,
+        eval_group_size=options.eval_group_size,
         chat_template=options.chat_template, batch_size=options.generation_batch, quiet=options.quiet,
     )
     sampled = time.perf_counter()
@@ -142,8 +143,18 @@ def probe_model(options, unit: Unit, pool, reward, key: dict, plot: Path | None)
         f"and U ({options.n_update_prompts}×{options.group_size}, {s['update_tokens']} tokens, mean reward "
         f"{s['mean_reward']:.3g}) in {t['sample']:.2f} s",
         str(result),
+        *precision_note(result),
     ]
     return record, sweep, "\n".join(report + ([str(sweep)] if sweep is not None else []))
+
+
+def precision_note(result, target: float = 0.1) -> list[str]:
+    """A line with the |E| for a ``target`` relative error when ΔH_true's standard error exceeds a quarter of |ΔH_true|."""
+    se, value = result.delta_h_true_se, result.delta_h_true
+    if se is None or not value or se <= abs(value) / 4:
+        return []
+    return [f"ΔH_true's standard error is {se / abs(value):.0%} of |ΔH_true| with |E| = {result.n_eval}: |E| ≈ "
+            f"{result.n_eval_for(target)} (--n-eval) would bring it to {target:.0%}"]
 
 
 def say(text: str, stderr: bool = False) -> None:

@@ -103,6 +103,8 @@ OPTIONS = (
            "else 'numeric'")),
     Option("--n-eval", dict(type=positive_int, default=DEFAULT_N_EVAL, help="sequences in the evaluation batch E")),
     Option("--replace", dict(action="store_true", help="draw E's prompts with replacement")),
+    Option("--eval-group-size", dict(type=positive_int, default=1, help="responses per prompt in E (--n-eval / this "
+           "many prompts); E's prompts are then its independent units")),
     Option("--n-update-prompts", dict(type=positive_int, default=DEFAULT_N_UPDATE_PROMPTS,
            help="prompts in the update batch U")),
     Option("--group-size", dict(type=positive_int, default=DEFAULT_GROUP_SIZE, help="responses per update prompt")),

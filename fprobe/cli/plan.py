@@ -37,6 +37,9 @@ def resolve_defaults(namespace: argparse.Namespace):
     """The parsed options as an immutable named tuple, with the defaults that depend on other options
     filled in (device → dtype, prompts → reward, sweep → its plot path); the namespace is left as it is."""
     options = dict(vars(namespace))
+    if options["n_eval"] % options["eval_group_size"]:
+        raise ValueError(f"--n-eval {options['n_eval']} is not a whole number of groups of --eval-group-size "
+                         f"{options['eval_group_size']}")
     options["device"] = options["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     options["dtype"] = options["dtype"] or ("float64" if device_type(options["device"]) == "cpu" else "float32")
     options["reward"] = options["reward"] or ("toy" if options["prompts"] is None else "numeric")

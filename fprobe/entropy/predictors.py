@@ -209,7 +209,9 @@ def sign_agreement(predicted: torch.Tensor, truth: torch.Tensor) -> float:
 class Score(NamedTuple):
     """One predictor against the per-token truth Δh_ik: its aggregate, the scale c minimising
     Σ (c·p − Δh)², Pearson and Spearman correlations, the fraction of right signs over all tokens (a
-    zero prediction counts as wrong) and over the tokens where it predicts a change (p ≠ 0)."""
+    zero prediction counts as wrong) and over the tokens where it predicts a change (p ≠ 0); ``intervals``:
+    {statistic: [low, high]} 95% bootstrap intervals of scale, Pearson, Spearman and sign agreement over U's
+    sequences (None without the tokens' rows)."""
 
     aggregate: float
     scale: float
@@ -217,13 +219,39 @@ class Score(NamedTuple):
     spearman: float
     sign_agreement: float
     sign_agreement_nonzero: float
+    intervals: dict | None = None
 
 
-def score(predicted: torch.Tensor, truth: torch.Tensor) -> Score:
+STATISTICS = {"scale": least_squares_scale, "pearson": pearson, "spearman": spearman, "sign_agreement": sign_agreement}
+BOOTSTRAP_DRAWS = 400
+
+
+def bootstrap_intervals(predicted: torch.Tensor, truth: torch.Tensor, rows: torch.Tensor, draws: int = BOOTSTRAP_DRAWS,
+                        level: float = 0.95, seed: int = 0) -> dict:
+    """Percentile intervals of ``STATISTICS`` over ``draws`` resamples of U's sequences (rows drawn with
+    replacement, each with all its tokens: one sequence's tokens are not independent); ``rows`` [tokens] names
+    each token's row. Reproducible from ``seed``; a resample whose statistic is NaN is left out."""
+    _, row_of = torch.unique(rows, return_inverse=True)
+    members = [torch.nonzero(row_of == r).flatten() for r in range(int(row_of.max()) + 1)]
+    generator = torch.Generator().manual_seed(seed)
+    values = {name: [] for name in STATISTICS}
+    for _ in range(draws):
+        index = torch.cat([members[r] for r in torch.randint(len(members), (len(members),), generator=generator).tolist()])
+        for name, statistic in STATISTICS.items():
+            values[name].append(statistic(predicted[index], truth[index]))
+    tail = (1 - level) / 2
+    bounds = lambda x: [float(q) for q in torch.tensor(x, dtype=torch.float64).nanquantile(torch.tensor([tail, 1 - tail], dtype=torch.float64))]
+    return {name: bounds(x) for name, x in values.items()}
+
+
+def score(predicted: torch.Tensor, truth: torch.Tensor, rows: torch.Tensor | None = None) -> Score:
+    """The ``Score`` of ``predicted`` against ``truth`` over tokens; with ``rows`` (each token's row of U), its
+    bootstrap intervals over U's sequences."""
     nonzero = predicted != 0
     return Score(
         float(predicted.mean()), least_squares_scale(predicted, truth), pearson(predicted, truth),
         spearman(predicted, truth), sign_agreement(predicted, truth), sign_agreement(predicted[nonzero], truth[nonzero]),
+        None if rows is None else bootstrap_intervals(predicted, truth, rows),
     )
 
 
@@ -293,6 +321,10 @@ def truths(
     )
 
 
+def interval_text(bounds) -> str:
+    return "" if bounds is None else f"[{bounds[0]:.3g}, {bounds[1]:.3g}]"
+
+
 def undefined_reason(predicted: torch.Tensor, truth: torch.Tensor, inputs: TokenInputs) -> str | None:
     """Why a prediction's correlations and scale are NaN, or None when they are defined."""
     if len(truth) < 2:
@@ -327,7 +359,7 @@ class PredictorComparison(records.Record):
     truth: torch.Tensor = records.internal()
     predicted: dict = records.internal()
 
-    COLUMNS: ClassVar[tuple[str, ...]] = Score._fields
+    COLUMNS: ClassVar[tuple[str, ...]] = Score._fields[:-1]
 
     def __repr__(self) -> str:
         head = records.table(
@@ -339,6 +371,8 @@ class PredictorComparison(records.Record):
         lines = [f"{'predictor':<{width}}" + "".join(f"  {c:>14}" for c in self.COLUMNS)]
         for name, s in self.scores.items():
             lines.append(f"{name:<{width}}" + "".join(f"  {records.format_number(s[c]):>14}" for c in self.COLUMNS))
+            if s.get("intervals"):
+                lines.append(f"{'  95% interval':<{width}}" + "".join(f"  {interval_text(s['intervals'].get(c)):>14}" for c in self.COLUMNS))
         return head + "\n\n" + "\n".join(lines)
 
     def plot(self, path=None):
@@ -387,6 +421,7 @@ def compare(
     if U.advantages is None:
         raise ValueError("the update batch U has no advantages: the predictors need them")
     t = truths(policy, params, delta, U, new_params, micro_batch, cov_micro_batch)
+    rows = flat(torch.arange(len(U))[:, None].expand(U.response_mask.shape), U.response_mask)
     predicted = {p.name: p.tokens(t.inputs, lr) for p in PREDICTORS} | {REFERENCE: t.first_order}
     undefined = {name: reason for name, p in predicted.items() if (reason := undefined_reason(p, t.delta_h, t.inputs))}
     if undefined:
@@ -398,7 +433,7 @@ def compare(
         delta_h_tokens=float(t.delta_h.mean()),
         delta_h_true=delta_h_true,
         delta_h1=delta_h1,
-        scores={name: score(p, t.delta_h)._asdict() for name, p in predicted.items()},
+        scores={name: score(p, t.delta_h, rows)._asdict() for name, p in predicted.items()},
         citations={p.name: p.citation for p in PREDICTORS} | {REFERENCE: "fprobe: ḣ_ik = d/dε h_ik(θ₀+εΔθ), one jvp"},
         undefined=undefined,
         cov_micro_batch=cov_micro_batch,
