@@ -128,7 +128,7 @@ def rounding_floor(policy, params, delta, E: Rollouts, stats0: TokenStats, setti
     d_logp, d_entropy = statistic_differences(plain.value, perturbed.value, settings.entropy)
     mask = E.response_mask.to(d_logp.device)
     coefficients = lambda stats: [c[:m] for c in estimators.first_order_coefficients(
-        stats, mask, settings.estimator, settings.normalize, settings.entropy, settings.baseline, logp_ref)]
+        stats, mask, settings.estimator, settings.normalize, settings.entropy, settings.baseline, logp_ref, E.group_ids)]
     d_parts = (row_parts(*coefficients(with_rows_replaced(stats0, perturbed.value)), perturbed.tangent)
                - row_parts(*coefficients(with_rows_replaced(stats0, plain.value)), plain.tangent))
     return RoundingFloor(change_floor(d_logp, d_entropy, stats0, mask, settings, logp_ref),

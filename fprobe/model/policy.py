@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch.func import functional_call
 
+from fprobe import distributed
 from fprobe.model import attention
 from fprobe import tree
 from fprobe.rollouts import check_token_ids
@@ -25,12 +26,25 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def dropout_rates(module: torch.nn.Module) -> dict[str, float]:
+    """The dropout probabilities a module applies itself: an ``nn.Dropout`` module's ``p``, and the float
+    attributes named ``*dropout*`` or ``*pdrop*`` that transformers' attention modules pass to their
+    attention function as its ``dropout`` argument (e.g. Llama/Qwen2's ``attention_dropout``)."""
+    if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+        return {"": module.p}
+    return {
+        f".{name}": value for name, value in vars(module).items()
+        if ("dropout" in name or "pdrop" in name) and isinstance(value, float)
+    }
+
+
 def active_dropout(model: torch.nn.Module) -> list[str]:
-    """Names of dropout modules that would act in the model's current mode."""
+    """Names of the dropout that would act in the model's current mode: dropout modules, and modules in
+    train mode whose dropout rate attribute is > 0 (``dropout_rates``)."""
     return [
-        name
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0
+        f"{name}{attribute}"
+        for name, m in model.named_modules() if m.training
+        for attribute, rate in dropout_rates(m).items() if rate > 0
     ]
 
 
@@ -341,6 +355,35 @@ def lora_config(lora):
     return LoraConfig(task_type="CAUSAL_LM", r=int(r), lora_alpha=float(alpha), target_modules=list(targets), lora_dropout=0.0)
 
 
+@contextlib.contextmanager
+def fprobe_numerics(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None = None):
+    """Within: every call of ``model`` runs with fprobe's numerics (``Policy.apply``'s and the sharded
+    passes'): input-require-grads hooks suspended, exact float32 matmuls, fprobe's attention and eager
+    experts, no autocast, computed in ``dtype`` (``Numerics``; None: ``widest_dtype(model)``)."""
+    with (
+        input_require_grads_hooks_suspended(model),
+        exact_float32_matmul(device),
+        fprobe_kernels_installed(model),
+        autocast_off(model, device),
+        Numerics(widest_dtype(model) if dtype is None else dtype),
+    ):
+        yield
+
+
+def check_not_sharded(model: torch.nn.Module) -> None:
+    """ValueError for a model whose trainable parameters are DTensors (FSDP2): ``functional_call`` on such a
+    module runs its own all-gathered weights and silently ignores the parameters it is given, and forward-mode
+    AD does not pass its all-gathers, so none of ``Policy``'s functional paths would measure what they say."""
+    sharded = next((name for name, p in model.named_parameters() if p.requires_grad and distributed.is_dtensor(p)), None)
+    if sharded is not None:
+        raise ValueError(
+            f"the model's parameters are sharded (FSDP2: {sharded!r} is a DTensor): functional_call on a sharded "
+            "module ignores the parameters it is given and forward-mode AD does not pass its all-gathers, so "
+            "fprobe.Policy cannot evaluate it; probe a TRL run with fprobe.trl.attach (sharded mode), or gather "
+            "whole parameters into an unsharded copy of the model"
+        )
+
+
 @dataclass(frozen=True, eq=False)
 class Policy:
     """π_θ(· | prefix) = softmax(logits / temperature) of a transformers causal LM.
@@ -360,6 +403,7 @@ class Policy:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.chunk_size is not None and not (isinstance(self.chunk_size, int) and self.chunk_size >= 1):
             raise ValueError(f"chunk_size must be a positive number of rows or None, got {self.chunk_size!r}")
+        check_not_sharded(self.model)
         if self.eval_dtype is not None:
             check_eval_dtype(self.eval_dtype, widest_dtype(self.model))
         check_attention_interface(base_model(self.model))
@@ -441,13 +485,7 @@ class Policy:
             use_cache=False,
         )
         tensors = {**held_tensors_upcast(self.model, params, dtype), **{name: upcast(p, dtype) for name, p in params.items()}}
-        with (
-            input_require_grads_hooks_suspended(self.model),
-            exact_float32_matmul(device),
-            fprobe_kernels_installed(self.model),
-            autocast_off(self.model, device),
-            Numerics(dtype),
-        ):
+        with fprobe_numerics(self.model, device, dtype):
             out = functional_call(self.model, tensors, (input_ids.to(device),), kwargs)
         logits = out.logits
         return logits if self.temperature == 1.0 else logits / self.temperature
