@@ -330,7 +330,7 @@ def test_printed_table_shows_the_results_numbers(setup):
         ("H(θ₀)", "h_orig"), ("H(θ₀+Δθ)", "h_upd"), ("ΔH_true", "delta_h_true"), ("δH₁", "delta_h1"), ("δH₂", "delta_h2"),
         ("ΔH_true / δH₁", "ratio"), ("covariance baseline", "cov_baseline"), ("loss", "loss"), ("‖g‖₂", "grad_norm"),
         ("update lost to rounding", "update_lost"), ("ESS fraction", "ess_fraction"), ("max weight", "max_weight"),
-        ("‖Δθ‖₂", "delta_l2"), ("lr", "lr_used"), ("E: sequences", "n_eval"), ("E: response tokens", "n_eval_tokens"),
+        ("rounding floor of ΔH_true", "rounding_floor"), ("rounding floor of δH₁", "rounding_floor_h1"), ("‖Δθ‖₂", "delta_l2"), ("lr", "lr_used"), ("E: sequences", "n_eval"), ("E: response tokens", "n_eval_tokens"),
     ]
     shown = [(label, data[key]) for label, key in expected]
     shown += [(f"time {phase} [s]", round(seconds, 3)) for phase, seconds in data["timings"].items()]

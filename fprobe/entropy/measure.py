@@ -123,7 +123,6 @@ class EntropyChange(records.Record):
         ("ΔH_true / δH₁", "ratio"),
         ("ESS fraction", "ess_fraction"),
         ("max weight", "max_weight"),
-        ("computed in", "eval_dtype"),
         ("rounding floor of ΔH_true", "rounding_floor"),
         ("rounding floor of δH₁", "rounding_floor_h1"),
         ("‖Δθ‖₂", "delta_l2"),
