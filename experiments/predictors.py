@@ -13,6 +13,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -30,7 +31,7 @@ from fprobe import tree
 from fprobe.records import format_number
 
 HERE = Path(__file__).parent
-STATS = predictors.Score._fields
+STATS = tuple(field for field in predictors.Score._fields if field != "intervals")  # numbers; intervals apart
 OPTIMIZERS = {"SGD": lambda lr: fprobe.optim.sgd(lr=lr), "AdamW": lambda lr: fprobe.optim.adamw(lr=lr, weight_decay=0.01)}
 
 
@@ -144,6 +145,23 @@ def same_sign(record: dict, name: str) -> bool:
     return (record["scores"][name]["aggregate"] > 0) == (record["delta_h_tokens"] > 0)
 
 
+def interval_span(group: list[dict], name: str, statistic: str) -> str:
+    """The lowest and highest bound of ``name``'s 95% bootstrap intervals (over U's sequences) across the seeds."""
+    bounds = [r["scores"][name].get("intervals", {}).get(statistic) for r in group]
+    bounds = [b for b in bounds if b is not None and None not in b]
+    if not bounds:
+        return "no interval"
+    return f"per-seed 95% intervals within {min(b[0] for b in bounds):.3f}–{max(b[1] for b in bounds):.3f}"
+
+
+def kept_sections(path: Path) -> str:
+    """The sections other scripts write into the README, between ``<!-- name: ... -->`` and ``<!-- /name -->``."""
+    if not path.exists():
+        return ""
+    pattern = re.compile(r"<!-- (\w+): .*?-->.*?<!-- /\1 -->\n", re.S)
+    return "".join(match.group(0) for match in pattern.finditer(path.read_text(encoding="utf-8")))
+
+
 def headline(records: list[dict], lr: float) -> list[str]:
     """Per optimizer at the step's own rate: the best published predictor by Pearson, and the reference."""
     lines = []
@@ -155,8 +173,9 @@ def headline(records: list[dict], lr: float) -> list[str]:
         ranges = {s: (min(stat(n, s) for n in published), max(stat(n, s) for n in published)) for s in ("pearson", "spearman")}
         lines.append(
             f"- {optimizer}, η = {lr:g}: the published predictors reach Pearson {ranges['pearson'][0]:.2f}–{ranges['pearson'][1]:.2f} "
-            f"and Spearman {ranges['spearman'][0]:.2f}–{ranges['spearman'][1]:.2f} with Δh_ik (best by Pearson: `{best}`); "
-            f"fprobe's ḣ_ik: Pearson {stat(predictors.REFERENCE, 'pearson'):.4f}, Spearman "
+            f"and Spearman {ranges['spearman'][0]:.2f}–{ranges['spearman'][1]:.2f} with Δh_ik (best by Pearson: `{best}`, "
+            f"{interval_span(group, best, 'pearson')}); fprobe's ḣ_ik: Pearson {stat(predictors.REFERENCE, 'pearson'):.4f} "
+            f"({interval_span(group, predictors.REFERENCE, 'pearson')}), Spearman "
             f"{stat(predictors.REFERENCE, 'spearman'):.4f}, scale {stat(predictors.REFERENCE, 'scale'):.3f}. "
             "The sign of the aggregate matches that of the mean Δh on U in "
             + ", ".join(f"{sum(same_sign(r, n) for r in group)}/{len(group)} seeds for `{n}`" for n in published) + "."
@@ -348,7 +367,8 @@ def main(argv=None):
         shown.plot(args.plot)
     command = " ".join(["python experiments/predictors.py", *argv])
     files.write_atomic(args.json, json.dumps({"sweep": records, "trl": trl_steps}, indent=1))
-    files.write_atomic(args.out, readme(args, records, trl_steps, seconds, cpu_seconds, command))
+    kept = kept_sections(Path(args.out))
+    files.write_atomic(args.out, readme(args, records, trl_steps, seconds, cpu_seconds, command) + ("\n" + kept if kept else ""))
     print(f"wrote {args.out} in {seconds:.0f} s")
 
 
