@@ -61,9 +61,11 @@ def update_batches(draw):
 def optimizers(lr: float):
     return st.sampled_from([
         fprobe.optim.adamw(lr=lr, weight_decay=0.1),
+        fprobe.optim.adamw(lr=lr, weight_decay=0.1, foreach=True),
         fprobe.optim.adamw(lr=lr, weight_decay=0.0, betas=(0.8, 0.95)),
         fprobe.optim.sgd(lr=lr),
         fprobe.optim.sgd(lr=lr, momentum=0.9, weight_decay=0.01),
+        fprobe.optim.sgd(lr=lr, momentum=0.9, weight_decay=0.01, foreach=True),
         fprobe.optim.sgd(lr=lr, momentum=0.9, nesterov=True),
     ])
 
@@ -73,9 +75,12 @@ def with_bias_group(opt: fprobe.optim.Optimizer, params) -> fprobe.optim.Optimiz
     groups = {n: dict(lr=3 * opt.lr, weight_decay=0.0) for n in params if n.endswith("bias") or "norm" in n or "ln" in n}
     make = fprobe.optim.adamw if opt.name == "adamw" else fprobe.optim.sgd
     hyper = opt.hyper("")
+    foreach = bool(hyper["foreach"])
     if opt.name == "adamw":
-        return make(lr=opt.lr, betas=(hyper["beta1"], hyper["beta2"]), eps=hyper["eps"], weight_decay=hyper["weight_decay"], groups=groups)
-    return make(lr=opt.lr, momentum=hyper["momentum"], weight_decay=hyper["weight_decay"], nesterov=bool(hyper["nesterov"]), groups=groups)
+        return make(lr=opt.lr, betas=(hyper["beta1"], hyper["beta2"]), eps=hyper["eps"], weight_decay=hyper["weight_decay"],
+                    groups=groups, foreach=foreach)
+    return make(lr=opt.lr, momentum=hyper["momentum"], weight_decay=hyper["weight_decay"], nesterov=bool(hyper["nesterov"]),
+                groups=groups, foreach=foreach)
 
 
 def counting(opt: fprobe.optim.Optimizer):
