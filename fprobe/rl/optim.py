@@ -31,6 +31,9 @@ Hyper = dict[str, float]
 
 
 class AdamWState(NamedTuple):
+    """Per-parameter step counts and moments; a parameter absent from ``exp_avg``/``exp_avg_sq`` (or from
+    ``step``) has taken no step yet: its moments are zero, as torch creates them at the first step."""
+
     step: dict[str, int]
     exp_avg: tree.Params
     exp_avg_sq: tree.Params
@@ -160,7 +163,7 @@ def adamw(
         """torch's ``_single_tensor_adam`` for one group, functionally; writes into the ``out`` trees."""
         new_params, exp_avg, exp_avg_sq = out
         for name in names:
-            p, g, step = params[name], grads[name], state.step[name] + 1
+            p, g, step = params[name], grads[name], state.step.get(name, 0) + 1
             decayed = h["weight_decay"] != 0
             if decayed:
                 p = p * (1 - rate * h["weight_decay"])
@@ -178,7 +181,7 @@ def adamw(
         new_params, exp_avg, exp_avg_sq = out
         gs = [grads[n] for n in names]
         ps = [params[n] for n in names]
-        steps = [float(state.step[n] + 1) for n in names]
+        steps = [float(state.step.get(n, 0) + 1) for n in names]
         decayed = h["weight_decay"] != 0
         if decayed:
             ps = torch._foreach_mul(ps, 1 - rate * h["weight_decay"])
@@ -205,7 +208,7 @@ def adamw(
             fast = uses_foreach(None if "foreach" not in h else bool(h["foreach"]), (params[n] for n in names))
             (multi_tensor if fast else single_tensor)(h, rate, names, grads, state, params, out)
         new_params, exp_avg, exp_avg_sq = _in_order(params, *out)
-        steps = {name: state.step[name] + 1 for name in params}
+        steps = {name: state.step.get(name, 0) + 1 for name in params}
         return new_params, AdamWState(steps, exp_avg, exp_avg_sq)
 
     def terms(name: str, p: torch.Tensor, state: AdamWState, new_state: AdamWState, lr_override) -> AffineTerms:
@@ -223,11 +226,11 @@ def adamw(
         )
 
     def affine(state: AdamWState, new_state: AdamWState, params, lr_override: float | None = None):
-        stale = next((n for n in params if new_state.step[n] != state.step[n] + 1), None)
+        stale = next((n for n in params if new_state.step.get(n, 0) != state.step.get(n, 0) + 1), None)
         if stale is not None:
             raise ValueError(
                 f"optimizer states do not belong to one step: parameter {stale!r} went from step "
-                f"{state.step[stale]} to {new_state.step[stale]}"
+                f"{state.step.get(stale, 0)} to {new_state.step.get(stale, 0)}"
             )
         return ((name, terms(name, p, state, new_state, lr_override)) for name, p in params.items())
 
