@@ -100,7 +100,7 @@ def main(argv=None):
         "δH₁ pass (jvp on E)": lambda: passes.jet(policy, params, result.delta_named, E, 1, mb),
         "vjp on E": lambda: passes.gradient(policy, params, E, functional, mb),
         "jvp on U": lambda: passes.jet(policy, params, direction, U, 1, mb),
-        "contributions()": lambda: decompose.decompose(result),
+        "contributions()": lambda: result.contributions(),
     }
     rows, outputs = timed(phases, repeats)
     contrib = outputs["contributions()"]

@@ -25,7 +25,8 @@ from benchmarks import common  # noqa: E402
 from fprobe.entropy import estimators  # noqa: E402
 from fprobe.model import passes  # noqa: E402
 from fprobe import tree  # noqa: E402
-from fprobe.entropy.evaluation import Settings, first_order  # noqa: E402
+from fprobe.entropy.measure import first_order  # noqa: E402
+from fprobe.entropy.settings import Settings  # noqa: E402
 from fprobe.model.tokens import TokenStats, token_stats  # noqa: E402
 
 METHODS = ("jvp", "grad", "double_backward")

@@ -138,40 +138,15 @@ def trl_available() -> bool:
 
 def trl_run(args) -> list[dict]:
     """A short GRPO run of TRL's GRPOTrainer on the built-in policy (float64, AdamW, constant rate lr0):
-    ``fprobe.trl.attach`` measures ΔH_true and δH₁ on E at every step; ``StepCapture`` keeps U (the
-    micro-batches TRL's ``compute_loss`` saw), θ_k and Δθ = θ_{k+1} − θ_k, and compares the predictors."""
+    ``fprobe.trl.attach`` measures ΔH_true and δH₁ on E at every step; a second capture of the same steps
+    (``fprobe.trl.capture.capture_steps``) hands over U (the micro-batches TRL's ``compute_loss`` saw), θ_k and
+    Δθ = θ_{k+1} − θ_k, and the predictors are compared on them."""
     import fprobe.trl
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import AutoModelForCausalLM
+
+    from fprobe.trl.capture import capture_steps
     from trl import GRPOConfig, GRPOTrainer
-
-    class StepCapture(TrainerCallback):
-        def __init__(self, trainer):
-            self.trainer, self.comparisons, self.micro, self.before = trainer, {}, [], None
-
-        def on_train_begin(self, *_, **__):
-            trainer, compute_loss = self.trainer, self.trainer.compute_loss
-
-            def capturing(model, inputs, *rest, **kw):
-                self.micro.append(fprobe.trl.micro_batch_from_inputs(inputs, trainer.current_gradient_accumulation_steps))
-                return compute_loss(model, inputs, *rest, **kw)
-
-            trainer.compute_loss = capturing
-
-        def on_step_begin(self, *_, **__):
-            self.micro = []
-
-        def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-            params = fprobe.Policy(self.trainer.model).params
-            lr = float(getattr(optimizer, "optimizer", optimizer).param_groups[0]["lr"])
-            self.before = (tree.tree_map(lambda p: p.detach().clone(), params), lr)
-
-        def on_step_end(self, args, state, control, **kwargs):
-            policy = fprobe.Policy(self.trainer.model)
-            params, lr = self.before
-            new = tree.tree_map(lambda p: p.detach().clone(), policy.params)
-            U = fprobe.trl.update_batch(self.micro, self.trainer.max_completion_length)
-            self.comparisons[state.global_step] = predictors.compare(policy, params, tree.sub(new, params), U, lr, new_params=new)
 
     model = AutoModelForCausalLM.from_pretrained(str(toy.DEFAULT_MODEL_PATH), dtype=torch.float64)
     tokenizer = AutoTokenizer.from_pretrained(str(toy.DEFAULT_MODEL_PATH))
@@ -189,13 +164,18 @@ def trl_run(args) -> list[dict]:
         trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, processing_class=tokenizer,
                               train_dataset=Dataset.from_list(toy.make_prompts(1024, 0)))
         probe = fprobe.trl.attach(trainer, every=1, n_eval=args.n_eval)
-        capture = StepCapture(trainer)
-        trainer.add_callback(capture)
+        policy, comparisons = fprobe.Policy(trainer.model), {}
+
+        def compare(captured, context, control):
+            comparisons[captured.step] = predictors.compare(policy, captured.params, captured.delta, captured.replay.U,
+                                                            captured.lr, new_params=captured.new_params)
+
+        capture_steps(trainer, compare)
         trainer.train()
     on_e = {r["step"]: r for r in probe.records}
     return [
         {"step": step, **c.to_dict(), "delta_h_true": on_e[step].get("delta_h_true"), "delta_h1": on_e[step].get("delta_h1")}
-        for step, c in sorted(capture.comparisons.items())
+        for step, c in sorted(comparisons.items())
     ]
 
 
@@ -209,8 +189,8 @@ def trl_section(args, steps: list[dict] | None) -> list[str]:
         "",
         f"TRL's `GRPOTrainer` on the same policy and task: {len(steps)} steps, {args.n_update_prompts} prompts × "
         f"{args.group_size} completions per step, `dr_grpo`, AdamW at a constant {args.lr0:g}, float64. "
-        "`fprobe.trl.attach` measures ΔH_true and δH₁ on a fresh E at every step; the experiment's own callback keeps "
-        "U as TRL's `compute_loss` saw it and Δθ = θ_{k+1} − θ_k exactly as TRL applied it. Pearson with Δh_ik on U per step:",
+        "`fprobe.trl.attach` measures ΔH_true and δH₁ on a fresh E at every step; a second capture "
+        "(`fprobe.trl.capture.capture_steps`) hands over U as TRL's `compute_loss` saw it and Δθ = θ_{k+1} − θ_k exactly as TRL applied it. Pearson with Δh_ik on U per step:",
         "",
         "| step | U tokens | mean Δh on U | ΔH_true on E | δH₁ on E | " + " | ".join(names) + " |",
         "|---|---|---|---|---|" + "---|" * len(names),

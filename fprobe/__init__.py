@@ -8,7 +8,8 @@ transformers' Trainer, which takes seconds.
 from fprobe import tree
 from fprobe.entropy import decompose
 from fprobe.entropy.decompose import Contributions
-from fprobe.entropy.probe import EntropyChange, ProbeResult, entropy_change, probe
+from fprobe.entropy.measure import EntropyChange, entropy_change
+from fprobe.entropy.probe import ProbeResult, probe
 from fprobe.entropy.sweep import SweepResult
 from fprobe.model.policy import Policy
 from fprobe.model.tokens import TokenStats, token_stats

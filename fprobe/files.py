@@ -67,6 +67,14 @@ def check_writable(path: str | Path, what: str) -> None:
         raise PermissionError(f"{what} {str(path)!r}: the folder {folder} is not writable")
 
 
+def check_appendable(path: str | Path, what: str) -> None:
+    """``check_writable``, and a regular file (or a name for one): JSONL records are read back to resume, which a
+    device or pipe (/dev/full, /dev/stdout) cannot do."""
+    check_writable(path, what)
+    if is_stream(Path(path)):
+        raise ValueError(f"{what} {str(path)!r}: JSONL records are read back to resume, so they need a regular file")
+
+
 def canonical(value) -> str:
     """``value`` as JSON with sorted keys: equal for equal values, tuples and lists alike."""
     return json.dumps(value, sort_keys=True)

@@ -55,7 +55,8 @@ def table(title: str, rows: list[tuple[str, object]]) -> str:
 
 
 def to_json(record, **kwargs) -> str:
-    return json.dumps(to_dict(record), **kwargs)
+    """The record as JSON: its own ``to_dict`` where it has one (non-finite numbers become null)."""
+    return json.dumps(record.to_dict() if isinstance(record, Record) else to_dict(record), **kwargs)
 
 
 class Record:

@@ -1,11 +1,9 @@
-"""Every warning fprobe raises, and ``warn``, which attributes them to the caller's own line: the first frame outside the fprobe package,
-however deep inside ``probe(...)``, ``.sweep(...)`` or ``.contributions()`` the warning was raised."""
+"""Every warning fprobe raises, and ``warn``, which attributes them to the caller's own line: the first frame
+outside fprobe and the libraries that call it, however deep inside ``probe(...)``, ``.sweep(...)``,
+``.contributions()`` or a trainer's callbacks the warning was raised."""
 
-import os
 import sys
 import warnings
-
-PACKAGE_DIR = os.path.dirname(__file__) + os.sep
 
 
 class LowESSWarning(UserWarning):
@@ -24,9 +22,19 @@ class DecompositionWarning(UserWarning):
     """The parts of δH₁ do not add up to it (low-precision parameters: bf16, fp16)."""
 
 
+CALLERS_WITHIN = ("fprobe", "transformers", "trl", "accelerate", "torch")  # frames a warning is not attributed to
+
+
+def outside_libraries(frame) -> bool:
+    """Whether ``frame`` runs the user's code: not fprobe's, nor that of the libraries fprobe is called from
+    (a TRL trainer calls fprobe's callbacks from transformers' callback handler)."""
+    module = frame.f_globals.get("__name__", "")
+    return module.partition(".")[0] not in CALLERS_WITHIN
+
+
 def warn(message: str, category: type[Warning] = UserWarning) -> None:
-    """``warnings.warn`` with the stack level of the first caller outside fprobe."""
-    frame, level = sys._getframe(0), 1
-    while frame is not None and frame.f_code.co_filename.startswith(PACKAGE_DIR):
+    """``warnings.warn`` with the stack level of the first caller outside fprobe and the libraries that call it."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and not outside_libraries(frame):
         frame, level = frame.f_back, level + 1
-    warnings.warn(message, category, stacklevel=level)
+    warnings.warn(message, category, stacklevel=level if frame is not None else 2)

@@ -200,7 +200,7 @@ def test_per_token_is_the_on_policy_formula(policy, probed):
 
 def test_micro_batch_does_not_change_the_parts(probed):
     result, c = probed("adamw_imported_clip")
-    again = dec.decompose(result, micro_batch=4)
+    again = result.contributions(micro_batch=4)
     assert float((again.per_token - c.per_token).abs().max()) <= 1e-12 * float(c.per_token.abs().max())
     assert rel(again.momentum, c.momentum) <= 1e-12 and rel(again.decay, c.decay) <= 1e-12
 

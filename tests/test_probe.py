@@ -249,7 +249,8 @@ def test_probe_is_lean_and_replays_its_step_bit_for_bit(setup):
 def test_replay_refuses_a_step_that_no_longer_matches(setup):
     policy, E, U = setup
     res = fprobe.probe(policy, E, U, fprobe.optim.sgd(lr=1e-3))
-    moved = dataclasses.replace(res, context=dataclasses.replace(res.context, params=tree.scale(res.context.params, 1.01)))
+    moved_change = dataclasses.replace(res.change, context=dataclasses.replace(res.context, params=tree.scale(res.context.params, 1.01)))
+    moved = dataclasses.replace(res, change=moved_change)
     with pytest.raises(RuntimeError, match="different Δθ"):
         moved.replay_step()
 

@@ -24,6 +24,9 @@ from trl import GRPOConfig, GRPOTrainer
 
 import fprobe
 import fprobe.trl
+from fprobe.model.policy import modes_kept
+from fprobe.trl import batches as trl_batches
+from fprobe.trl import prompts as trl_prompts
 from fprobe.trl import probe as trl_probe
 from fprobe.sampling import toy
 from fprobe.model.policy import PrimitiveOpsKeepFloat64
@@ -127,7 +130,7 @@ def test_attached_run_is_bit_identical_and_fprobe_replays_trl_step(tmp_path, los
     assert state_dicts_equal(probed.lr_scheduler.state_dict(), plain.lr_scheduler.state_dict())
     assert "compute_loss" not in vars(probed), "the compute_loss wrapper outlived train()"
     assert not probed.optimizer.optimizer._optimizer_step_post_hooks, "the update counter outlived train()"
-    assert [c for c in probed.callback_handler.callbacks if c is not probe] == callbacks
+    assert [c for c in probed.callback_handler.callbacks if c is not probe.capture] == callbacks
 
     assert [r["step"] for r in probe.records] == [1, 2, 3] and all(r["updates"] == 1 for r in probe.records)
     assert any(g > 0.2 for g in logged(plain, "grad_norm")), "clipping should act in this run"
@@ -308,9 +311,9 @@ def test_row_weights_are_trls_own_normalisers(tmp_path, loss_type):
         logp = (-torch.rand(rows, width, generator=g)).requires_grad_()
         trainer._get_per_token_logps_and_entropies = lambda *a, logp=logp, **k: (logp, torch.zeros_like(logp), None)
         (grad,) = torch.autograd.grad(trainer._compute_loss(trainer.model, inputs), logp)
-        micro.append(trl_probe.micro_batch_from_inputs(inputs, 2))
+        micro.append(trl_batches.micro_batch_from_inputs(inputs, 2))
         grads.append(grad.double() * completion_mask)
-    weights = trl_probe.trl_row_weights(micro, loss_type, 1, trainer.args.steps_per_generation, MAX_COMPLETION)
+    weights = trl_batches.trl_row_weights(micro, loss_type, 1, trainer.args.steps_per_generation, MAX_COMPLETION)
     advantages = torch.cat([mb.advantages for mb in micro])
     for grad, mb, rows in zip(grads, micro, (slice(0, 3), slice(3, 8))):
         expected = -(weights[rows] * advantages[rows])[:, None] * mb.completion_mask
@@ -426,7 +429,7 @@ def test_fixed_eval_batch_is_importance_weighted_from_its_sampler(tmp_path):
 def test_given_eval_batch_is_weighted_from_the_model_at_attach_and_resampled_when_ess_falls(tmp_path):
     trainer, _ = make_trainer(tmp_path, "grpo", steps=3)
     initial = trainable(trainer.model)
-    with trl_probe.modes_kept(trainer.model):
+    with modes_kept(trainer.model):
         policy = fprobe.Policy(trainer.model)
         E, _ = fprobe.sample(policy, TOKENIZER, toy.make_prompts(20, 1), n_eval=10, n_update_prompts=1, group_size=1,
                              reward="toy", max_new_tokens=MAX_COMPLETION, seed=3)
@@ -569,10 +572,10 @@ def test_an_interrupt_inside_the_probe_leaves_whole_lines_and_a_clean_trainer_fo
     probe = fprobe.trl.attach(trainer, every=1, n_eval=4, out=out)
     measure = probe._measure
 
-    def interrupted(step, before):
-        if step == 2:
+    def interrupted(captured, *rest):
+        if captured.step == 2:
             raise KeyboardInterrupt
-        return measure(step, before)
+        return measure(captured, *rest)
 
     monkeypatch.setattr(probe, "_measure", interrupted)
     with pytest.raises(KeyboardInterrupt):
@@ -591,8 +594,8 @@ def test_an_interrupt_inside_the_probe_leaves_whole_lines_and_a_clean_trainer_fo
         trainer.train()
     trainer.remove_callback(outside)
     captured = []
-    capture = probe._capture
-    monkeypatch.setattr(probe, "_capture", lambda inputs: (captured.append(len(inputs["advantages"])), capture(inputs)))
+    capture = probe.capture._capture
+    monkeypatch.setattr(probe.capture, "_capture", lambda inputs: (captured.append(len(inputs["advantages"])), capture(inputs)))
     trainer.train()  # from step 0 again (no checkpoint), with the weights the interrupted run left
     assert [r["step"] for r in probe.records] == [1, 1, 1, 2, 3] and captured == [8, 8, 8]
     assert all(r["updates"] == 1 and r["step_check"] == "ok" and r["step_rel_error"] <= 1e-3 for r in probe.records)
@@ -653,14 +656,14 @@ def test_trl_advantages_use_the_same_epsilon_as_group_advantages(tmp_path):
 
 def test_eval_prompts_come_from_the_dataset_as_text_or_single_user_turns():
     text = SimpleNamespace(train_dataset=Dataset.from_list([{"prompt": "1+2="}, {"prompt": "3+4="}]))
-    assert trl_probe.dataset_prompts(text) == ([{"prompt": "1+2="}, {"prompt": "3+4="}], False)
+    assert trl_prompts.dataset_prompts(text) == ([{"prompt": "1+2="}, {"prompt": "3+4="}], False)
     chat = SimpleNamespace(train_dataset=Dataset.from_list([{"prompt": [{"role": "user", "content": "1+2="}]}]))
-    assert trl_probe.dataset_prompts(chat) == ([{"prompt": "1+2="}], True)
+    assert trl_prompts.dataset_prompts(chat) == ([{"prompt": "1+2="}], True)
     turns = [{"role": "system", "content": "add"}, {"role": "user", "content": "1+2="}]
     with pytest.raises(ValueError, match="pass prompts="):
-        trl_probe.dataset_prompts(SimpleNamespace(train_dataset=Dataset.from_list([{"prompt": turns}])))
+        trl_prompts.dataset_prompts(SimpleNamespace(train_dataset=Dataset.from_list([{"prompt": turns}])))
     with pytest.raises(ValueError, match="no 'prompt' column"):
-        trl_probe.dataset_prompts(SimpleNamespace(train_dataset=Dataset.from_list([{"question": "1+2="}])))
+        trl_prompts.dataset_prompts(SimpleNamespace(train_dataset=Dataset.from_list([{"question": "1+2="}])))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -718,6 +721,49 @@ def test_an_out_that_cannot_take_the_records_fails_at_attach(tmp_path):
     again, _ = make_trainer(tmp_path, steps=1)  # the same output_dir
     with pytest.warns(UserWarning, match="already holds 1 probe record"):
         fprobe.trl.attach(again, every=1, n_eval=4, out=out)
+
+
+class RaisingLogger(TrainerCallback):
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if any(key.startswith("entropy_probe/") for key in logs or {}):
+            raise RuntimeError("a reporting callback failed")
+
+
+def test_a_record_reaches_out_even_when_another_callbacks_on_log_raises(tmp_path):
+    # issue 19, case 3: the JSONL line was written after trainer.log, which runs the other callbacks first
+    out = tmp_path / "probe.jsonl"
+    trainer, _ = make_trainer(tmp_path, "dapo", steps=1)
+    probe = fprobe.trl.attach(trainer, every=1, n_eval=4, out=out)
+    trainer.add_callback(RaisingLogger())
+    with pytest.raises(RuntimeError, match="a reporting callback failed"):
+        trainer.train()
+    assert [json.loads(line)["step"] for line in out.read_text().splitlines()] == [r["step"] for r in probe.records] == [1]
+
+
+@pytest.mark.parametrize("device", ["/dev/full", "/dev/zero", "/dev/null"])
+def test_an_out_that_is_a_device_is_refused_at_attach(tmp_path, device):
+    # issue 19, case 4: attach read "existing records" from /dev/zero forever
+    trainer, _ = make_trainer(tmp_path, steps=1)
+    callbacks = list(trainer.callback_handler.callbacks)
+    with pytest.raises(ValueError, match="need a regular file"):
+        fprobe.trl.attach(trainer, out=device)
+    assert trainer.callback_handler.callbacks == callbacks
+
+
+def test_a_reused_eval_batch_whose_weights_degenerate_warns_at_the_users_line_and_flags_the_record(tmp_path):
+    """A reused E (here given at attach) importance-weighted at θ_{k+1} with an ESS fraction under the threshold
+    gives a LowESSWarning and ``ess_low`` in the record, like a fresh E; the warning points at this file's
+    ``trainer.train()`` line, not inside transformers (issue 19, cases 2 and 9)."""
+    trainer, _ = make_trainer(tmp_path, "grpo", steps=1, learning_rate=5e-2)
+    with modes_kept(trainer.model):
+        E, _ = fprobe.sample(fprobe.Policy(trainer.model), TOKENIZER, toy.make_prompts(20, 1), n_eval=10,
+                             n_update_prompts=1, group_size=1, reward="toy", max_new_tokens=MAX_COMPLETION, seed=3)
+    probe = fprobe.trl.attach(trainer, every=1, E=E, ess_threshold=1.0)  # any update makes the ESS fraction < 1
+    with pytest.warns(fprobe.LowESSWarning) as caught:
+        trainer.train()
+    (record,) = probe.records
+    assert record["eval_sampled_at"] == 0 and record["ess_fraction"] < 1.0 and record["ess_low"] is True
+    assert {w.filename for w in caught if issubclass(w.category, fprobe.LowESSWarning)} == {__file__}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,10 +22,8 @@ No per-sample gradient is ever materialised. Parameter-sized float64 temporaries
 parameter at a time.
 """
 
-import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
@@ -33,6 +31,7 @@ from fprobe.rl import losses
 from fprobe.model import passes
 from fprobe import records
 from fprobe import tree
+from fprobe.rollouts import Rollouts
 from fprobe.warnings import DecompositionWarning, warn
 
 RESIDUAL_WARNING = 1e-3
@@ -148,24 +147,19 @@ class Contributions(records.Record):
         return plot_token_contributions(self, row, path, labels)
 
 
-def decompose(result, *, micro_batch: int | None | Literal["probe"] = "probe", progress: bool = False) -> Contributions:
-    """Exact per-sequence and per-token parts of a ``ProbeResult``'s δH₁ (see the module docstring).
+def decompose(context, step, U: Rollouts, optimizer, start_state, delta_h1: float | None, loss, clip: float, *,
+              micro_batch: int | None = None, progress: bool = False) -> Contributions:
+    """Exact per-sequence and per-token parts of δH₁ of one RL step (see the module docstring).
 
-    Cost: one vjp of Ĥ's linear functional on E (u = ∇Ĥ, the same functional whose contraction with
-    the jvp tangents gives δH₁) and one jvp of U's token log-probs along gain ⊙ u; no per-sample
-    gradient is materialised; without ``probe(..., keep_step=True)`` the step is first replayed
-    (``ProbeResult.replay_step``: one more gradient pass on U). ``micro_batch``: rows per pass, the
-    probe's own setting by default (None: the whole batch).
+    ``context``: θ₀ and Ĥ's linear functional on E (``fprobe.entropy.context.Context``); ``step``: the
+    ``rl_step`` taken from θ₀ and ``start_state`` on U with ``optimizer``, ``loss`` and ``clip`` (its row weights
+    c_j are the loss's); ``delta_h1``: δH₁ along the step's Δθ (None: ⟨∇Ĥ, Δθ⟩ from this decomposition's own gradient). ``micro_batch``: rows per pass (None: the whole
+    batch). Cost: one vjp of Ĥ's linear functional on E (u = ∇Ĥ) and one jvp of U's token log-probs along
+    gain ⊙ u; no per-sample gradient is materialised. Returns the ``Contributions``.
     """
-    if not hasattr(result, "replay_step"):
-        raise ValueError("decompose needs a ProbeResult from fprobe.probe (its step, U, optimizer and starting state)")
-    ctx, U, optimizer = result.context, result.U, result.optimizer
     if U.advantages is None:
         raise ValueError("the update batch has no advantages")
-    if micro_batch != "probe":  # checked like the probe's own setting, before the step is replayed
-        dataclasses.replace(ctx.settings, micro_batch=micro_batch)
-    micro_batch = ctx.settings.micro_batch if micro_batch == "probe" else micro_batch
-    step, start_state = result.replay_step(), result.start_state
+    ctx = context
     policy, params = ctx.policy, ctx.params
     timings = {}
 
@@ -183,6 +177,7 @@ def decompose(result, *, micro_batch: int | None | Literal["probe"] = "probe", p
         if terms.decay is not None:
             decay = decay + torch.vdot(u.flatten(), terms.decay.flatten())
     delta_h1_grad = float(tree.vdot(grad_h, step.delta))
+    delta_h1 = delta_h1_grad if delta_h1 is None else float(delta_h1)
     del grad_h
     timings["parts"] = time.perf_counter() - start
 
@@ -192,15 +187,15 @@ def decompose(result, *, micro_batch: int | None | Literal["probe"] = "probe", p
 
     mask = U.response_mask.to(jet.tangent.logp.device)
     logp0 = (step.logp if step.logp is not None else jet.value.logp).to(jet.tangent.logp.device)
-    weights = losses.row_weights(U, result.loss_type)
-    token_loss = lambda logp: losses.token_losses(logp, U, weights, result.clip)
+    weights = losses.row_weights(U, loss)
+    token_loss = lambda logp: losses.token_losses(logp, U, weights, clip)
     _, loss_dot = torch.func.jvp(token_loss, (logp0,), (jet.tangent.logp,))
     per_token = (loss_dot * step.clip_coef).double() * mask
     per_sequence = per_token.sum(-1)
     momentum, decay = float(momentum), float(decay)
     lengths = U.lengths
     contributions = Contributions(
-        delta_h1=float(result.delta_h1),
+        delta_h1=float(delta_h1),
         momentum=momentum,
         decay=decay,
         per_sequence=per_sequence.cpu(),
@@ -211,7 +206,7 @@ def decompose(result, *, micro_batch: int | None | Literal["probe"] = "probe", p
         advantages=U.advantages.double().cpu(),
         lengths=lengths.cpu(),
         mean_logp=((logp0 * mask).sum(-1) / lengths.to(mask.device)).double().cpu(),
-        residual=float(result.delta_h1) - (momentum + decay + float(per_sequence.sum())),
+        residual=float(delta_h1) - (momentum + decay + float(per_sequence.sum())),
         delta_h1_grad=delta_h1_grad,
         clip_coef=float(step.clip_coef),
         optimizer=optimizer.name,

@@ -106,18 +106,23 @@ def first_order_coefficients(
     normalize: Normalize = "token",
     entropy: Entropy = "rb",
     baseline: Baseline = "none",
+    logp_ref: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[n, L] coefficients (α, β) with δH₁ = Σ_ik α_ik ℓ̇_ik + β_ik ḣ_ik for statistics at θ₀.
 
-    ``snis``: the exact derivative of Ĥ, δH₁ = [Σ Ḣ_i + Σ H_i Ṡ_i − Ĥ Σ D_i Ṡ_i] / Σ D_i.
-    ``togo``: the same expectation with H_i ℓ̇_ik → (G_ik − b_ik) ℓ̇_ik and D_i ℓ̇_ik → (D_i − D_≤k) ℓ̇_ik,
-    where D_≤k = k per token (0 per sequence, whose D_i ℓ̇_ik term vanishes in expectation).
+    ``snis``: the exact derivative of Ĥ, δH₁ = [Σ w_i Ḣ_i + Σ w_i (H_i − Ĥ D_i) Ṡ_i] / Σ w_i D_i, with
+    w_i = exp(S_i(θ₀) − S_i^q) relative to the policy q that sampled E (``logp_ref`` = S^q; None: q = π_θ₀,
+    every w_i = 1). ``togo``: the same expectation with H_i ℓ̇_ik → (G_ik − b_ik) ℓ̇_ik and
+    D_i ℓ̇_ik → (D_i − D_≤k) ℓ̇_ik, where D_≤k = k per token (0 per sequence, whose D_i ℓ̇_ik term
+    vanishes in expectation).
     """
     mask = mask.to(stats.logp.device).double()  # E's masks may live on the CPU, the statistics on the policy's device
     r = rows(stats, entropy)
+    logw = log_weights(r.logp, r.logp if logp_ref is None else logp_ref.to(r.logp.device))
+    w = torch.exp(logw - logw.max())
     denom = denominators(mask, normalize)
-    total = denom.sum()
-    h_hat = (r.entropy.sum() / total).item()
+    total = (w * denom).sum()
+    h_hat = ((w * r.entropy).sum() / total).item()
     if estimator == "snis":
         score_weight = (r.entropy - h_hat * denom)[:, None] * mask
     elif estimator == "togo":
@@ -130,9 +135,10 @@ def first_order_coefficients(
         score_weight = to_go - h_hat * denom_to_go
     else:
         raise ValueError(f"estimator must be 'snis' or 'togo', got {estimator!r}")
+    weighted = w[:, None] * mask
     if entropy == "rb":
-        return score_weight / total, mask / total
-    return (score_weight - mask) / total, torch.zeros_like(mask)
+        return w[:, None] * score_weight / total, weighted / total
+    return (w[:, None] * score_weight - weighted) / total, torch.zeros_like(mask)
 
 
 def contract(alpha: torch.Tensor, beta: torch.Tensor, tangent: TokenStats) -> torch.Tensor:
@@ -161,11 +167,14 @@ def taylor_derivatives(r0: Rows, r1: Rows, r2: Rows | None, logp_ref: torch.Tens
     return slope(zero), second
 
 
-def second_order(value: TokenStats, tangent: TokenStats, second: TokenStats, mask, normalize: Normalize, entropy: Entropy):
-    """δH₂ = ½ d²/dε² Ĥ(θ₀ + εΔθ) at 0 (``taylor_derivatives`` with weights relative to θ₀)."""
+def second_order(value: TokenStats, tangent: TokenStats, second: TokenStats, mask, normalize: Normalize, entropy: Entropy,
+                 logp_ref: torch.Tensor | None = None):
+    """δH₂ = ½ d²/dε² Ĥ(θ₀ + εΔθ) at 0 (``taylor_derivatives`` with weights relative to ``logp_ref``, the
+    sampling policy's S^q; None: θ₀)."""
     denom = denominators(mask.to(value.logp.device), normalize)
     r0 = rows(value, entropy)
-    return taylor_derivatives(r0, rows(tangent, entropy), rows(second, entropy), r0.logp, denom)[1]
+    reference = r0.logp if logp_ref is None else logp_ref.to(r0.logp.device)
+    return taylor_derivatives(r0, rows(tangent, entropy), rows(second, entropy), reference, denom)[1]
 
 
 def covariance_baseline(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor, lr: float) -> float:

@@ -8,7 +8,7 @@ import torch
 
 from fprobe import records
 from fprobe import tree
-from fprobe.entropy.evaluation import snis_at, warn_if_low_ess
+from fprobe.entropy.context import snis_at, warn_if_low_ess
 
 COLUMNS = ("lr", "delta_h_true", "delta_h1", "delta_h12", "ratio", "ess_fraction", "ess_low")
 

@@ -233,10 +233,8 @@ def fprobe_attention(
 
 
 def register() -> str:
-    """Register the kernel and its mask function with transformers; idempotent. Returns the name."""
+    """Register the kernel and its mask function with transformers (on first use: importing fprobe changes
+    nothing in transformers); idempotent. Returns the name."""
     AttentionInterface.register(NAME, fprobe_attention)
     AttentionMaskInterface.register(NAME, mask_blocks)
     return NAME
-
-
-register()

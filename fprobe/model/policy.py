@@ -41,21 +41,40 @@ def check_no_dropout(model: torch.nn.Module) -> None:
         )
 
 
+INPUT_GRAD_HOOKS = ("make_inputs_require_grads", "make_inputs_require_grad")  # transformers', PEFT's
+
+
 @contextlib.contextmanager
 def input_require_grads_hooks_suspended(model: torch.nn.Module):
-    """Detach PEFT/transformers' ``enable_input_require_grads`` hooks (they call
-    ``requires_grad_`` inside forward, which breaks ``jvp``) and put them back afterwards."""
-    suspended = []
-    for module in model.modules():
-        for handle in getattr(module, "_require_grads_hooks", None) or []:
-            hooks = handle.hooks_dict_ref()
-            if hooks is not None and handle.id in hooks:
-                suspended.append((hooks, handle.id, hooks.pop(handle.id)))
+    """Within: without transformers' or PEFT's input-require-grads forward hooks (they call ``requires_grad_``
+    inside forward, which breaks ``jvp``; with gradient checkpointing every generation adds one more, and only
+    the last is on record in ``_require_grads_hooks``, so they are found by name); on exit every module's
+    forward hooks are put back as they were, in their order."""
+    hooks = [(module._forward_hooks, list(module._forward_hooks.items())) for module in model.modules()]
+    for table, items in hooks:
+        for key, hook in items:
+            if getattr(hook, "__name__", None) in INPUT_GRAD_HOOKS:
+                del table[key]
     try:
         yield
     finally:
-        for hooks, key, hook in suspended:
-            hooks[key] = hook
+        for table, items in hooks:
+            table.clear()
+            table.update(items)
+
+
+@contextlib.contextmanager
+def modes_kept(model: torch.nn.Module):
+    """Within: the model in eval mode (no dropout, no gradient checkpointing) and without input-require-grads
+    hooks (``input_require_grads_hooks_suspended``); on exit every module's ``training`` flag is put back."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with input_require_grads_hooks_suspended(model):
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 @contextlib.contextmanager
@@ -187,8 +206,9 @@ def fprobe_kernels_installed(model: torch.nn.Module):
         (config, config._attn_implementation_internal, getattr(config, "_experts_implementation_internal", None))
         for config in attention_configs(model)
     ]
+    name = attention.register()
     for config, _, experts in saved:
-        config._attn_implementation_internal = attention.NAME
+        config._attn_implementation_internal = name
         if experts is not None:
             config._experts_implementation_internal = EAGER_EXPERTS
     try:

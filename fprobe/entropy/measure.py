@@ -1,0 +1,209 @@
+"""The one measurement on E along any Δθ: ``entropy_change`` → ``EntropyChange``.
+
+ΔH_true = Ĥ(θ₀+Δθ) − Ĥ(θ₀) by SNIS at the new parameters (``functional_call``, the model untouched),
+δH₁ = d/dε Ĥ(θ₀+εΔθ)|₀ by one jvp (or ∇Ĥ · Δθ), δH₂ = ½ d²/dε² by forward over forward, with
+Ĥ(θ) = Σ_i w_i H_i / Σ_i w_i D_i and log w_i = S_i(θ) − S_i^q, q the policy that sampled E: π_θ₀ itself
+(every w_i(θ₀) = 1), or an earlier policy when E is reused (``logp_sampler`` = S^q).
+"""
+
+import time
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple, Unpack
+
+import torch
+
+from fprobe import checks, records, tree
+from fprobe.entropy import estimators, sweep
+from fprobe.entropy.context import Context, snis_at, warn_if_low_ess
+from fprobe.entropy.settings import EstimatorOptions, Settings, settings_from
+from fprobe.model import passes
+from fprobe.model.tokens import TokenStats
+from fprobe.records import internal
+from fprobe.rollouts import Rollouts
+
+Row = tuple[str, str]  # (label in the table, field name)
+
+
+class FirstOrder(NamedTuple):
+    """Statistics of E at θ₀, the coefficients (α, β) with δH₁ = Σ α ℓ̇ + β ḣ, δH₁, δH₂ (or None)."""
+
+    stats0: TokenStats
+    alpha: torch.Tensor
+    beta: torch.Tensor
+    delta_h1: float
+    delta_h2: float | None
+
+
+def first_order(policy, params, delta, E: Rollouts, settings: Settings, second_order: bool = False, progress: bool = False,
+                timings: dict | None = None, logp_ref: torch.Tensor | None = None) -> FirstOrder:
+    """δH₁ = d/dε Ĥ(θ₀+εΔθ)|₀ by one jvp (``method="jvp"``) or as ∇Ĥ · Δθ (``"grad"``: a forward and a
+    vjp of the same linear functional); δH₂ = ½ d²/dε² by forward over forward when ``second_order``.
+    ``logp_ref``: S^q of the policy that sampled E (None: θ₀). ``timings`` (if given) receives the seconds
+    of each pass."""
+    timings = {} if timings is None else timings
+    mask = E.response_mask
+    coefficients = lambda stats: estimators.first_order_coefficients(
+        stats, mask, settings.estimator, settings.normalize, settings.entropy, settings.baseline, logp_ref
+    )
+    start, delta_h2 = time.perf_counter(), None
+    if settings.method == "jvp" or second_order:
+        jet = passes.jet(policy, params, delta, E, 2 if second_order else 1, settings.micro_batch, progress)
+        stats0 = jet.value
+        alpha, beta = coefficients(stats0)
+        delta_h1 = float(estimators.contract(alpha, beta, jet.tangent))
+        if second_order:
+            delta_h2 = float(estimators.second_order(
+                jet.value, jet.tangent, jet.second, mask, settings.normalize, settings.entropy, logp_ref))
+        timings["jvp2" if second_order else "jvp"] = time.perf_counter() - start
+        start = time.perf_counter()
+    if settings.method == "grad":
+        if not second_order:
+            stats0 = passes.forward(policy, params, E, settings.micro_batch, progress)
+            alpha, beta = coefficients(stats0)
+        _, grad_h, _ = passes.gradient(policy, params, E, passes.linear_functional(alpha, beta), settings.micro_batch, progress)
+        delta_h1 = float(tree.vdot(grad_h, delta))
+        timings["grad"] = time.perf_counter() - start
+    return FirstOrder(stats0, alpha, beta, delta_h1, delta_h2)
+
+
+@dataclass(frozen=True, kw_only=True, repr=False)
+class EntropyChange(records.Record):
+    """ΔH_true = Ĥ(θ₀+Δθ) − Ĥ(θ₀) on E by SNIS, δH₁ = d/dε Ĥ(θ₀+εΔθ)|₀, δH₂ = ½ d²/dε² (if asked).
+
+    Keeps Δθ (``delta_named``) and θ₀'s statistics on E (``context``): all a sweep needs.
+    """
+
+    h_orig: float
+    h_upd: float
+    delta_h_true: float
+    delta_h1: float
+    delta_h2: float | None
+    ratio: float
+    ess: float
+    ess_fraction: float
+    max_weight: float
+    ess_low: bool
+    delta_l2: float
+    lr_used: float
+    n_eval: int
+    n_eval_tokens: int
+    top_params: list
+    timings: dict
+    settings: dict
+    delta_named: tree.Params = internal()
+    context: Context = internal()
+
+    ROWS: ClassVar[tuple[Row, ...]] = (
+        ("H(θ₀)", "h_orig"),
+        ("H(θ₀+Δθ)", "h_upd"),
+        ("ΔH_true", "delta_h_true"),
+        ("δH₁", "delta_h1"),
+        ("δH₂", "delta_h2"),
+        ("ΔH_true / δH₁", "ratio"),
+        ("ESS fraction", "ess_fraction"),
+        ("max weight", "max_weight"),
+        ("‖Δθ‖₂", "delta_l2"),
+        ("lr", "lr_used"),
+        ("E: sequences", "n_eval"),
+        ("E: response tokens", "n_eval_tokens"),
+    )
+
+    def rows(self) -> list[tuple[str, object]]:
+        """(label, value) for the table: ``ROWS`` by field name, then the time of each pass."""
+        return [(label, getattr(self, name)) for label, name in self.ROWS] + [
+            (f"time {phase} [s]", round(t, 3)) for phase, t in self.timings.items()
+        ]
+
+    def __repr__(self) -> str:
+        flag = "  (LOW ESS: outside the linear regime)" if self.ess_low else ""
+        return records.table(f"{type(self).__name__}{flag}", self.rows())
+
+    def sweep(self, lrs, progress: bool = False) -> sweep.SweepResult:
+        """ΔH_true, δH₁ (and δH₁+δH₂) at each learning rate, from this one Δθ scaled by η/η₀."""
+        return sweep.sweep(self, lrs, progress)
+
+
+def measure(policy, E: Rollouts, delta, params, new_params, lr: float | None, settings: Settings, *, logp_sampler=None,
+            second_order: bool = False, progress: bool = False) -> EntropyChange:
+    """``entropy_change`` on checked arguments (``params``, ``delta``, ``new_params`` trees like the policy's)."""
+    timings = {}
+    first = first_order(policy, params, delta, E, settings, second_order, progress, timings, logp_sampler)
+    rows0 = estimators.rows(first.stats0, settings.entropy)
+    denom = estimators.denominators(E.response_mask, settings.normalize).to(rows0.logp.device)
+    logp_ref = rows0.logp if logp_sampler is None else logp_sampler.to(rows0.logp.device)
+    context = Context(policy, params, E, rows0, denom, first.alpha, first.beta, settings, logp_ref)
+    start = time.perf_counter()
+    h0 = float(estimators.snis_value(rows0.logp, rows0.entropy, logp_ref, denom))
+    new = snis_at(context, tree.add(params, delta) if new_params is None else new_params, progress)
+    timings["forward_new"] = time.perf_counter() - start
+    change = float(new.value) - h0
+    return EntropyChange(
+        h_orig=h0,
+        h_upd=float(new.value),
+        delta_h_true=change,
+        delta_h1=first.delta_h1,
+        delta_h2=first.delta_h2,
+        ratio=change / first.delta_h1 if first.delta_h1 else float("nan"),
+        ess=float(new.ess),
+        ess_fraction=float(new.ess_fraction),
+        max_weight=float(new.max_weight),
+        ess_low=warn_if_low_ess(float(new.ess_fraction), settings.ess_threshold, "at θ₀+Δθ"),
+        delta_l2=float(tree.norm(delta)),
+        lr_used=1.0 if lr is None else float(lr),
+        n_eval=len(E),
+        n_eval_tokens=E.n_tokens,
+        top_params=tree.top_k(delta, 10),
+        timings=timings,
+        settings=settings.__dict__.copy(),
+        delta_named=delta,
+        context=context,
+    )
+
+
+def check_logp_sampler(logp_sampler, E: Rollouts) -> torch.Tensor | None:
+    """S^q: one finite float per row of E, or None."""
+    if logp_sampler is None:
+        return None
+    logp = torch.as_tensor(logp_sampler, dtype=torch.float64)
+    if logp.shape != (len(E),):
+        raise ValueError(f"logp_sampler must hold one sequence log-prob per row of E ({len(E)}), got shape {tuple(logp.shape)}")
+    bad = torch.nonzero(~torch.isfinite(logp)).flatten().tolist()
+    if bad:
+        raise ValueError(f"logp_sampler is not finite for evaluation rows {bad}")
+    return logp
+
+
+def entropy_change(
+    policy,
+    E: Rollouts,
+    delta,
+    *,
+    params=None,
+    new_params=None,
+    lr: float | None = None,
+    logp_sampler: torch.Tensor | None = None,
+    second_order: bool = False,
+    progress: bool = False,
+    **options: Unpack[EstimatorOptions],
+) -> EntropyChange:
+    """What moving the policy's parameters by ``delta`` (any name-keyed Δθ, e.g. the difference of two
+    checkpoints) does to the entropy on E: ΔH_true by SNIS at θ₀+Δθ (``functional_call``, the model
+    untouched), δH₁ (jvp, or ``method="grad"``: ∇Ĥ · Δθ), δH₂ if ``second_order``.
+
+    ``params`` is θ₀ (default: the policy's parameters). ``new_params`` are θ₀+Δθ exactly as the model
+    sees them (``rl_step``'s ``params``, which can differ from ``params + delta`` by an ulp where the
+    update nearly cancels a parameter); default ``params + delta``. ``lr`` is the learning rate that
+    produced Δθ (it sets the sweep's scale; default 1). ``logp_sampler`` [n]: the sequence log-probs S^q
+    of the policy q that sampled E, when that is not π_θ₀ (a reused E); every estimate then
+    importance-weights from q. ``options``: the estimator settings (``fprobe.entropy.settings.Settings``).
+    """
+    settings = settings_from(options)
+    if lr is not None:
+        checks.learning_rate(lr, "lr (the learning rate that produced delta)")
+    params = tree.check_like(policy.params, policy.params if params is None else params, "params")
+    delta = tree.check_like(params, delta, "delta")
+    tree.check_finite(delta, "delta")
+    if new_params is not None:
+        new_params = tree.check_like(params, new_params, "new_params")
+    return measure(policy, E, delta, params, new_params, lr, settings, logp_sampler=check_logp_sampler(logp_sampler, E),
+                   second_order=second_order, progress=progress)

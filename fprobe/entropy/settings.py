@@ -1,0 +1,71 @@
+"""How Ĥ and δH₁ are estimated: one frozen ``Settings`` value, its options declared once.
+
+``entropy_change(..., **options)`` and ``probe(..., **options)`` take exactly these keywords
+(``EstimatorOptions``) and build one ``Settings`` from them, which checks every option before any pass runs.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal, TypedDict
+
+from fprobe import checks
+from fprobe.entropy import estimators
+from fprobe.model import passes
+
+Method = Literal["jvp", "grad"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """``estimator``: δH₁'s estimator (``snis``: the exact derivative of ΔH_true's estimator; ``togo``:
+    entropy-to-go, same expectation); ``normalize``: Ĥ per response ``token`` or per ``seq``uence;
+    ``entropy``: per-sequence entropy ``rb`` (Rao–Blackwell, Σ_k h_k) or ``naive`` (−S); ``baseline``:
+    ``togo``'s baseline; ``method``: δH₁ by ``jvp`` or by ``grad`` (∇Ĥ · Δθ); ``micro_batch``: rows per
+    pass (None: the whole batch in one pass; peak memory is set by it); ``ess_threshold``: the ESS
+    fraction below which a ``LowESSWarning`` flags the result."""
+
+    estimator: estimators.Estimator = "snis"
+    normalize: estimators.Normalize = "token"
+    entropy: estimators.Entropy = "rb"
+    baseline: estimators.Baseline = "none"
+    method: Method = "jvp"
+    micro_batch: int | None = passes.DEFAULT_MICRO_BATCH
+    ess_threshold: float = 0.5
+
+    def __post_init__(self):
+        for name, allowed in (
+            ("estimator", estimators.Estimator),
+            ("normalize", estimators.Normalize),
+            ("entropy", estimators.Entropy),
+            ("baseline", estimators.Baseline),
+            ("method", Method),
+        ):
+            checks.choice(name, getattr(self, name), allowed)
+        if self.baseline != "none" and self.estimator != "togo":
+            raise ValueError(f"baseline={self.baseline!r} applies to estimator='togo' only (got estimator={self.estimator!r})")
+        checks.micro_batch(self.micro_batch)
+        checks.fraction(self.ess_threshold, "ess_threshold")
+
+    def replace(self, **changes) -> "Settings":
+        """A copy with ``changes``, checked like a new one."""
+        return dataclasses.replace(self, **changes)
+
+
+class EstimatorOptions(TypedDict, total=False):
+    """The keyword arguments that make a ``Settings`` (see there)."""
+
+    estimator: estimators.Estimator
+    normalize: estimators.Normalize
+    entropy: estimators.Entropy
+    baseline: estimators.Baseline
+    method: Method
+    micro_batch: int | None
+    ess_threshold: float
+
+
+def settings_from(options: dict) -> Settings:
+    """``Settings(**options)``, with a clear error for a keyword that is not an estimator option."""
+    unknown = sorted(set(options) - set(EstimatorOptions.__annotations__))
+    if unknown:
+        raise TypeError(f"unknown estimator option(s) {', '.join(unknown)}; the options are {', '.join(EstimatorOptions.__annotations__)}")
+    return Settings(**options)
