@@ -131,7 +131,8 @@ def time_mode(args, lora):
     }
     if not args.no_second_order:
         methods["jvp2"] = lambda: passes.jet(policy, policy.params, delta, E, 2, mb)
-    times = common.time_interleaved(methods, args.repeats, args.warmup, args.device)
+    cpu = torch.device(args.device).type == "cpu"  # one thread: its CPU time is steadier than wall time on a busy machine
+    times = common.time_interleaved(methods, args.repeats, args.warmup, args.device, time.process_time if cpu else time.perf_counter)
     ratios = {
         "rl_step / bare step": times["rl_step"] / times["bare step"],
         "forward / bare forward": times["forward"] / times["bare forward"],
@@ -196,6 +197,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--memory-modes", default=None, help="modes whose peak memory is measured (default: --modes)")
     p.add_argument("--no-second-order", action="store_true", help="skip δH₂'s jvp of jvp")
     p.add_argument("--fprobe-root", default=None, help="measure the fprobe package under this directory")
     p.add_argument("--json", default=None)
@@ -215,21 +217,22 @@ def main(argv=None):
     records = []
     for mode in args.modes.split(","):
         record = time_mode(args, mode == "lora")
-        if runner is not None:
+        if runner is not None and mode in (args.memory_modes or args.modes).split(","):
             record["memory"] = memory_mode(args, mode == "lora", runner)
         records.append(record)
     names = list(records[0]["times"])
     print(common.table(["mode", "trained", *[f"{n} [s]" for n in names]],
                        [[r["mode"], f"{r['trained'] / 1e6:.1f}M", *[f"{r['times'][n]:.2f}" for n in names]] for r in records],
-                       "wall time (median)"))
+                       "time (median; CPU time of the one thread on a CPU, wall time on a GPU)"))
     ratio_names = list(records[0]["ratios"])
     print()
     print(common.table(["mode", *ratio_names], [[r["mode"], *[f"{r['ratios'][n]:.2f}" for n in ratio_names]] for r in records],
                        "ratios, measured side by side"))
     if runner is not None:
-        methods = list(records[0]["memory"])
+        measured = [r for r in records if "memory" in r]
+        methods = list(measured[0]["memory"])
         rows = []
-        for r in records:
+        for r in measured:
             limit = (r["memory"]["bare step"] or 0) + r["tree"]
             rows.append([r["mode"], f"{common.mib(r['tree']):.0f}", *[f"{common.mib(r['memory'][m] or 0):.0f}" for m in methods],
                          *[common.fmt(common.ratio(r["memory"][m], limit), ".2f") for m in methods[1:]]])
