@@ -6,7 +6,8 @@
 Every ``--every``-th optimizer step, fprobe.trl measures on a fresh evaluation batch E what TRL's update did
 to the policy's entropy (ΔH_true) and what the first-order prediction δH₁ said, and replays the step
 with fprobe's own loss to check it (step_rel_error). Writes OUT_DIR/probe.jsonl (one line per probed
-step) and OUT_DIR/entropy.png (δH₁ and ΔH_true, and the policy's entropy, against the step), and prints
+step) and OUT_DIR/entropy.png (δH₁ and ΔH_true, and the policy's entropy, against the step, each with its
+standard error over E's sequences as an error bar), and prints
 the probe's cost as a multiple of the training step it probed, both timed in this run.
 """
 
@@ -38,11 +39,14 @@ def plot(records: list[dict], path: Path) -> None:
     steps = [r["step"] for r in measured]
     figure, (change, level) = plt.subplots(2, 1, sharex=True, figsize=(7, 6))
     change.axhline(0, color="0.8", lw=0.8)
-    change.plot(steps, [r["delta_h_true"] for r in measured], "o-", label="ΔH_true (SNIS on E)")
-    change.plot(steps, [r["delta_h1"] for r in measured], "x--", label="δH₁ (jvp along TRL's Δθ)")
+    errors = lambda key: [r[f"{key}_se"] or 0.0 for r in measured]  # None where undefined: no bar
+    change.errorbar(steps, [r["delta_h_true"] for r in measured], yerr=errors("delta_h_true"), fmt="o-", capsize=3,
+                    label="ΔH_true (SNIS on E) ± se")
+    change.errorbar(steps, [r["delta_h1"] for r in measured], yerr=errors("delta_h1"), fmt="x--", capsize=3,
+                    label="δH₁ (jvp along TRL's Δθ) ± se")
     change.set_ylabel("entropy change per token [nats]")
     change.legend()
-    level.plot(steps, [r["h_orig"] for r in measured], "o-", color="C2")
+    level.errorbar(steps, [r["h_orig"] for r in measured], yerr=errors("h_orig"), fmt="o-", color="C2", capsize=3)
     level.set_ylabel("policy entropy per token on E")
     level.set_xlabel("optimizer step")
     figure.suptitle("What each probed GRPO step did to the entropy")
@@ -80,7 +84,9 @@ def main(argv=None) -> None:
     seconds = time.perf_counter() - start
 
     for r in probe.records:
-        print(f"step {r['step']:3d}  ΔH_true {r['delta_h_true']:+.3e}  δH₁ {r['delta_h1']:+.3e}  ratio {r['ratio']:.3f}  "
+        se = lambda key: "" if r[f"{key}_se"] is None else f" ± {r[f'{key}_se']:.1e}"
+        print(f"step {r['step']:3d}  ΔH_true {r['delta_h_true']:+.3e}{se('delta_h_true')}  δH₁ {r['delta_h1']:+.3e}{se('delta_h1')}  "
+              f"ratio {r['ratio']:.3f}{se('ratio')}  "
               f"ESS {r['ess_fraction']:.3f}  step_rel_error {r['step_rel_error']:.1e}  ({r['step_check']})")
     figure = args.out_dir / "entropy.png"
     plot(probe.records, figure)

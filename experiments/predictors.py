@@ -6,12 +6,13 @@ sweep (Δθ(η) = (η/η₀) Δθ(η₀), exact for both optimizers) compare eac
 ``fprobe.predictors`` with the true per-token change Δh_ik on U's states. Writes experiments/README.md
 (tables averaged over seeds), experiments/predictors.json (every record) and a plot.
 
-    python experiments/predictors.py            # ~1 min on 2 CPU cores
+    python experiments/predictors.py            # ~2 min on 2 CPU cores
 """
 
 import argparse
 import importlib.util
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -44,11 +45,13 @@ def parse_args(argv):
     add("--group-size", type=int, default=8)
     add("--max-new-tokens", type=int, default=8)
     add("--trl-steps", type=int, default=10, help="steps of the TRL GRPO run (0: none)")
+    add("--micro-batches", default="8,32", help="verl micro-batch sizes (rows of U) for Cui et al.'s centring")
     add("--out", default=str(HERE / "README.md"))
     add("--json", default=str(HERE / "predictors.json"), help="every record, one per seed, optimizer and rate")
     add("--plot", default=str(HERE / "predictors.png"), help="predicted vs true Δh for AdamW at lr0, first seed")
     args = parser.parse_args(argv)
     args.lrs = [float(x) for x in args.lrs.split(",")]
+    args.micro_batches = [int(x) for x in args.micro_batches.split(",")]
     return args
 
 
@@ -78,10 +81,42 @@ def run(args) -> tuple[list[dict], predictors.PredictorComparison]:
         zero_advantage = float((U.advantages[:, None].expand(U.response_mask.shape)[U.response_mask] == 0).double().mean())
         for name in OPTIMIZERS:
             for comparison in one_step(policy, E, U, name, args.lr0, args.lrs):
-                records.append({"seed": seed, "optimizer": name, "zero_advantage_tokens": zero_advantage, **comparison.to_dict()})
+                extra = referee_extras(policy, U, comparison, args.micro_batches) if comparison.lr == args.lr0 else {}
+                records.append({"seed": seed, "optimizer": name, "zero_advantage_tokens": zero_advantage,
+                                **comparison.to_dict(), **extra})
                 if (seed, name, comparison.lr) == (0, "AdamW", args.lr0):
                     shown = comparison
     return records, shown
+
+
+def relative_gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a − b| / max |b|: how far a per-token prediction moves, in units of its largest value."""
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def referee_extras(policy, U, comparison, micro_batches: list[int]) -> dict:
+    """At the step's own rate: Cui et al.'s products centred per verl micro-batch against all of U (each
+    micro-batch size: the gap to the whole-U values and the scores against Δh), and Wang et al.'s two
+    forms (Theorem 3.2 −ηA·S against Theorem 3.3 / Clip_V ηA(N − S)): the largest |ηA·N| over the largest
+    |ηA·S|, and the Pearson correlation between the forms."""
+    with torch.no_grad():
+        stats = fprobe.token_stats(policy, policy.params, U)
+    whole = predictors.token_inputs(stats.logp, stats.entropy, U)
+    centring = {}
+    for rows in micro_batches:
+        x = predictors.token_inputs(stats.logp, stats.entropy, U, cov_micro_batch=rows)
+        for name, tokens in (("cui_pg", predictors.cui_pg_tokens), ("cui_npg", predictors.cui_npg_tokens)):
+            split = tokens(x.logp, x.advantages, comparison.lr, groups=x.groups)
+            centring[f"{name}@{rows}"] = {
+                "gap": relative_gap(split, tokens(whole.logp, whole.advantages, comparison.lr)),
+                **predictors.score(split, comparison.truth)._asdict(),
+            }
+    s_term = comparison.predicted["wang"]
+    n_term = comparison.predicted["wang_grpo"] + s_term  # ηA·N
+    return {"micro_batch_centring": centring, "wang_forms": {
+        "n_over_s": float(n_term.abs().max() / s_term.abs().max()),
+        "pearson": predictors.pearson(s_term, comparison.predicted["wang_grpo"]),
+    }}
 
 
 def mean(values):
@@ -204,14 +239,54 @@ def trl_section(args, steps: list[dict] | None) -> list[str]:
     return lines + [""]
 
 
-def readme(args, records, trl_steps, seconds: float, command: str) -> str:
+def referee_section(records: list[dict], args) -> list[str]:
+    """Wang et al.'s two forms and Cui et al.'s micro-batch centring, at the step's own rate, means over seeds."""
+    lines = [
+        "## Wang et al.'s two forms, and Cui et al. centred per micro-batch (η = η₀)",
+        "",
+        "`wang` is Theorem 3.2 mapped to a step (−ηA·S, S = p(H + log p)); `wang_grpo` is Theorem 3.3 as the authors' "
+        "Clip_V computes it (Trinity-RFT `trinity/algorithm/advantage_fn/clipv_advantage.py`: xD = N − S, with "
+        "N = H Σ_v π_v² + Σ_v π_v² log π_v from `compute_N_from_logits` in `examples/entropy/clipv_dp_actor.py`), "
+        "ηA(N − S), the exact first order of the sampled token's score step Δz = ηA(e_k − π) on a softmax "
+        "(tests/test_predictors.py). Means over seeds of the "
+        "largest |ηA·N| over the largest |ηA·S| on U, and of the Pearson correlation between the two forms:",
+        "",
+        "| optimizer | max abs(ηA·N) / max abs(ηA·S) | Pearson(wang, wang_grpo) |",
+        "|---|---|---|",
+    ]
+    for optimizer in OPTIMIZERS:
+        group = [r for r in records if r["optimizer"] == optimizer and r["lr"] == args.lr0]
+        cells = [mean([r["wang_forms"][k] for r in group]) for k in ("n_over_s", "pearson")]
+        lines.append(f"| {optimizer} | " + " | ".join(format_number(c) for c in cells) + " |")
+    lines += [
+        "",
+        "Cui et al.'s products centred within consecutive micro-batches of n rows of U, as verl's Clip-Cov/KL-Cov "
+        "compute them (`compare(..., cov_micro_batch=n)`; verl splits each mini-batch into "
+        "`ppo_micro_batch_size_per_gpu` rows and centres over each micro-batch's response tokens), against the "
+        "whole-U centring above. `gap`: max |p_n − p_U| / max |p_U| per step; the other columns against Δh_ik. "
+        "The predictions themselves depend on U and η only, not on the optimizer (so do the gaps and the "
+        "table above); their scores against Δh_ik do:",
+        "",
+        "| optimizer | predictor@n | gap | " + " | ".join(STATS) + " |",
+        "|---|---|---|" + "---|" * len(STATS),
+    ]
+    for optimizer in OPTIMIZERS:
+        group = [r for r in records if r["optimizer"] == optimizer and r["lr"] == args.lr0]
+        for name in group[0]["micro_batch_centring"]:
+            cells = [mean([r["micro_batch_centring"][name][k] for r in group]) for k in ("gap", *STATS)]
+            lines.append(f"| {optimizer} | {name} | " + " | ".join(format_number(c) for c in cells) + " |")
+    return lines + [""]
+
+
+def readme(args, records, trl_steps, seconds: float, cpu_seconds: float, command: str) -> str:
     tokens = [r["n_tokens"] for r in records]
     zero = mean([r["zero_advantage_tokens"] for r in records])
     lines = [
         "# Which published predictor of entropy change is right?",
         "",
         "Made by (written by the script itself, in "
-        f"{seconds:.0f} s on 2 CPU cores):",
+        f"{seconds:.0f} s, {cpu_seconds:.0f} s of CPU time, on {os.cpu_count()} CPU cores shared at a load "
+        f"average of {os.getloadavg()[0]:.1f}):",
         "",
         "```bash",
         command,
@@ -230,10 +305,10 @@ def readme(args, records, trl_steps, seconds: float, command: str) -> str:
         "fraction of tokens whose predicted sign is right (`sign_agreement`: a zero prediction counts as wrong; "
         "`sign_agreement_nonzero`: over the tokens where the predictor predicts a change). "
         "`fprobe_first_order` is fprobe's exact ḣ_ik (one jvp along Δθ), the reference row. Formulas, citations "
-        "and what was left out: the docstring of `fprobe/predictors.py`.",
+        "and sources: the docstring of `fprobe/entropy/predictors.py`.",
         "",
         f"{100 * zero:.0f}% of U's response tokens (mean over seeds) sit in groups whose rewards are all equal, so "
-        "their advantage is 0: Wang et al.'s and STEER's per-token values are 0 there (no change predicted), while "
+        "their advantage is 0: Wang et al.'s (both forms) and STEER's per-token values are 0 there (no change predicted), while "
         "the shared parameters do change those tokens' entropy; Cui et al.'s centred products are not, through the "
         "batch means.",
         "",
@@ -253,7 +328,8 @@ def readme(args, records, trl_steps, seconds: float, command: str) -> str:
     for optimizer in OPTIMIZERS:
         for lr in args.lrs:
             lines += summary_rows(records, optimizer, lr)
-    lines += ["", f"![predicted vs true Δh, AdamW at η₀, seed 0]({Path(args.plot).name})", "", *trl_section(args, trl_steps)]
+    lines += ["", f"![predicted vs true Δh, AdamW at η₀, seed 0]({Path(args.plot).name})", "",
+              *referee_section(records, args), *trl_section(args, trl_steps)]
     return "\n".join(lines)
 
 
@@ -261,10 +337,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     torch.set_num_threads(1)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     records, shown = run(args)
     trl_steps = trl_run(args) if args.trl_steps and trl_available() else None
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     if shown is not None:
         import matplotlib
 
@@ -272,7 +348,7 @@ def main(argv=None):
         shown.plot(args.plot)
     command = " ".join(["python experiments/predictors.py", *argv])
     files.write_atomic(args.json, json.dumps({"sweep": records, "trl": trl_steps}, indent=1))
-    files.write_atomic(args.out, readme(args, records, trl_steps, seconds, command))
+    files.write_atomic(args.out, readme(args, records, trl_steps, seconds, cpu_seconds, command))
     print(f"wrote {args.out} in {seconds:.0f} s")
 
 

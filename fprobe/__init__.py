@@ -18,7 +18,10 @@ from fprobe.rl.step import Step, rl_step
 from fprobe.rollouts import Rollouts
 from fprobe.sampling.generate import sample
 from fprobe.sampling.rewards import group_advantages
-from fprobe.warnings import DecompositionWarning, LowESSWarning, UpdateLostWarning, ZeroAdvantagesWarning
+from fprobe.warnings import (
+    DecompositionWarning, ImpreciseWarning, LowESSWarning, ShardingWarning, UndefinedScoreWarning, UpdateLostWarning,
+    ZeroAdvantagesWarning,
+)
 
 LAZY = {"trl": "fprobe.trl", "checkpoints": "fprobe.rl.checkpoints"}
 
@@ -32,7 +35,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "Contributions", "DecompositionWarning", "EntropyChange", "LowESSWarning", "Policy", "ProbeResult", "Rollouts",
-    "Step", "SweepResult", "TokenStats", "UpdateLostWarning", "ZeroAdvantagesWarning", "decompose", "entropy_change",
+    "Contributions", "DecompositionWarning", "EntropyChange", "ImpreciseWarning", "LowESSWarning", "Policy", "ProbeResult",
+    "Rollouts", "ShardingWarning", "Step", "SweepResult", "TokenStats", "UndefinedScoreWarning", "UpdateLostWarning",
+    "ZeroAdvantagesWarning", "decompose", "entropy_change",
     "group_advantages", "optim", "probe", "rl_step", "sample", "token_stats", "tree",
 ]

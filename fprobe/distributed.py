@@ -8,6 +8,8 @@ global batch and equals the single-process result up to the order of floating-po
 Without an initialised process group (or with one process) every function here is the identity.
 """
 
+import contextlib
+import contextvars
 import datetime
 import os
 
@@ -17,11 +19,34 @@ import torch.distributed as dist
 from fprobe import tree
 
 
+_ALONE = contextvars.ContextVar("fprobe_this_rank_alone", default=False)
+
+
 def world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) without an initialised process group."""
-    if dist.is_available() and dist.is_initialized():
+    """(rank, world size); (0, 1) without an initialised process group, or inside ``alone()``."""
+    if dist.is_available() and dist.is_initialized() and not _ALONE.get():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+@contextlib.contextmanager
+def alone():
+    """Within: fprobe's passes on this rank run as one process (no row blocks, no collectives), e.g. on rank 0's
+    gathered copy of a sharded model while the other ranks wait."""
+    token = _ALONE.set(True)
+    try:
+        yield
+    finally:
+        _ALONE.reset(token)
+
+
+def broadcast_from_main(value):
+    """Rank 0's ``value`` (a small picklable object) on every rank."""
+    if world()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def is_main() -> bool:
@@ -96,3 +121,42 @@ def init_from_env(timeout_s: float = 300.0) -> bool:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# sharded parameters (FSDP2): every rank makes the same collective calls
+
+
+def is_dtensor(x) -> bool:
+    """Whether ``x`` is a ``torch.distributed.tensor.DTensor`` (an FSDP2 parameter is one)."""
+    if not dist.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(x, DTensor)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether the model's trainable parameters are DTensors (FSDP2: each rank holds a shard)."""
+    return any(p.requires_grad and is_dtensor(p) for p in model.parameters())
+
+
+def local_part(x: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view, no copy); a plain tensor as it is."""
+    return x.to_local() if is_dtensor(x) else x
+
+
+def lockstep_block(n: int, rank: int, size: int) -> tuple[list[int], int]:
+    """(rank's global row indices of a batch of n rows, how many of them are its own): the contiguous block of
+    ``shard_bounds``, padded to ⌈n / size⌉ rows with repeats of a row (its last, or the batch's last for a rank
+    with none), so that every rank runs the same number of passes over the same number of rows — with sharded
+    parameters each forward is a collective, and unequal call counts hang."""
+    start, stop = shard_bounds(n, rank, size)
+    width = -(-n // size)
+    filler = stop - 1 if stop > start else n - 1
+    return list(range(start, stop)) + [filler] * (width - (stop - start)), stop - start
+
+
+def lockstep_rows(n: int) -> tuple[list[int], int]:
+    """This rank's ``lockstep_block`` of a batch of n rows."""
+    return lockstep_block(n, *world())

@@ -21,30 +21,45 @@ def _mark_low_ess(ax, xs, ys, low):
         ax.scatter([xs[i] for i in low], [ys[i] for i in low], s=120, facecolors="none", edgecolors="red", label="low ESS")
 
 
+def _band(ax, xs, values, errors, absolute=False):
+    """A shaded ±1 standard-error band around ``values`` (of |values| when ``absolute``, kept above 0 for a log
+    axis), over the points whose se is known."""
+    points = [(x, v, e) for x, v, e in zip(xs, values, errors or []) if v is not None and e is not None]
+    if not points:
+        return
+    x, v, e = zip(*points)
+    centre = [abs(a) for a in v] if absolute else list(v)
+    low = [max(c - s, c / 10) if absolute else c - s for c, s in zip(centre, e)]
+    ax.fill_between(x, low, [c + s for c, s in zip(centre, e)], alpha=0.2, lw=0)
+
+
 def plot_sweep(sweep, path=None):
     """Left: ΔH_true / δH₁ (and / (δH₁+δH₂)) against η, which is 1 in the linear regime. Right: |ΔH_true|,
-    |δH₁| and |δH₁+δH₂| against η on log–log axes with the fitted slope. Both on a log η axis, the
-    linear-regime radius η₁₀ dashed where δH₂ is known, low-ESS points circled in red."""
+    |δH₁| and |δH₁+δH₂| against η on log–log axes with the fitted slope. Both on a log η axis, ±1 standard-error
+    bands over E's sequences shaded (on the log axis, the band's lower edge is kept above a tenth of the value),
+    the linear-regime radius η₁₀ dashed where δH₂ is known, low-ESS points circled in red."""
     fig, axes = _figure(2)
     ratio_ax, loglog_ax = axes[0]
     lrs = sweep.lr
     low = [i for i, flag in enumerate(sweep.ess_low) if flag]
-    ratios = [("ΔH_true / δH₁", sweep.ratio, "o-")]
-    series = [("|ΔH_true|", sweep.delta_h_true, "o-"), ("|δH₁|", sweep.delta_h1, "--")]
+    ratios = [("ΔH_true / δH₁", sweep.ratio, "o-", sweep.ratio_se)]
+    series = [("|ΔH_true|", sweep.delta_h_true, "o-", sweep.delta_h_true_se), ("|δH₁|", sweep.delta_h1, "--", sweep.delta_h1_se)]
     if sweep.delta_h12 is not None:
         second = [t / p if p else float("nan") for t, p in zip(sweep.delta_h_true, sweep.delta_h12)]
-        ratios.append(("ΔH_true / (δH₁+δH₂)", second, "s:"))
-        series.append(("|δH₁+δH₂|", sweep.delta_h12, ":"))
-    for label, values, style in ratios:
+        ratios.append(("ΔH_true / (δH₁+δH₂)", second, "s:", None))
+        series.append(("|δH₁+δH₂|", sweep.delta_h12, ":", sweep.delta_h12_se))
+    for label, values, style, errors in ratios:
         ratio_ax.plot(lrs, values, style, label=label)
+        _band(ratio_ax, lrs, values, errors)
     _mark_low_ess(ratio_ax, lrs, sweep.ratio, low)
     ratio_ax.axhline(1.0, color="grey", lw=0.5)
-    ratio_ax.set_title("ratio to the prediction (1 in the linear regime)")
-    for label, values, style in series:
+    ratio_ax.set_title("ratio to the prediction (1 in the linear regime), ±1 se")
+    for label, values, style, errors in series:
         loglog_ax.plot(lrs, [abs(v) for v in values], style, label=label)
+        _band(loglog_ax, lrs, values, errors, absolute=True)
     _mark_low_ess(loglog_ax, lrs, [abs(v) for v in sweep.delta_h_true], low)
     loglog_ax.set_yscale("log")
-    loglog_ax.set_title(f"|entropy change|: log–log slope {sweep.slope:.3f} (R² {sweep.r2:.3f})")
+    loglog_ax.set_title(f"|entropy change| ±1 se: log–log slope {sweep.slope:.3f} (R² {sweep.r2:.3f})")
     for ax in (ratio_ax, loglog_ax):
         if sweep.eta_10 is not None:
             ax.axvline(sweep.eta_10, color="grey", ls="--", lw=0.8, label="η₁₀ (δH₂ = δH₁/10)")

@@ -18,8 +18,21 @@ class ZeroAdvantagesWarning(UserWarning):
     """Every advantage in the update batch is zero: the step is weight decay (and momentum) alone."""
 
 
+class ImpreciseWarning(UserWarning):
+    """The standard error of ΔH_true stays above a chosen fraction of |ΔH_true|: E is too small for that precision."""
+
+
+class UndefinedScoreWarning(UserWarning):
+    """A predictor's agreement scores are NaN: the prediction or the truth is the same at every token of U
+    (one response token, or every advantage 0)."""
+
+
 class DecompositionWarning(UserWarning):
     """The parts of δH₁ do not add up to it (low-precision parameters: bf16, fp16)."""
+
+
+class ShardingWarning(UserWarning):
+    """The run's sharding is not what its configuration asked for (e.g. accelerate's FSDP dropped on CPU: DDP)."""
 
 
 CALLERS_WITHIN = ("fprobe", "transformers", "trl", "accelerate", "torch")  # frames a warning is not attributed to

@@ -1,7 +1,7 @@
 """The README's figures, from the built-in policy and toy task (well under a minute on a laptop CPU):
 
 - ``docs/sweep.png``: one AdamW step's entropy change against its learning rate, measured (ΔH_true)
-  and predicted (δH₁, δH₁ + δH₂);
+  and predicted (δH₁, δH₁ + δH₂), each with a ±1 standard-error band over E's sequences;
 - ``docs/contributions.png``: δH₁ of that step split over the update batch's sequences.
 
     python scripts/make_figures.py [--out docs]

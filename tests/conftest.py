@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fprobe
-from helpers import CONFIGS, make_batch
+from helpers import CONFIGS, make_batch, save_checkpoint
 
 # Tiny models run fastest on one thread (two OpenMP threads contend on a 2-core machine); subprocesses inherit it.
 os.environ["OMP_NUM_THREADS"] = "1"
@@ -42,3 +42,24 @@ def load_policy(model_dir):
 @pytest.fixture
 def batch():
     return make_batch
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A saved tiny GPT-2 checkpoint with the toy tokenizer (``helpers.save_checkpoint``), one per test module."""
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint-1", seed=0)
+
+
+@pytest.fixture
+def fresh_gpt2():
+    """A tiny float64 GPT-2 built from its config (seed 0), new for each test: tests may change it in place."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return fprobe.Policy(AutoModelForCausalLM.from_config(CONFIGS["gpt2"]()).double().eval())
+
+
+@pytest.fixture
+def fresh_batches():
+    """(E, U): 6 rows each, E without advantages; new for each test."""
+    return make_batch(6, seed=1, with_advantages=False), make_batch(6, seed=2)

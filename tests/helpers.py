@@ -1,10 +1,17 @@
 """Shared test helpers (imported as ``from helpers import ...``; fixtures live in conftest.py): the tiny
-model configs, the one batch builder, and Ĥ written out plainly as an independent reference."""
+model configs, the one batch builder, Ĥ written out plainly as an independent reference, a saved tiny
+checkpoint with the toy tokenizer, strict JSON and a pass that must not run."""
+
+import json
+import os
+import shutil
+from pathlib import Path
 
 import torch
-from transformers import GPT2Config, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
 
 import fprobe
+from fprobe.sampling import toy
 
 VOCAB = 61
 
@@ -75,3 +82,26 @@ def plain_entropy(policy, params, E: fprobe.Rollouts, normalize="token", entropy
         num = num + w * (hi.sum() if entropy == "rb" else -e.sum())
         den = den + w * (len(e) if normalize == "token" else 1.0)
     return num / den
+
+
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models run fastest on one thread
+
+
+def save_checkpoint(path: Path, seed: int) -> Path:
+    """A tiny GPT-2 over the toy tokenizer's 17 tokens, saved with that tokenizer."""
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=17, n_positions=64, bos_token_id=2, eos_token_id=1)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(toy.DEFAULT_MODEL_PATH / name, path / name)
+    return path
+
+
+def strict_json(text: str):
+    """json.loads that refuses the NaN/Infinity tokens Python's json writes by default."""
+    return json.loads(text, parse_constant=lambda token: (_ for _ in ()).throw(ValueError(f"non-JSON token {token}")))
+
+
+def no_pass(*args, **kwargs):
+    """Stands in for a pass (forward, jvp, gradient) or a model load that must not run: raises."""
+    raise AssertionError("a pass ran before the options were checked")

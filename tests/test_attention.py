@@ -20,7 +20,7 @@ import fprobe
 from fprobe.model import attention
 from fprobe.model import passes
 from fprobe import tree
-from fprobe.model.attention import MaskBlocks, fprobe_attention, mask_blocks, repeat_kv_heads
+from fprobe.model.attention import fprobe_attention, mask_blocks, repeat_kv_heads
 from fprobe.model.policy import PrimitiveOpsKeepFloat64, position_ids_from_mask
 from fprobe.model.tokens import chunked_statistics, left_aligned, scatter_rows, token_stats
 

@@ -1,11 +1,21 @@
 """Smoke tests of the benchmark scripts: each runs with ``--quick`` in a subprocess (all at once,
 to keep this file short) and prints its tables. No timing is asserted (timings on shared CI machines
-mean nothing); the numerical agreements that the scripts check are."""
+mean nothing); the numerical agreements that the scripts check are. The command lines that gpu.sh runs
+and that the README and the scripts document are parsed by the scripts' own argparse."""
 
+import argparse
+import ast
+import contextlib
+import importlib
+import io
 import json
+import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -97,11 +107,92 @@ def test_decompose_cost_quick(quick_runs):
     assert "contributions() / (vjp on E + jvp on U)" in stdout
 
 
-def test_gpu_script_runs_the_cuda_tests_and_every_gpu_benchmark_at_1024_tokens():
-    script = (BENCHMARKS / "gpu.sh").read_text()
-    for name in ("tests/test_cuda.py", "jvp_vs_grad.py", "probe_vs_imperative.py", "real_size.py", "long_sequences.py", "probe_memory.py"):
-        assert name in script, name
-    assert "DEV=cuda" in script and "--lengths 1024" in script and "--length 1024" in script
+class Parsed(Exception):
+    """Raised in place of running a benchmark once its command line is parsed."""
+
+
+def parsed_options(name: str, argv: list[str]) -> argparse.Namespace:
+    """The options ``benchmarks/<name>.py`` parses from ``argv`` with its own argparse (its ``main`` stopped
+    right after parsing), each option spelled in full as the script declares it (no abbreviation)."""
+    sys.path.insert(0, str(ROOT))
+    main = importlib.import_module(f"benchmarks.{name}").main
+    parse = argparse.ArgumentParser.parse_args
+
+    def parse_and_stop(parser, args=None, namespace=None):
+        spelled = {arg.partition("=")[0] for arg in args if arg.startswith("--")}
+        assert spelled <= set(parser._option_string_actions), f"{name}.py: {spelled - set(parser._option_string_actions)}"
+        raise Parsed(parse(parser, args, namespace))
+
+    errors = io.StringIO()
+    with mock.patch.object(argparse.ArgumentParser, "parse_args", parse_and_stop), contextlib.redirect_stderr(errors):
+        try:
+            main(list(argv))
+        except Parsed as parsed:
+            return parsed.args[0]
+        except SystemExit:
+            pass
+    pytest.fail(f"benchmarks/{name}.py refuses {argv}: {errors.getvalue()}")
+
+
+def gpu_script_commands(tmp_path: Path, *options: str) -> list[list[str]]:
+    """The commands ``bash benchmarks/gpu.sh [options] OUT`` runs, each as [program, *arguments], with
+    ``$PYTHON`` and ``nvidia-smi`` replaced by a recorder that only writes its command line down."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "commands.jsonl"
+    bin_dir.mkdir(parents=True)
+    recorder = bin_dir / "python"
+    recorder.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                        f"open({str(log)!r}, 'a').write(json.dumps([os.path.basename(sys.argv[0]), *sys.argv[1:]]) + '\\n')\n")
+    recorder.chmod(0o755)
+    (bin_dir / "nvidia-smi").symlink_to(recorder)
+    env = {**os.environ, "PYTHON": str(recorder), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(["bash", str(BENCHMARKS / "gpu.sh"), *options, str(tmp_path / "out")], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+GPU_BENCHMARKS = {"real_size", "jvp_vs_grad", "probe_vs_imperative", "long_sequences", "probe_memory"}
+
+
+def benchmark_runs(commands: list[list[str]]) -> dict[str, argparse.Namespace]:
+    """name -> parsed options of each ``python benchmarks/<name>.py ...`` among ``commands`` (files checked to exist)."""
+    runs = {}
+    for _, script, *argv in (c for c in commands if len(c) > 1 and c[1].startswith("benchmarks/")):
+        assert (ROOT / script).is_file(), script
+        runs[Path(script).stem] = parsed_options(Path(script).stem, argv)
+    return runs
+
+
+def test_gpu_script_runs_the_cuda_tests_and_every_gpu_benchmark_at_1024_tokens(tmp_path):
+    commands = gpu_script_commands(tmp_path)
+    assert commands[0][:2] == ["python", "-c"] and commands[1][0] == "nvidia-smi"  # the device is checked first
+    (pytest_line,) = [c[3:] for c in commands if c[1:3] == ["-m", "pytest"]]
+    assert "tests/test_cuda.py" in pytest_line
+    collected = subprocess.run([sys.executable, "-m", "pytest", *pytest_line, "--collect-only", "-p", "no:cacheprovider"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert collected.returncode == 0 and " collected" in collected.stdout, collected.stdout + collected.stderr
+    runs = benchmark_runs(commands)
+    assert set(runs) == GPU_BENCHMARKS
+    for name, options in runs.items():
+        assert options.device == "cuda" and Path(options.json).parent == tmp_path / "out", name
+        assert not vars(options).get("quick", vars(options).get("tiny")), name
+        if "lengths" in vars(options):
+            assert "1024" in options.lengths.split(","), (name, options.lengths)
+        elif "length" in vars(options):
+            assert options.length == 1024, (name, options.length)
+
+
+def test_gpu_script_tiny_runs_the_same_lines_on_the_cpu_at_quick_sizes(tmp_path):
+    gpu, tiny = gpu_script_commands(tmp_path / "gpu"), gpu_script_commands(tmp_path / "tiny", "--tiny")
+    assert not any(c[1] == "-c" or c[0] == "nvidia-smi" for c in tiny)  # no CUDA device needed
+    assert [c for c in tiny if c[1:3] == ["-m", "pytest"]] == [c for c in gpu if c[1:3] == ["-m", "pytest"]]
+    gpu_runs, tiny_runs = benchmark_runs(gpu), benchmark_runs(tiny)
+    assert set(tiny_runs) == set(gpu_runs)
+    for name, options in tiny_runs.items():
+        quick = "quick" if "quick" in vars(options) else "tiny"
+        assert options.device == "cpu" and vars(options)[quick], name
+        same = {k: v for k, v in vars(options).items() if k not in ("device", quick, "json")}
+        assert same == {k: v for k, v in vars(gpu_runs[name]).items() if k not in ("device", quick, "json")}, name
 
 
 def test_isolated_measures_memory_in_a_fresh_process():
@@ -113,7 +204,19 @@ def test_isolated_measures_memory_in_a_fresh_process():
     assert 60 * 2**20 <= result["extra_bytes"] < 256 * 2**20, result
 
 
+DOCUMENTED = re.compile(r"^\s*python benchmarks/(\w+)\.py([^#\n]*)", re.MULTILINE)
+
+
+def documented_command_lines(text: str, name: str) -> list[list[str]]:
+    """The arguments of each ``python benchmarks/<name>.py ...`` line in ``text`` (comments cut off)."""
+    return [shlex.split(rest) for script, rest in DOCUMENTED.findall(text) if script == name]
+
+
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_scripts_document_how_to_run_them(name):
-    assert f"python benchmarks/{name}.py --quick" in (BENCHMARKS / f"{name}.py").read_text()
-    assert f"{name}.py" in (BENCHMARKS / "README.md").read_text()
+def test_documented_command_lines_are_accepted_by_their_scripts(name):
+    """Every command line the README and the script's own docstring show parses with the script's options,
+    and both show its smoke-test (``--quick``) run."""
+    own = ast.get_docstring(ast.parse((BENCHMARKS / f"{name}.py").read_text()))
+    for text in (own, (BENCHMARKS / "README.md").read_text()):
+        parsed = [parsed_options(name, argv) for argv in documented_command_lines(text, name)]
+        assert any(vars(options).get("quick", vars(options).get("tiny")) for options in parsed), name

@@ -12,6 +12,7 @@ from fprobe.rl import checkpoints
 from fprobe.cli import command as cli
 from fprobe.rl import optim
 from fprobe.sampling import toy
+from test_cli import SMALL, save_checkpoint
 from test_trl import make_trainer
 
 
@@ -115,3 +116,130 @@ def test_a_lora_runs_checkpoint_is_probed_through_its_adapter(tmp_path):
     code = cli.main(["probe", "--model", str(toy.DEFAULT_MODEL_PATH), "--adapter", str(adapter), "--out", str(out), "--n-eval", "4",
                      "--n-update-prompts", "2", "--group-size", "4", "--max-new-tokens", "6", "--quiet"])
     assert code == 0 and json.loads(out.read_text())["result"]["lr_used"] == live.lr[3]
+
+
+# --- half or malformed checkpoints: refused in one line naming the file ---
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """A model folder named like a Trainer's checkpoint, with a valid optimizer.pt and trainer_state.json."""
+    folder = save_checkpoint(tmp_path / "checkpoint-3", seed=0)
+    model = fprobe.Policy.from_pretrained(folder, dtype=torch.float64).model
+    torch.save(torch.optim.AdamW(model.parameters(), lr=2e-3).state_dict(), folder / checkpoints.OPTIMIZER_FILE)
+    (folder / checkpoints.STATE_FILE).write_text(json.dumps({"global_step": 3}))
+    return folder
+
+
+@pytest.fixture
+def no_model_work(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the command line started on a model although its inputs were invalid")
+
+    monkeypatch.setattr(cli, "probe_model", refuse)
+
+
+def cli_error(argv, capsys) -> str:
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.strip().splitlines() if not line.startswith("fprobe: warning: ")]
+    assert len(lines) == 1 and lines[0].startswith("fprobe: error: ") and "Traceback" not in captured.err, captured.err
+    return lines[0]
+
+
+def make_half(folder, case):
+    """Break one file of a checkpoint as a half-copied or hand-edited one would be."""
+    state, optimizer = folder / checkpoints.STATE_FILE, folder / checkpoints.OPTIMIZER_FILE
+    if case == "no trainer_state.json":  # was: exit 0, a fresh AdamW at lr 1e-6 where the checkpoint's is 2e-3
+        state.unlink()
+        return state, "missing beside"
+    if case == "optimizer.pt a folder":  # was: the same
+        optimizer.unlink()
+        optimizer.mkdir()
+        return optimizer, "not a regular file"
+    if case == "no optimizer.pt":
+        optimizer.unlink()
+        return optimizer, "missing beside"
+    texts = {
+        "no global_step": ('{"epoch": 1}', "no 'global_step'"),  # was: …/checkpoint-3: 'global_step'
+        "a list": ("[1, 2]", "expected a JSON object"),  # was: list indices must be integers or slices, not str
+        "global_step 1.7": ('{"global_step": 1.7}', "must be a whole number"),  # was: taken as step 1
+        "malformed JSON": ('{"global_step": ', "malformed JSON"),  # was: the decoder's message without the file
+    }
+    text, message = texts[case]
+    state.write_text(text)
+    return state, message
+
+
+HALF = ["no trainer_state.json", "optimizer.pt a folder", "no optimizer.pt", "no global_step", "a list",
+        "global_step 1.7", "malformed JSON"]
+
+
+@pytest.mark.parametrize("case", HALF)
+def test_a_half_or_malformed_checkpoint_is_refused_naming_the_file_before_any_work(
+    case, checkpoint, tmp_path, no_model_work, capsys
+):
+    path, message = make_half(checkpoint, case)
+    line = cli_error(["probe", "--model", str(checkpoint), "--out", str(tmp_path / "r.json"), "--quiet"], capsys)
+    assert str(path) in line and message in line
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_the_intact_checkpoint_reads_its_step(checkpoint):
+    assert checkpoints.is_trainer_checkpoint(checkpoint)
+    assert checkpoints.read_step(checkpoint / checkpoints.STATE_FILE) == 3
+    assert not checkpoints.is_trainer_checkpoint(checkpoint.parent)  # a folder with neither file: a plain model
+
+
+class Payload:
+    """An object torch.load(weights_only=True) refuses to unpickle."""
+
+
+@pytest.mark.parametrize(
+    ("write", "message"),
+    [
+        (lambda path: path.write_bytes(b""), "empty or truncated"),  # was: EOFError, no file named
+        (lambda path: torch.save({"state": {}, "param_groups": [], "extra": Payload()}, path),
+         "holds a Python object (test_checkpoints.Payload) that weights_only loading refuses"),  # was: 1,072 characters with ANSI escapes
+        (lambda path: path.write_bytes(b"not a torch file at all"), "not a torch.save file"),
+        (lambda path: torch.save([1, 2], path), "not an optimizer state_dict"),
+    ],
+)
+def test_a_bad_optimizer_file_is_one_short_line_naming_it(write, message, tmp_path):
+    path = tmp_path / "optimizer.pt"
+    write(path)
+    with pytest.raises(ValueError) as error:
+        checkpoints.load_optimizer_state(path, "cpu")
+    text = str(error.value)
+    assert text.startswith(f"{path}: ") and message in text
+    assert "\n" not in text and "\x1b" not in text and len(text) < 200
+
+
+def test_an_empty_optimizer_file_in_a_checkpoint_fails_at_its_checkpoint_in_one_line(checkpoint, tmp_path, capsys):
+    (checkpoint / checkpoints.OPTIMIZER_FILE).write_bytes(b"")
+    argv = ["probe", "--model", str(checkpoint), *SMALL, "--out", str(tmp_path / "r.json"), "--quiet"]
+    line = cli_error(argv, capsys)
+    assert f"{checkpoint / checkpoints.OPTIMIZER_FILE}: empty or truncated" in line
+
+
+def test_a_run_with_a_checkpoint_lacking_its_config_is_refused_naming_it(tmp_path, no_model_work, capsys):
+    """Was: exit 0, that checkpoint dropped without a word."""
+    run = tmp_path / "run"
+    for step in (1, 2, 3):
+        save_checkpoint(run / f"checkpoint-{step}", seed=step)
+    (run / "checkpoint-2" / "config.json").unlink()
+    (run / "runs").mkdir()  # a trainer's log folder is not a checkpoint
+    line = cli_error(["probe", "--model", str(run), "--out", str(tmp_path / "r.jsonl"), "--quiet"], capsys)
+    assert f"{run / 'checkpoint-2'} holds no config.json" in line
+    (run / "checkpoint-2" / "adapter_config.json").write_text("{}")
+    assert "pass the run with --adapter" in cli_error(["probe", "--model", str(run), "--quiet"], capsys)
+
+
+def test_a_model_folder_without_tokenizer_files_is_named(tmp_path, capsys):
+    """Was: ``prompts [84, 104, …] are empty after tokenization`` (transformers builds an empty tokenizer)."""
+    folder = save_checkpoint(tmp_path / "model", seed=0)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+    line = cli_error(["probe", "--model", str(folder), *SMALL, "--out", str(tmp_path / "r.json"), "--quiet"], capsys)
+    assert f"{folder}: no tokenizer files" in line

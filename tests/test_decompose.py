@@ -13,10 +13,9 @@ import pytest
 import torch
 
 import fprobe
-from fprobe.entropy import decompose as dec
 from fprobe import tree
 
-from helpers import make_batch, plain_entropy, sequence_log_probs
+from helpers import make_batch, no_pass, plain_entropy, sequence_log_probs, strict_json
 
 ADVANTAGES = torch.tensor([0.0, 0.7, -1.2, 0.0, 0.4, -0.9], dtype=torch.float64)
 ZERO_ROWS = [0, 3]
@@ -255,3 +254,34 @@ def test_sum_holds_for_every_estimator_setting(policy, batches):
     c = result.contributions()
     assert abs(c.residual) <= 1e-10 * abs(c.delta_h1)
     assert c.delta_h1 != 0 and c.decay != 0
+
+
+# --- contributions: strict JSON, checked arguments, a starting state changed in place
+
+
+def test_contributions_write_strict_json_and_check_their_arguments(fresh_gpt2, fresh_batches, monkeypatch):
+    E, U = fresh_batches
+    res = fprobe.probe(fresh_gpt2, E, U, fprobe.optim.adamw(lr=1e-4))
+    parts = res.contributions()
+    data = strict_json(parts.to_json())
+    assert data["per_sequence"] == parts.per_sequence.tolist() and "token_ids" not in data
+    assert [r["row"] for r in parts.top(len(U))] == sorted(range(len(U)), key=lambda j: -abs(float(parts.per_sequence[j])))
+    with pytest.raises(ValueError, match="k >= 0"):
+        parts.top(-1)  # was: every row but the last
+    monkeypatch.setattr(fprobe.model.passes, "gradient", no_pass)
+    with pytest.raises(ValueError, match="micro_batch"):
+        res.contributions(micro_batch=0)  # was: refused only after replaying the step
+
+
+def test_contributions_refuse_a_starting_optimizer_state_changed_in_place(fresh_gpt2, fresh_batches):
+    E, U = fresh_batches
+    opt = fprobe.optim.adamw(lr=1e-4)
+    first = fprobe.rl_step(fresh_gpt2, fresh_gpt2.params, opt, opt.init(fresh_gpt2.params), U)
+    res = fprobe.probe(fresh_gpt2, E, U, opt, first.opt_state, keep_step=True)
+    parts = res.contributions()
+    assert parts.momentum + parts.decay + float(parts.per_sequence.sum()) == pytest.approx(res.delta_h1, rel=1e-9)
+    for m in first.opt_state.exp_avg.values():
+        m.mul_(4.0)  # the caller's state object, reused
+    # was: parts missing δH₁ by 1.4× of its size, with a warning blaming the policy's precision (float64 here)
+    with pytest.raises(RuntimeError, match=r"changed in place .*opt_state.exp_avg\["):
+        res.contributions()

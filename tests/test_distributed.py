@@ -1,4 +1,5 @@
-"""Data-parallel probing on the gloo backend equals the single-process probe on the same global batch."""
+"""Data-parallel probing on the gloo backend equals the single-process probe on the same global batch (its standard
+errors included: to 1e-12 along one fixed Δθ); the lockstep row blocks of sharded passes."""
 
 import os
 import socket
@@ -9,6 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fprobe import distributed
 
 WORKER = Path(__file__).parent / "workers" / "distributed_probe.py"
 
@@ -59,6 +64,10 @@ def test_two_ranks_equal_one_process(runs):
         for name, want in one["numbers"].items():
             got = r["numbers"][name]
             assert abs(got - want) <= 1e-13 * scale if name == "delta_h_true" else close(got, want), (name, got, want)
+        for name, want in one["fixed_se"].items():  # along one fixed Δθ: to 1e-12
+            assert want > 0 and close(r["fixed_se"][name], want), (name, r["fixed_se"][name], want)
+        for name, want in one["probe_se"].items():  # along each run's own Δθ, which agree to 1e-10 (below)
+            assert want > 0 and close(r["probe_se"][name], want, rel=1e-9), (name, r["probe_se"][name], want)
         for got, want in zip(r["sweep"], one["sweep"]):
             assert abs(got - want) <= 1e-13 * scale
         for name, p in one["params"].items():
@@ -96,3 +105,13 @@ def test_command_line_under_torchrun_equals_one_process(tmp_path):
     assert one["sampling"] == two["sampling"]
     for name in ("h_orig", "delta_h_true", "delta_h1", "ess", "loss", "grad_norm", "delta_l2"):
         assert close(two["result"][name], one["result"][name]), name
+
+
+@given(n=st.integers(1, 60), size=st.integers(1, 9))
+def test_lockstep_blocks_cover_the_batch_in_order_with_equal_lengths(n, size):
+    """Every rank gets ⌈n / size⌉ rows; their own rows, rank after rank, are 0..n−1 in order; padding repeats a valid row."""
+    blocks = [distributed.lockstep_block(n, rank, size) for rank in range(size)]
+    assert {len(rows) for rows, _ in blocks} == {-(-n // size)}
+    assert [i for rows, own in blocks for i in rows[:own]] == list(range(n))
+    assert all(0 <= i < n for rows, _ in blocks for i in rows)
+    assert [own for _, own in blocks] == [stop - start for start, stop in (distributed.shard_bounds(n, r, size) for r in range(size))]

@@ -4,6 +4,7 @@ two param groups, several steps, and after importing a torch optimizer's state m
 ``foreach`` read from the param groups); lazy states; clipping against torch.nn.utils.clip_grad_norm_."""
 
 import io
+import re
 
 import optree
 import pytest
@@ -308,3 +309,83 @@ def test_affine_refuses_states_that_are_not_one_step_apart(load_policy):
     state = opt.init(s.params)
     with pytest.raises(ValueError, match="do not belong to one step: parameter .* went from step 0 to 0"):
         opt.affine(state, state, s.params)
+
+
+# --- imported and new optimizer states: malformed or out-of-range ones refused, naming the parameter
+
+
+@pytest.fixture
+def adamw_state():
+    """(state_dict, names, params) of a torch AdamW after one step on a two-parameter model."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2)).double()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 3, dtype=torch.float64)).sum().backward()
+    opt.step()
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    return opt.state_dict(), list(params), params
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (lambda sd: sd["state"][1].update(exp_avg=torch.zeros(1, dtype=torch.float64)),
+         "parameter '0.bias': exp_avg has shape (1,), the parameter (2,)"),
+        (lambda sd: sd["state"][0].update(exp_avg_sq=torch.zeros(2, 3, dtype=torch.long)),
+         "parameter '0.weight': exp_avg_sq has dtype torch.int64"),
+        (lambda sd: sd["state"][0].pop("exp_avg"), "parameter '0.weight': 'exp_avg' is missing"),
+        (lambda sd: sd["state"][0].update(step=torch.tensor(-1.0)), "parameter '0.weight': step"),
+        (lambda sd: sd.pop("param_groups"), "no param_groups (missing or empty)"),
+        (lambda sd: sd.update(param_groups=[]), "no param_groups (missing or empty)"),
+        (lambda sd: sd["param_groups"][0].pop("params"), "param_groups[0] is not a param group"),
+        (lambda sd: sd.pop("state"), "not a torch optimizer state_dict"),
+        (lambda sd: sd["state"].update({5: {}}), "parameter indices [5] that no param group lists"),
+    ],
+)
+def test_a_malformed_optimizer_state_is_rejected(adamw_state, corrupt, message):
+    state_dict, names, params = adamw_state
+    optim.from_torch(state_dict, names, params)  # the intact state imports
+    corrupt(state_dict)
+    with pytest.raises(ValueError) as error:
+        optim.from_torch(state_dict, names, params)
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "group,match",
+    [
+        (dict(betas=(1.0, 0.999)), "beta1=1.0 must be"),  # was: ZeroDivisionError after the gradient pass
+        (dict(weight_decay=-5.0), "weight_decay=-5.0 must be"),  # was: accepted (torch refuses it)
+        (dict(eps=float("nan")), "eps=nan must be"),
+        (dict(lr=-1e-3), "lr=-0.001 must be"),
+    ],
+)
+def test_an_imported_state_with_hyperparameters_torch_refuses_is_refused(fresh_gpt2, group, match):
+    state_dict = adamw_state_dict(fresh_gpt2)
+    state_dict["param_groups"][0].update(group)
+    with pytest.raises(ValueError, match=match):
+        fprobe.optim.from_torch(state_dict, list(fresh_gpt2.params), fresh_gpt2.params)
+
+
+@pytest.mark.parametrize("make", [lambda: fprobe.optim.adamw(lr=-1e-3), lambda: fprobe.optim.adamw(betas=(0.9, 1.0)),
+                                  lambda: fprobe.optim.sgd(momentum=-0.5), lambda: fprobe.optim.sgd(groups={"w": {"lr": float("inf")}})])
+def test_an_optimizer_with_an_out_of_range_hyperparameter_is_refused_when_made(make):
+    with pytest.raises(ValueError, match="must be a finite number"):
+        make()
+
+
+def test_an_imported_state_with_negative_second_moments_is_refused(fresh_gpt2):
+    state_dict = adamw_state_dict(fresh_gpt2)
+    name = list(fresh_gpt2.params)[2]
+    state_dict["state"][2]["exp_avg_sq"][0] = -1.0  # was: "updated value not finite" after the gradient pass
+    with pytest.raises(ValueError, match=rf"{re.escape(name)}.*negative"):
+        fprobe.optim.from_torch(state_dict, list(fresh_gpt2.params), fresh_gpt2.params)
+
+
+def adamw_state_dict(policy):
+    """A real torch.optim.AdamW state_dict after one step on a plain quadratic of the parameters."""
+    params = [p.detach().clone().requires_grad_() for p in policy.params.values()]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    sum((p * p).sum() for p in params).backward()
+    opt.step()
+    return opt.state_dict()

@@ -2,6 +2,7 @@
 normally, padding-invariant, tied embeddings counted once, LoRA adapters only, no dropout."""
 
 import copy
+import shutil
 
 import pytest
 import torch
@@ -216,6 +217,30 @@ def test_train_mode_with_dropout_is_refused_and_changes_nothing(load_policy):
     policy.apply(policy.params, batch.input_ids, batch.attention_mask)  # fine again in eval mode
 
 
+@pytest.mark.parametrize("rate", [0.0, 0.5])
+def test_attention_dropout_given_as_an_argument_counts_as_active_dropout(rate):
+    """Qwen2/Llama attention passes ``config.attention_dropout`` to its attention function instead of holding
+    an ``nn.Dropout`` module (was: not seen, so a trainer's step with dropout was cross-checked as "ok")."""
+    from helpers import CONFIGS
+
+    torch.manual_seed(0)
+    config = CONFIGS["qwen2"]()
+    config.attention_dropout = rate
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    model.train()
+    batch = make_batch(n=2, width=8, seed=3)
+    twice = [model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits for _ in range(2)]
+    acts = not torch.equal(*twice)  # independent evidence: in train mode the forward is random exactly when rate > 0
+    assert acts == (rate > 0)
+    expected = ["model.layers.0.self_attn.attention_dropout", "model.layers.1.self_attn.attention_dropout"]
+    assert fprobe.model.policy.active_dropout(model) == (expected if acts else [])
+    if acts:
+        with pytest.raises(ValueError, match="attention_dropout"):
+            fprobe.Policy(model)
+    model.eval()
+    assert fprobe.model.policy.active_dropout(model) == []
+
+
 def test_a_model_without_trainable_parameters_is_refused(model_dir):
     model = AutoModelForCausalLM.from_pretrained(model_dir("gpt2")).eval().requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
@@ -308,3 +333,15 @@ def test_reverse_mode_statistics_recompute_from_the_logits_with_autograds_gradie
     assert torch.equal(logp_grad(softmax.logp(logits, targets)), logp_grad(plain_logp)), "ℓ's gradient is autograd's, bit for bit"
     small = torch.randn(4, 6, generator=g, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda z: softmax.logp_and_entropy(z, targets[:4] % 6), (small,))
+
+
+# --- a model folder without weights
+
+
+def test_a_model_folder_without_weights_is_not_called_uncached(tmp_path, checkpoint):
+    folder = tmp_path / "no-weights"
+    folder.mkdir()
+    shutil.copy(checkpoint / "config.json", folder / "config.json")
+    with pytest.raises(FileNotFoundError) as error:
+        fprobe.Policy.from_pretrained(folder)
+    assert "local cache" not in str(error.value) and str(folder) in str(error.value)

@@ -11,8 +11,10 @@ from transformers import AutoTokenizer
 
 import fprobe
 from fprobe.entropy import predictors
+from fprobe.model import passes
 from fprobe.sampling import toy
 from fprobe import tree
+from helpers import make_batch, no_pass, strict_json
 
 LR = 0.3
 
@@ -25,7 +27,8 @@ def hand_built(n=40, seed=0, ties=False):
     advantages = torch.randn(n // 4, generator=g, dtype=torch.float64).repeat_interleave(4)
     if ties:
         logp = (logp * 2).round() / 2
-    return predictors.TokenInputs(logp, entropy, advantages)
+    nec = torch.rand(n, generator=g, dtype=torch.float64) - 0.5
+    return predictors.TokenInputs(logp, entropy, advantages, nec)
 
 
 def loop_mean(values):
@@ -59,7 +62,16 @@ def loop_steer(x, lr):
     return out
 
 
-LOOPS = {"cui_pg": loop_cui_pg, "cui_npg": loop_cui_npg, "wang": loop_wang, "steer": loop_steer}
+def loop_wang_grpo(x, lr):
+    """Clip_V's xD = N − S (Trinity-RFT), S = p (H + log p), times η A."""
+    out = []
+    for l, h, n, a in zip(x.logp.tolist(), x.entropy.tolist(), x.nec.tolist(), x.advantages.tolist()):
+        out.append(lr * a * (n - math.exp(l) * (h + l)))
+    return out
+
+
+LOOPS = {"cui_pg": loop_cui_pg, "cui_npg": loop_cui_npg, "wang": loop_wang, "wang_grpo": loop_wang_grpo,
+         "steer": loop_steer}
 
 
 @pytest.mark.parametrize("predictor", predictors.PREDICTORS, ids=lambda p: p.name)
@@ -173,6 +185,90 @@ def test_wang_theorem_3_2_matches_a_single_logit_update_to_first_order():
             errors.append(abs(true - predicted) / abs(predicted))
     assert max(errors[1::2]) < 1e-3
     assert all(small < large / 5 for large, small in zip(errors[::2], errors[1::2]))
+
+
+def loop_collision_term(logits_row):
+    """Trinity-RFT's compute_N_from_logits for one state, in plain Python: H Σ p² + Σ p² log p."""
+    zs = logits_row.tolist()
+    top = max(zs)
+    total = sum(math.exp(z - top) for z in zs)
+    ps = [math.exp(z - top) / total for z in zs]
+    h = -sum(p * math.log(p) for p in ps)
+    return h * sum(p * p for p in ps) + sum(p * p * math.log(p) for p in ps)
+
+
+def test_collision_term_matches_a_plain_loop_and_is_the_pi_mean_of_the_discriminators():
+    g = torch.Generator().manual_seed(11)
+    logits = 2 * torch.randn(5, 9, generator=g, dtype=torch.float64)
+    got = predictors.collision_term(logits)
+    assert got.tolist() == pytest.approx([loop_collision_term(row) for row in logits], rel=1e-12)
+    logp = torch.log_softmax(logits, -1)
+    h = -(logp.exp() * logp).sum(-1, keepdim=True)
+    pi_mean = (logp.exp() * predictors.entropy_discriminator(logp, h)).sum(-1)  # Σ_v π_v S*_v
+    assert torch.allclose(got, pi_mean, rtol=1e-12, atol=0)
+
+
+def test_wang_theorem_3_3_is_the_exact_first_order_change_of_a_score_step():
+    """On a single-state softmax with the logits as parameters, the sampled token's score step
+    Δz = ηA ∇_z log π_k = ηA(e_k − π): the jvp of H along it is ηA(N − S_k) to rounding, and the true
+    change agrees to first order in η."""
+    z, _, logp, _ = single_state()
+    entropy = lambda v: -(torch.softmax(v, -1) * torch.log_softmax(v, -1)).sum()
+    h = entropy(z)
+    nec = predictors.collision_term(z[None])[0]
+    advantage = torch.tensor(0.7, dtype=torch.float64)
+    for k in range(len(z)):
+        score = -logp.exp()
+        score[k] += 1  # ∇_z log π_k = e_k − π
+        _, slope = torch.func.jvp(entropy, (z,), (advantage * score,))
+        predicted_slope = predictors.wang_grpo_tokens(logp[k], h, nec, advantage, 1.0)
+        assert float(slope) == pytest.approx(float(predicted_slope), rel=1e-12, abs=1e-15)
+        errors = []
+        for eta in (1e-2, 1e-3, 1e-4):
+            true = float(entropy(z + eta * advantage * score) - h)
+            errors.append(abs(true - eta * float(predicted_slope)))
+        assert all(small < large / 5 for large, small in zip(errors, errors[1:]))
+    # and Theorem 3.2's form (which leaves out N) is not the first order of this step
+    k = int(logp.argmax())
+    score = -logp.exp()
+    score[k] += 1
+    _, slope = torch.func.jvp(entropy, (z,), (score,))
+    assert abs(float(slope) - float(predictors.wang_tokens(logp[k], h, torch.tensor(1.0, dtype=torch.float64), 1.0))) > 1e-3
+
+
+def loop_verl_cov(logp_rows, adv_rows, mask_rows, rows_per_micro_batch, paired=lambda logp, advantage: advantage):
+    """verl's Clip-Cov cov_all, micro-batch by micro-batch (dp_actor's data.split), in plain Python:
+    (A − masked_mean(A)) · (ℓ − masked_mean(ℓ)) over each micro-batch's response tokens (verl's 1e-8
+    guard in the mean's denominator left out), flattened in row order; ``paired``: what stands for A
+    (π·A for Cui et al.'s Theorem 1)."""
+    out = []
+    for start in range(0, len(logp_rows), rows_per_micro_batch):
+        chunk = range(start, min(start + rows_per_micro_batch, len(logp_rows)))
+        tokens = [(logp_rows[i][k], paired(logp_rows[i][k], adv_rows[i]))
+                  for i in chunk for k in range(len(mask_rows[i])) if mask_rows[i][k]]
+        mean_l = sum(l for l, _ in tokens) / len(tokens)
+        mean_a = sum(a for _, a in tokens) / len(tokens)
+        out += [(a - mean_a) * (l - mean_l) for l, a in tokens]
+    return out
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4, 6, 100])
+def test_cui_centred_per_micro_batch_matches_verls_clip_cov_loop(rows):
+    U = make_batch(n=6, width=12, seed=9)
+    g = torch.Generator().manual_seed(rows)
+    logp = -3 * torch.rand(U.response_mask.shape, generator=g, dtype=torch.float64)
+    entropy = torch.rand(U.response_mask.shape, generator=g, dtype=torch.float64)
+    x = predictors.token_inputs(logp, entropy, U, cov_micro_batch=rows)
+    got = predictors.cui_npg_tokens(x.logp, x.advantages, LR, groups=x.groups)
+    expected = loop_verl_cov(logp.tolist(), U.advantages.tolist(), U.response_mask.tolist(), rows)
+    assert got.tolist() == pytest.approx([-LR * v for v in expected], rel=1e-12, abs=1e-15)
+    pg = predictors.cui_pg_tokens(x.logp, x.advantages, LR, groups=x.groups)
+    pi_a = loop_verl_cov(logp.tolist(), U.advantages.tolist(), U.response_mask.tolist(), rows,
+                         paired=lambda l, a: math.exp(l) * a)
+    assert pg.tolist() == pytest.approx([-LR * v for v in pi_a], rel=1e-12, abs=1e-15)
+    whole = predictors.token_inputs(logp, entropy, U)
+    same = torch.equal(got, predictors.cui_npg_tokens(whole.logp, whole.advantages, LR))
+    assert same == (rows >= len(U))  # one micro-batch holding all of U is the whole-batch centring
 
 
 # --- agreement statistics against plain-Python references ---
@@ -324,3 +420,139 @@ def test_cli_probe_predictors_flag_adds_the_comparison_to_the_record(tmp_path):
     assert list(comparison["scores"]) == [p.name for p in predictors.PREDICTORS] + [predictors.REFERENCE]
     assert comparison["n_tokens"] == record["sampling"]["update_tokens"]
     assert (comparison["lr"], comparison["delta_h_true"]) == (record["result"]["lr_used"], record["result"]["delta_h_true"])
+
+
+def test_bootstrap_intervals_over_sequences():
+    """Over U's sequences: an exact relationship gives degenerate intervals at its values; one token per row gives
+    Pearson's interval of the textbook Fisher transform, atanh r ± 1.96/√(n−3); copying every row's token three
+    times within its row (a row resampled whole) leaves every interval as it was."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(400, generator=g, dtype=torch.float64)
+    rows = torch.arange(400)
+    exact = predictors.bootstrap_intervals(p, 2 * p, rows)
+    assert exact["scale"] == pytest.approx([2.0, 2.0], rel=1e-12) and exact["pearson"] == pytest.approx([1.0, 1.0], rel=1e-12)
+    assert exact["spearman"] == pytest.approx([1.0, 1.0], rel=1e-12) and exact["sign_agreement"] == [1.0, 1.0]
+    truth = 0.5 * p + torch.randn(400, generator=g, dtype=torch.float64)
+    got = predictors.bootstrap_intervals(p, truth, rows, draws=2000)
+    r = predictors.pearson(p, truth)
+    fisher = [math.tanh(math.atanh(r) + s * 1.959964 / math.sqrt(400 - 3)) for s in (-1, 1)]
+    assert got["pearson"] == pytest.approx(fisher, abs=0.02)
+    copies = predictors.bootstrap_intervals(p.repeat_interleave(3), truth.repeat_interleave(3), rows.repeat_interleave(3), draws=2000)
+    for name in ("scale", "pearson", "spearman", "sign_agreement"):
+        assert copies[name] == pytest.approx(got[name], rel=1e-9), name
+    score = predictors.score(p, truth, rows)
+    assert score.intervals["pearson"][0] < score.pearson < score.intervals["pearson"][1]
+
+
+def test_collision_terms_on_u_equal_an_independent_full_vocabulary_loop(probed):
+    policy, U, result, _ = probed
+    params = result.context.params
+    with torch.no_grad():
+        logits = policy.apply(params, U.input_ids, U.attention_mask).double()
+    expected = []
+    for i in range(len(U)):
+        for k in range(1, U.response_mask.shape[1]):
+            if U.response_mask[i, k]:
+                logp = torch.log_softmax(logits[i, k - 1], -1)
+                h = -(logp.exp() * logp).sum()
+                expected.append(float((logp.exp() * logp.exp() * (logp + h)).sum()))  # Σ_v π_v² (log π_v + H)
+    got = predictors.collision_terms(policy, params, U, micro_batch=3)
+    assert got.tolist() == pytest.approx(expected, rel=1e-10, abs=1e-14)
+
+
+def test_cov_micro_batch_centres_the_cui_rows_within_u_micro_batches(probed):
+    policy, U, result, comparison = probed
+    split = predictors.compare(policy, result.context.params, result.delta_named, U, result.lr_used, cov_micro_batch=4)
+    t = predictors.truths(policy, result.context.params, result.delta_named, U)
+    groups = predictors.micro_batch_groups(U, 4)
+    for name, tokens in (("cui_npg", predictors.cui_npg_tokens), ("cui_pg", predictors.cui_pg_tokens)):
+        assert torch.equal(split.predicted[name], tokens(t.inputs.logp, t.inputs.advantages, result.lr_used, groups=groups))
+        assert not torch.equal(split.predicted[name], comparison.predicted[name])
+    assert torch.equal(split.predicted["wang"], comparison.predicted["wang"]) and split.cov_micro_batch == 4
+    with pytest.raises(ValueError, match="cov_micro_batch"):
+        predictors.compare(policy, result.context.params, result.delta_named, U, 1e-6, cov_micro_batch=0)
+
+
+def test_undefined_scores_warn_and_say_why(probed):
+    """Was: NaN (null in JSON) scores without a word, for U with one token or with every advantage 0."""
+    policy, U, result, _ = probed
+    params, delta = result.context.params, result.delta_named
+    zero = fprobe.Rollouts(U.input_ids, U.attention_mask, U.response_mask, advantages=torch.zeros(len(U)))
+    with pytest.warns(fprobe.UndefinedScoreWarning, match="every advantage in U is 0"):
+        c = predictors.compare(policy, params, delta, zero, 1e-6)
+    published = [p.name for p in predictors.PREDICTORS]
+    assert set(c.undefined) == set(published)  # fprobe's own row follows Δθ, which is not zero here
+    assert all(math.isnan(c.scores[name]["pearson"]) for name in published)
+    assert not math.isnan(c.scores[predictors.REFERENCE]["pearson"])
+    assert json.loads(c.to_json())["undefined"]["wang"].startswith("it predicts 0 at every token")
+    row = int(U.response_mask.sum(-1).argmax())
+    one = U.response_mask[row : row + 1].clone()
+    one[0, one[0].nonzero()[1:, 0]] = False  # keep the row's first response token only
+    single = fprobe.Rollouts(U.input_ids[row : row + 1], U.attention_mask[row : row + 1], one, advantages=torch.ones(1))
+    with pytest.warns(fprobe.UndefinedScoreWarning, match="U has 1 response token"):
+        c = predictors.compare(policy, params, delta, single, 1e-6)
+    assert set(c.undefined) == set(published) | {predictors.REFERENCE}
+    assert all(math.isnan(s["pearson"]) for s in c.scores.values())
+
+# --- degenerate inputs: zero predictions and steps, constant advantages, NaN sides, inputs checked first
+
+
+def plain_sign_agreement(p, t):
+    return sum(a != 0 and (a > 0) == (b > 0) and (a < 0) == (b < 0) for a, b in zip(p, t)) / len(p)
+
+
+def test_a_zero_prediction_is_a_wrong_sign_even_where_the_truth_is_zero():
+    p, t = [0.0, 0.0, 1.0, -1.0, 2.0], [0.0, 1.0, 1.0, 1.0, 3.0]
+    got = predictors.sign_agreement(torch.tensor(p, dtype=torch.float64), torch.tensor(t, dtype=torch.float64))
+    assert got == plain_sign_agreement(p, t) == 0.4  # was 0.6: 0 = 0 counted as a right sign
+
+
+def test_a_zero_step_scores_no_predictor_as_right_and_writes_strict_json(fresh_gpt2, fresh_batches):
+    E, U = fresh_batches
+    res = fprobe.probe(fresh_gpt2, E, U, fprobe.optim.adamw(lr=0.0))
+    comparison = res.predictors()
+    assert comparison.delta_h_tokens == 0.0 and float(comparison.truth.abs().max()) == 0.0
+    for name, s in strict_json(comparison.to_json())["scores"].items():
+        assert s["sign_agreement"] == 0.0, name  # was 1.0 for every predictor: nothing was predicted
+        assert s["pearson"] is None and s["spearman"] is None and s["scale"] is None  # 0/0: undefined
+    assert strict_json(res.to_json())["ratio"] is None
+
+
+def test_constant_advantages_give_exactly_zero_covariance_and_undefined_correlations():
+    n = 7
+    advantages = torch.full((n,), 0.1, dtype=torch.float64)  # REINFORCE-style: every row the same advantage
+    logp = torch.linspace(-3.0, -0.1, n, dtype=torch.float64)
+    truth = torch.tensor([0.3, -1.0, 0.2, 0.5, -0.4, 0.9, -0.6], dtype=torch.float64)
+    predicted = predictors.cui_npg_tokens(logp, advantages, 1e-6)
+    assert predicted.tolist() == [0.0] * n  # Cov(log π, A) of a constant A is exactly 0 (was ~1e-23 of rounding)
+    s = predictors.score(predicted, truth)
+    assert math.isnan(s.pearson) and math.isnan(s.scale)  # was Pearson −0.44: a correlation with rounding noise
+    assert math.isnan(predictors.pearson(advantages, truth))  # "NaN when either side is constant" (was 2.7e-17)
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (lambda d, U: (tree.tree_map(lambda x: x.float(), d), U, 1e-4), ValueError, "dtype"),  # was: torch matmul error
+        (lambda d, U: (dict(list(d.items())[1:]), U, 1e-4), ValueError, "missing"),  # was: KeyError
+        (lambda d, U: (tree.scale(d, float("nan")), U, 1e-4), FloatingPointError, "not finite"),  # was: Spearman 1.0
+        (lambda d, U: (d, U, float("nan")), ValueError, "lr"),  # was: NaN predictions with a Spearman of 0.22
+        (lambda d, U: (d, fprobe.Rollouts(U.input_ids, U.attention_mask, U.response_mask), 1e-4), ValueError,
+         "advantages"),  # was: refused only after a jvp and a forward pass on U
+    ],
+)
+def test_compare_checks_its_inputs_before_any_pass(fresh_gpt2, fresh_batches, monkeypatch, change, error, match):
+    _, U = fresh_batches
+    delta = tree.tree_map(lambda p: 1e-4 * torch.randn_like(p), fresh_gpt2.params)
+    args = change(delta, U)
+    for name in ("forward", "jet"):
+        monkeypatch.setattr(passes, name, no_pass)
+    with pytest.raises(error, match=match):
+        predictors.compare(fresh_gpt2, fresh_gpt2.params, *args)
+
+
+def test_spearman_of_a_side_with_nan_is_nan():
+    x = torch.tensor([1.0, float("nan"), 3.0, 4.0], dtype=torch.float64)
+    y = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    assert math.isnan(predictors.spearman(x, y)) and math.isnan(predictors.spearman(y, x))  # was 0.4 and 0.4
+    assert math.isnan(predictors.pearson(x, y))

@@ -1,6 +1,7 @@
 """ΔH_true, δH₁, δH₂ and the sweep on a tiny float64 GPT-2 after a real AdamW step."""
 
 import dataclasses
+import re
 import warnings
 
 import pytest
@@ -10,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 import fprobe
 from fprobe.model import passes
 from fprobe import tree
-from helpers import make_batch, plain_entropy
+from helpers import make_batch, no_pass, plain_entropy, sequence_log_probs
 
 
 @pytest.fixture(scope="module")
@@ -263,6 +264,8 @@ def test_replay_refuses_a_step_that_no_longer_matches(setup):
         (dict(normalize="tokens"), "normalize"),
         (dict(entropy="exact"), "entropy"),
         (dict(baseline="position"), "togo"),
+        (dict(baseline="prompt", estimator="togo"), "snis"),
+        (dict(baseline="prompt"), "group_ids"),
         (dict(micro_batch=0), "micro_batch"),
         (dict(ess_threshold=2.0), "ess_threshold"),
     ],
@@ -296,14 +299,117 @@ def test_low_ess_warning_points_at_the_callers_line(setup):
     assert {w.filename for w in caught} == {__file__}
 
 
-def test_table_rows_follow_the_fields_by_name(setup):
+def shown_rows(text: str) -> tuple[str, list[tuple[str, str]]]:
+    """The title and the (label, value text) rows of a printed two-column table (title, a rule of dashes, rows)."""
+    title, rule, *lines = text.splitlines()
+    assert set(rule) == {"-"}, rule
+    return title, [tuple(part.strip() for part in re.split(r"\s{2,}", line, maxsplit=1)) for line in lines]
+
+
+def shows(text: str, value, se=None) -> bool:
+    """Whether ``text`` shows ``value``: "—" for None, an int exactly, a float in at most 7 significant digits
+    that read back to it within 5e-6 of its size (rounded to 6 digits at least); with a standard error,
+    "value ± se" and the se in two significant digits."""
+    if se is not None:
+        shown, _, error = text.partition(" ± ")
+        return shows(shown, value) and len(error.lstrip("0.").replace(".", "").partition("e")[0]) <= 2 and (
+            float(error) == pytest.approx(se, rel=0.05))
+    if value is None or isinstance(value, int):
+        return text == ("—" if value is None else str(value))
+    digits = text.lstrip("-").partition("e")[0].replace(".", "").lstrip("0")
+    return len(digits) <= 7 and float(text) == pytest.approx(value, rel=5e-6, abs=0)
+
+
+def test_printed_table_shows_the_results_numbers(setup):
+    policy, E, _ = setup
     res = adamw_probe(setup, 1e-4)
-    rows = dict(res.rows())
-    for label, name in fprobe.ProbeResult.ROWS:
-        assert rows[label] == getattr(res, name)
-    labels = [label for label, _ in res.rows()]
-    assert labels.index("ΔH_true / δH₁") + 1 == labels.index("covariance baseline")
     data = res.to_dict()
+    title, rows = shown_rows(repr(res))
+    assert title == "ProbeResult"
+    expected = [
+        ("H(θ₀)", "h_orig"), ("H(θ₀+Δθ)", "h_upd"), ("ΔH_true", "delta_h_true"), ("δH₁", "delta_h1"), ("δH₂", "delta_h2"),
+        ("ΔH_true / δH₁", "ratio"), ("covariance baseline", "cov_baseline"), ("loss", "loss"), ("‖g‖₂", "grad_norm"),
+        ("update lost to rounding", "update_lost"), ("ESS fraction", "ess_fraction"), ("max weight", "max_weight"),
+        ("‖Δθ‖₂", "delta_l2"), ("lr", "lr_used"), ("E: sequences", "n_eval"), ("E: response tokens", "n_eval_tokens"),
+    ]
+    shown = [(label, data[key]) for label, key in expected]
+    shown += [(f"time {phase} [s]", round(seconds, 3)) for phase, seconds in data["timings"].items()]
+    assert [label for label, _ in rows] == [label for label, _ in shown]  # and no internal field among them
+    errors = dict(zip([label for label, _ in expected], [data.get(f"{key}_se") for _, key in expected]))
+    assert errors["ΔH_true"] > 0 and errors["δH₁"] > 0  # the estimates on E carry their standard errors
+    for (label, text), (_, value) in zip(rows, shown):
+        assert shows(text, value, errors.get(label)), (label, text, value)
+    # the numbers themselves, against plain references
+    params, new = policy.params, tree.add(policy.params, res.delta_named)
+    h0, h1 = float(plain_entropy(policy, params, E)), float(plain_entropy(policy, new, E, params0=params))
+    (ell0, _), (ell1, _) = sequence_log_probs(policy, params, E), sequence_log_probs(policy, new, E)
+    w = torch.stack([(new_row.sum() - old_row.sum()).exp() for new_row, old_row in zip(ell1, ell0)])
+    assert data["h_orig"] == pytest.approx(h0, rel=1e-12) and data["h_upd"] == pytest.approx(h1, rel=1e-12)
+    assert data["ratio"] == pytest.approx(data["delta_h_true"] / data["delta_h1"], rel=1e-15)
+    assert data["ess_fraction"] == pytest.approx(float(w.sum() ** 2 / (w**2).sum()) / len(E), rel=1e-9)
+    assert data["max_weight"] == pytest.approx(float(w.max() / w.sum()), rel=1e-9)
+    assert data["delta_l2"] == pytest.approx(sum(float((d**2).sum()) for d in res.delta_named.values()) ** 0.5, rel=1e-12)
+    assert (data["lr_used"], data["n_eval"], data["n_eval_tokens"]) == (1e-4, len(E), int(E.response_mask.sum()))
+    assert data["delta_h2"] is None and data["update_lost"] is None  # no second order asked; float64 loses nothing
     for hidden in ("step", "U", "optimizer", "opt_state", "lr_given", "micro_batch", "delta_named", "context"):
         assert hidden not in data
     assert data["max_grad_norm"] is None and data["loss_type"] == "dr_grpo"
+
+
+# --- results refuse reuse once θ₀ or a batch changed in place; bad learning rates refused before any pass
+
+
+@pytest.mark.parametrize("keep_step", [False, True])
+def test_a_result_refuses_to_be_reused_after_the_model_was_changed_in_place(fresh_gpt2, fresh_batches, keep_step):
+    E, U = fresh_batches
+    res = fprobe.probe(fresh_gpt2, E, U, fprobe.optim.adamw(lr=1e-4), keep_step=keep_step)
+    lr = 1e-4 * (1 + 1e-7)
+    before = res.sweep([lr]).delta_h_true[0]
+    assert before == pytest.approx(res.delta_h_true, rel=1e-3)  # (η/η₀ − 1) = 1e-7: nearly the step itself
+    with torch.no_grad():  # the user trains the model further, in place
+        for p in fresh_gpt2.model.parameters():
+            p.add_(1e-4 * torch.randn_like(p))
+    # Before the fix the sweep evaluated Ĥ at the *new* weights + Δθ against H(θ₀): ΔH_true off by 20×.
+    for use in (lambda: res.sweep([lr]), res.predictors, res.contributions, res.replay_step):
+        with pytest.raises(RuntimeError, match="changed in place"):
+            use()
+
+
+def test_a_result_on_params_the_model_does_not_share_survives_training(fresh_gpt2, fresh_batches):
+    E, U = fresh_batches
+    theta0 = tree.tree_map(torch.clone, fresh_gpt2.params)
+    delta = tree.tree_map(lambda p: 1e-4 * torch.randn_like(p), theta0)
+    change = fprobe.entropy_change(fresh_gpt2, E, delta, params=theta0, lr=1e-4)
+    expected = change.sweep([2e-4]).delta_h_true[0]
+    with torch.no_grad():
+        for p in fresh_gpt2.model.parameters():
+            p.add_(1e-3)
+    assert change.sweep([2e-4]).delta_h_true[0] == expected  # θ₀ is the clone: nothing mixed, nothing refused
+
+
+def test_a_result_refuses_to_be_reused_after_a_batch_was_changed_in_place(fresh_gpt2):
+    E, U = make_batch(6, seed=1, with_advantages=False), make_batch(6, seed=2)
+    res = fprobe.probe(fresh_gpt2, E, U, fprobe.optim.adamw(lr=1e-4))
+    comparison = res.predictors()
+    U.advantages.mul_(-1.0)  # a buffer reused for the next batch
+    # was: every predictor's per-token values flipped sign against the same truth
+    with pytest.raises(RuntimeError, match=r"changed in place .*U\['advantages'\]"):
+        res.predictors()
+    U.advantages.mul_(-1.0)  # the values are back, but the result cannot know: still refused
+    with pytest.raises(RuntimeError, match="changed in place"):
+        res.contributions()
+    res2 = fprobe.probe(fresh_gpt2, E, make_batch(6, seed=2), fprobe.optim.adamw(lr=1e-4))
+    assert res2.predictors().scores == comparison.scores  # an untouched batch: the same comparison as before
+    E.input_ids[:, -1] = 5  # E's last column rewritten in place
+    with pytest.raises(RuntimeError, match=r"changed in place .*E\['input_ids'\]"):
+        res2.sweep([2e-4])  # was: Ĥ at θ₀+Δθ on the new tokens against H(θ₀) on the old ones
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -1e-4, float("inf")])
+def test_entropy_change_refuses_a_bad_learning_rate_before_any_pass(fresh_gpt2, fresh_batches, monkeypatch, bad):
+    E, _ = fresh_batches
+    delta = tree.tree_map(lambda p: 1e-4 * torch.randn_like(p), fresh_gpt2.params)
+    for name in ("forward", "jet"):
+        monkeypatch.setattr(passes, name, no_pass)
+    with pytest.raises(ValueError, match="lr"):  # was: accepted; its sweep then scaled Δθ by NaN or flipped it
+        fprobe.entropy_change(fresh_gpt2, E, delta, lr=bad)

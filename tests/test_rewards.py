@@ -1,8 +1,11 @@
 import math
+import sys
 
+import numpy as np
 import pytest
+import torch
 
-from fprobe.sampling import toy
+from fprobe.sampling import rewards, toy
 from fprobe.sampling.rewards import numeric_match, resolve_reward, score
 
 
@@ -110,3 +113,47 @@ def test_score_rejects_non_finite_rewards():
 def test_score_rejects_mismatched_lengths():
     with pytest.raises(ValueError, match="2 prompts, 1 responses"):
         score(always_half, ["p", "q"], ["r"], [{}])
+
+
+# --- reward modules by name or path; rewards must be real numbers
+
+
+REWARD_MODULE = "def half(prompt, response, example):\n    return 0.5\n"
+
+
+def test_reward_module_in_the_working_directory_is_importable(tmp_path, monkeypatch):
+    (tmp_path / "fprobe_cwd_reward.py").write_text(REWARD_MODULE)
+    monkeypatch.chdir(tmp_path)
+    path_before = list(sys.path)
+    assert str(tmp_path) not in sys.path
+    reward = rewards.resolve_reward("fprobe_cwd_reward:half")
+    assert reward("p", "r", {}) == 0.5
+    assert sys.path == path_before, "the import path is restored"
+
+
+def test_reward_given_as_a_file_path(tmp_path):
+    path = tmp_path / "data" / "my_reward.py"
+    path.parent.mkdir()
+    path.write_text(REWARD_MODULE)
+    assert rewards.resolve_reward(f"{path}:half")("p", "r", {}) == 0.5
+    with pytest.raises(ValueError, match="no such file"):
+        rewards.resolve_reward(f"{tmp_path / 'missing.py'}:half")
+
+
+def test_an_unknown_module_still_fails_clearly(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="cannot import module 'fprobe_no_such_module'"):
+        rewards.resolve_reward("fprobe_no_such_module:f")
+
+
+@pytest.mark.parametrize("value", ["1.0", True, None, [1.0], torch.tensor([1.0, 0.0]), 1j])
+def test_a_reward_that_is_not_a_real_number_is_rejected_naming_row_and_prompt(value):
+    reward = lambda prompt, response, example: value if prompt == "2+2=" else 1.0
+    with pytest.raises(ValueError) as error:
+        rewards.score(reward, ["1+1=", "2+2="], ["2", "4"], [{}, {}])
+    assert f"returned {value!r} ({type(value).__name__}) on row 1 (prompt '2+2=')" in str(error.value)
+
+
+@pytest.mark.parametrize("value", [1, 0.25, np.float32(0.25), np.int64(1), torch.tensor(0.25), torch.tensor([2])])
+def test_real_number_rewards_of_any_kind_are_accepted(value):
+    assert rewards.score(lambda *_: value, ["p"], ["r"], [{}]) == [float(value)]

@@ -179,3 +179,58 @@ def test_toy_policy_samples_answers_and_eos(tokenizer):
         assert text.startswith(tokenizer.bos_token) and "=" in text
         assert (E.input_ids[i][~E.attention_mask[i].bool()] == tokenizer.pad_token_id).all()
     assert set(U.rewards.tolist()) <= {0.0, 1.0}
+
+
+# --- models and prompts that cannot give a distribution: refused before or during generation
+
+
+def test_sampling_a_model_with_nan_weights_raises():
+    policy = fprobe.Policy.from_pretrained(toy.DEFAULT_MODEL_PATH, dtype=torch.float64)
+    tokenizer = AutoTokenizer.from_pretrained(toy.DEFAULT_MODEL_PATH)
+    with torch.no_grad():
+        next(policy.model.parameters()).fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="logits are NaN or infinite in 4 of 4 rows"):
+        fprobe.sample(policy, tokenizer, toy.make_prompts(8, seed=0), n_eval=2, n_update_prompts=1, group_size=2,
+                      reward="toy", max_new_tokens=3)
+
+
+def test_prompts_the_model_has_no_embedding_for_are_named_before_generation():
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=15, n_positions=32, bos_token_id=2, eos_token_id=1)
+    policy = fprobe.Policy(AutoModelForCausalLM.from_config(config).double().eval())  # 15 ids; the tokenizer has 17 ("=" is 15)
+    tokenizer = AutoTokenizer.from_pretrained(toy.DEFAULT_MODEL_PATH)
+    pool = [{"prompt": "1+1"}, {"prompt": "1+1="}]
+    assert max(tokenizer("1+1")["input_ids"]) < 15 <= max(tokenizer("1+1=")["input_ids"])
+    with pytest.raises(ValueError, match=r"prompts \[1\] \(1 in all\) tokenize to ids outside the model's vocabulary \[0, 15\)"):
+        fprobe.sample(policy, tokenizer, pool, n_eval=2, n_update_prompts=1, group_size=1, reward="toy", max_new_tokens=2)
+
+
+def test_check_scores_accepts_masked_logits_and_rejects_rows_without_a_distribution():
+    masked = torch.tensor([[0.0, -float("inf"), 1.0], [2.0, 1.0, -float("inf")]])
+    sampling.check_scores(masked)  # -inf marks excluded tokens: fine
+    for bad in (float("nan"), float("inf")):
+        scores = masked.clone()
+        scores[1, 0] = bad
+        with pytest.raises(FloatingPointError, match="in 1 of 2 rows"):
+            sampling.check_scores(scores)
+    with pytest.raises(FloatingPointError, match="in 1 of 2 rows"):
+        sampling.check_scores(torch.tensor([[0.0, 1.0], [-float("inf"), -float("inf")]]))
+
+
+def test_several_responses_per_evaluation_prompt(policy, tokenizer):
+    """eval_group_size=k: E's n_eval rows are n_eval/k prompt draws with k responses each (own streams, so
+    they differ), numbered by E.group_ids; k=1 leaves E as it was, one group per row."""
+    E, U = draw(policy, tokenizer, n_eval=12, eval_group_size=4)
+    single, U1 = draw(policy, tokenizer, n_eval=12)
+    assert len(E) == 12 and E.group_ids.tolist() == [g for g in range(3) for _ in range(4)]
+    assert single.group_ids.tolist() == list(range(12)) and same_rollouts(U, U1)
+    prompt_of = lambda i: E.input_ids[i][E.attention_mask[i].bool() & ~E.response_mask[i]].tolist()
+    response_of = lambda i: E.input_ids[i][E.response_mask[i]].tolist()
+    for g in range(3):
+        rows = range(4 * g, 4 * g + 4)
+        assert len({tuple(prompt_of(i)) for i in rows}) == 1
+        assert len({tuple(response_of(i)) for i in rows}) > 1, "each response draws from its own stream"
+    rows, _ = sampling.choose_prompts(3, 12, 1, 1, seed=0, replace=True, eval_group_size=4)
+    assert len(set(rows)) == 12 and all(rows[4 * g][0] == rows[4 * g + 3][0] for g in range(3))
+    with pytest.raises(ValueError, match="eval_group_size=5"):
+        sampling.choose_prompts(40, 12, 1, 1, seed=0, eval_group_size=5)

@@ -2,18 +2,22 @@
 exactly one update, Δθ), linearity in the learning rate, micro-batch invariance, clipping against
 torch, bf16 rounding loss, and bad input that is refused without changing anything."""
 
+import warnings
+
 import optree
 import pytest
 import torch
-from helpers import VOCAB, make_batch
+from helpers import CONFIGS, VOCAB, make_batch, no_pass
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
 
 import fprobe
+from fprobe.model import passes
 from fprobe.rl import losses
 from fprobe import tree
 from fprobe.rl.step import loss_and_grad
+from fprobe.rollouts import Rollouts
 
 PROPERTY = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -454,3 +458,121 @@ def test_a_non_positive_micro_batch_is_refused(gpt2):
 
 def test_an_unknown_loss_is_refused(gpt2):
     assert_refused(gpt2, gpt2.params, make_batch(), ValueError, "unknown loss 'ppo'", loss="ppo")
+
+
+# --- updates lost to bf16 rounding, all-zero advantages, step options checked before any pass
+
+
+def test_bf16_step_that_loses_most_of_its_update_warns(load_policy):
+    policy, batch = load_policy("gpt2", torch.bfloat16), make_batch()
+    opt = fprobe.optim.adamw(lr=1e-7, weight_decay=0.0)
+    with pytest.warns(fprobe.UpdateLostWarning) as caught:
+        step = fprobe.rl_step(policy, policy.params, opt, opt.init(policy.params), batch)
+    assert step.update_lost > 0.5
+    (warning,) = caught
+    message = str(warning.message)
+    assert f"{step.update_lost:.1%} of the update was rounded away by the bfloat16 parameters" in message
+    assert "dtype=torch.float32" in message and "LoRA adapter (lora=...)" in message
+    assert warning.filename == __file__, "attributed to the caller's line"
+
+
+def test_lora_on_a_bf16_base_keeps_its_update_as_the_warning_says(load_policy):
+    policy = load_policy("gpt2", torch.bfloat16, lora=(2, 4, ["c_attn"]))
+    assert {p.dtype for p in policy.params.values()} == {torch.float32}
+    assert {p.dtype for p in policy.model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    opt = fprobe.optim.adamw(lr=1e-7, weight_decay=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fprobe.UpdateLostWarning)
+        step = fprobe.rl_step(policy, policy.params, opt, opt.init(policy.params), make_batch())
+    assert step.update_lost is None and step.delta_l2 > 0
+
+
+def test_bf16_step_that_keeps_most_of_its_update_does_not_warn(load_policy):
+    policy, batch = load_policy("gpt2", torch.bfloat16), make_batch()
+    opt = fprobe.optim.adamw(lr=1e-2, weight_decay=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fprobe.UpdateLostWarning)
+        step = fprobe.rl_step(policy, policy.params, opt, opt.init(policy.params), batch)
+    assert step.update_lost < 0.5
+
+
+def test_all_zero_advantages_warn_and_the_step_is_weight_decay_alone(load_policy):
+    policy, batch = load_policy("gpt2"), make_batch()
+    U = Rollouts(batch.input_ids, batch.attention_mask, batch.response_mask,
+                 advantages=torch.zeros(len(batch), dtype=torch.float64), group_ids=torch.arange(len(batch)))
+    opt = fprobe.optim.adamw(lr=1e-3, weight_decay=0.1)
+    with pytest.warns(fprobe.ZeroAdvantagesWarning, match="Δθ is weight decay"):
+        step = fprobe.rl_step(policy, policy.params, opt, opt.init(policy.params), U)
+    for name, p in policy.params.items():  # θ(1 − ηλ) − θ, and no gradient term
+        torch.testing.assert_close(step.delta[name], p * (1 - 1e-3 * 0.1) - p, rtol=0, atol=1e-18)
+
+
+def test_nonzero_advantages_do_not_warn(load_policy):
+    policy, U = load_policy("gpt2"), make_batch()
+    opt = fprobe.optim.adamw(lr=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fprobe.ZeroAdvantagesWarning)
+        fprobe.rl_step(policy, policy.params, opt, opt.init(policy.params), U)
+
+
+def other_state(opt, params):
+    torch.manual_seed(1)
+    other = AutoModelForCausalLM.from_config(CONFIGS["llama"]()).double()
+    return opt.init(fprobe.Policy(other).params)
+
+
+def moments(params, first_moment) -> fprobe.optim.AdamWState:
+    """An AdamW state after one step whose first moments are ``first_moment(param)`` (second moments zero)."""
+    return fprobe.optim.AdamWState({k: 1 for k in params}, {k: first_moment(v) for k, v in params.items()},
+                                   {k: torch.zeros_like(v) for k, v in params.items()})
+
+
+@pytest.mark.parametrize(
+    "kw,error,match",
+    [
+        (dict(max_grad_norm=-1.0), ValueError, "max_grad_norm"),  # was: clip coefficient −1.65, the step reversed
+        (dict(max_grad_norm=0.0), ValueError, "max_grad_norm"),  # was: a zero step (HF's 0 means "no clipping")
+        (dict(max_grad_norm=float("nan")), ValueError, "max_grad_norm"),
+        (dict(lr=-1e-3), ValueError, "learning rate"),  # was: gradient ascent, accepted
+        (dict(lr=float("nan")), ValueError, "learning rate"),
+        (dict(clip=-1.0), ValueError, "clip"),  # was: δH₁ changed 4×
+        (dict(clip=float("nan")), ValueError, "clip"),
+        (dict(state=lambda opt, p: moments(p, lambda v: torch.zeros_like(v[..., :1]))), ValueError, r"exp_avg\[.*shape"),
+        (dict(state=lambda opt, p: moments(p, lambda v: torch.zeros_like(v, dtype=torch.float32))), ValueError, r"exp_avg\[.*dtype"),
+        (dict(state=other_state), ValueError, "not the policy's parameters"),  # was: KeyError after the gradient
+        (dict(state=lambda opt, p: moments(p, lambda v: torch.full_like(v, float("nan")))),
+         FloatingPointError, r"opt_state.exp_avg of parameter .* not finite"),  # was: "the updated value" after the gradient
+        (dict(state=lambda opt, p: fprobe.optim.sgd(lr=1e-3, momentum=0.9).init(p)), TypeError, "SGDState"),
+    ],
+)
+def test_bad_step_options_are_refused_before_any_pass(fresh_gpt2, fresh_batches, monkeypatch, kw, error, match):
+    E, U = fresh_batches
+    opt = kw.pop("opt", fprobe.optim.adamw(lr=1e-3))
+    state = kw.pop("state")(opt, fresh_gpt2.params) if "state" in kw else None
+    for name in ("gradient", "forward", "jet"):
+        monkeypatch.setattr(passes, name, no_pass)
+    with pytest.raises(error, match=match):
+        fprobe.probe(fresh_gpt2, E, U, opt, state, **kw)
+
+
+def test_a_real_optimizer_state_is_still_accepted(fresh_gpt2, fresh_batches):
+    E, U = fresh_batches
+    opt = fprobe.optim.adamw(lr=1e-3)
+    first = fprobe.rl_step(fresh_gpt2, fresh_gpt2.params, opt, opt.init(fresh_gpt2.params), U)
+    second = fprobe.rl_step(fresh_gpt2, fresh_gpt2.params, opt, first.opt_state, U)
+    res = fprobe.probe(fresh_gpt2, E, U, opt, first.opt_state, max_grad_norm=1e3, clip=0.0)
+    assert res.delta_l2 == second.delta_l2  # the same step, taken independently by rl_step
+
+
+def test_a_custom_optimizer_whose_init_needs_parameters_is_still_accepted(fresh_gpt2, fresh_batches):
+    E, U = fresh_batches
+    sgd = fprobe.optim.sgd(lr=1e-3)
+
+    def init(params):
+        next(iter(params))  # fails on the empty tree
+        return sgd.init(params)
+
+    custom = sgd._replace(init=init)
+    state = custom.init(fresh_gpt2.params)
+    res = fprobe.probe(fresh_gpt2, E, U, custom, state)
+    assert res.delta_l2 == fprobe.rl_step(fresh_gpt2, fresh_gpt2.params, sgd, sgd.init(fresh_gpt2.params), U).delta_l2

@@ -7,7 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import fprobe
 from fprobe import tree
+from helpers import make_batch
 
 SHAPES = {"embed.weight": (5, 3), "layer.bias": (3,), "head.scale": ()}
 
@@ -143,6 +145,32 @@ def test_check_finite_names_the_first_offending_leaf(bad_value):
         tree.check_finite(t, "the gradient")
     assert tree.first_nonfinite(random_tree(0)) is None
     tree.check_finite(random_tree(0), "the gradient")
+
+
+# --- check_like: Δθ of another dtype, device or type than the parameters
+
+
+@pytest.mark.parametrize(
+    ("model_dtype", "delta_dtype", "device"),
+    [(torch.float64, torch.float32, "cpu"), (torch.bfloat16, torch.float64, "cpu"), (torch.float64, torch.float64, "meta")],
+)
+def test_delta_of_another_dtype_or_device_is_rejected_naming_the_parameter(load_policy, model_dtype, delta_dtype, device):
+    policy = load_policy("gpt2", model_dtype)
+    delta = {n: torch.zeros(p.shape, dtype=delta_dtype, device=device) for n, p in policy.params.items()}
+    first = next(iter(policy.params))
+    attribute, mine, theirs = (
+        ("device", "meta", "cpu") if device == "meta" else ("dtype", delta_dtype, model_dtype)
+    )
+    with pytest.raises(ValueError) as error:
+        fprobe.entropy_change(policy, make_batch(with_advantages=False), delta)
+    assert str(error.value) == f"delta[{first!r}] has {attribute} {mine}, the parameter has {theirs}"
+
+
+def test_check_like_accepts_a_matching_tree_and_names_a_non_tensor():
+    ref = {"w": torch.zeros(2, dtype=torch.float64)}
+    assert tree.check_like(ref, {"w": torch.ones(2, dtype=torch.float64)})["w"].sum() == 2
+    with pytest.raises(TypeError, match=r"delta\['w'\] is a list, not a tensor"):
+        tree.check_like(ref, {"w": [1.0, 1.0]}, "delta")
 
 
 @settings(max_examples=40, deadline=None)

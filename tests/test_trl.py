@@ -24,6 +24,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 import fprobe
 import fprobe.trl
+from fprobe.entropy import uncertainty
 from fprobe.model.policy import modes_kept
 from fprobe.trl import batches as trl_batches
 from fprobe.trl import prompts as trl_prompts
@@ -149,24 +150,26 @@ def test_attached_run_is_bit_identical_and_fprobe_replays_trl_step(tmp_path, los
 CHAT_TEMPLATE = "{{ bos_token }}{% for m in messages %}{% if doubled %}{{ bos_token }}{% endif %}{{ m['content'] }}{% endfor %}"
 
 
-def make_chat_trainer(tmp_path, **options):
-    """``make_trainer`` with conversational prompts (one user turn each) rendered by a chat template that TRL
-    and fprobe must both apply, with the run's ``chat_template_kwargs`` (a second <bos> before the turn, which
-    plain-text prompts and the template without them do not have)."""
+def make_chat_trainer(tmp_path, system: bool = False, **options):
+    """``make_trainer`` with conversational prompts (one user turn each, after a system turn if ``system``)
+    rendered by a chat template that TRL and fprobe must both apply, with the run's ``chat_template_kwargs`` (a
+    second <bos> before each turn, which plain-text prompts and the template without them do not have)."""
     trainer, seen = make_trainer(tmp_path, chat_template_kwargs={"doubled": True}, **options)
     tokenizer = AutoTokenizer.from_pretrained(str(toy.DEFAULT_MODEL_PATH))
     tokenizer.chat_template = CHAT_TEMPLATE
-    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]} for r in toy.make_prompts(64, 0)])
+    turns = [{"role": "system", "content": "1+1=2"}] if system else []
+    dataset = Dataset.from_list([{"prompt": turns + [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
+                                 for r in toy.make_prompts(64, 0)])
 
     def reward(prompts, completions, answer, **_):
         seen.extend(c[0]["content"] for c in completions)
-        return [toy.verify(p[0]["content"], c[0]["content"], {"answer": a}) for p, c, a in zip(prompts, completions, answer)]
+        return [toy.verify(p[-1]["content"], c[0]["content"], {"answer": a}) for p, c, a in zip(prompts, completions, answer)]
 
     trainer = GRPOTrainer(model=trainer.model, reward_funcs=reward, args=trainer.args, train_dataset=dataset, processing_class=tokenizer)
     return trainer, seen
 
 
-@pytest.mark.parametrize("case", ["bf16_autocast", "two_iterations", "conversational"])
+@pytest.mark.parametrize("case", ["bf16_autocast", "two_iterations", "conversational", "conversational_system"])
 def test_attaching_changes_nothing_in_other_kinds_of_run(tmp_path, case):
     """bf16 autocast on CPU (a float32 model), two iterations per generation (old log-probs, no replay),
     conversational prompts: bit-identical weights, losses, completions and model state with and without the
@@ -175,6 +178,7 @@ def test_attaching_changes_nothing_in_other_kinds_of_run(tmp_path, case):
         "bf16_autocast": lambda: make_trainer(tmp_path, dtype=torch.float32, bf16=True, steps=2),
         "two_iterations": lambda: make_trainer(tmp_path, num_iterations=2, steps=2),
         "conversational": lambda: make_chat_trainer(tmp_path, steps=2),
+        "conversational_system": lambda: make_chat_trainer(tmp_path, system=True, steps=2),
     }[case]
     plain, plain_completions = build()
     plain.train()
@@ -654,14 +658,18 @@ def test_trl_advantages_use_the_same_epsilon_as_group_advantages(tmp_path):
     assert bool((rewards.view(-1, 4).std(-1) > 0).any()), "a group with different rewards makes eps matter"
 
 
-def test_eval_prompts_come_from_the_dataset_as_text_or_single_user_turns():
+def test_eval_prompts_come_from_the_dataset_as_text_or_conversations():
     text = SimpleNamespace(train_dataset=Dataset.from_list([{"prompt": "1+2="}, {"prompt": "3+4="}]))
     assert trl_prompts.dataset_prompts(text) == ([{"prompt": "1+2="}, {"prompt": "3+4="}], False)
     chat = SimpleNamespace(train_dataset=Dataset.from_list([{"prompt": [{"role": "user", "content": "1+2="}]}]))
     assert trl_prompts.dataset_prompts(chat) == ([{"prompt": "1+2="}], True)
+    # a system turn once needed prompts=, and E then lost the chat template
     turns = [{"role": "system", "content": "add"}, {"role": "user", "content": "1+2="}]
+    records, chat_template = trl_prompts.dataset_prompts(SimpleNamespace(train_dataset=Dataset.from_list([{"prompt": turns}])))
+    assert chat_template and records == [{"prompt": turns}]
+    structured = [{"role": "user", "content": [{"type": "text", "text": "1+2="}]}]
     with pytest.raises(ValueError, match="pass prompts="):
-        trl_prompts.dataset_prompts(SimpleNamespace(train_dataset=Dataset.from_list([{"prompt": turns}])))
+        trl_prompts.dataset_prompts(SimpleNamespace(train_dataset=Dataset.from_list([{"prompt": structured}])))
     with pytest.raises(ValueError, match="no 'prompt' column"):
         trl_prompts.dataset_prompts(SimpleNamespace(train_dataset=Dataset.from_list([{"question": "1+2="}])))
 
@@ -804,3 +812,24 @@ def test_example_writes_its_records_and_figure(tmp_path, capsys):
     assert (tmp_path / "entropy.png").stat().st_size > 0
     printed = capsys.readouterr().out
     assert "× the training step it probed" in printed
+    assert all(line["delta_h_true_se"] > 0 for line in lines) and printed.count("ΔH_true") >= 2 and " ± " in printed
+
+
+def test_records_carry_standard_errors_and_an_imprecise_run_warns_once(tmp_path):
+    """Each record has the standard errors of its estimates (logged as entropy_probe/..._se) from a fresh E of
+    several responses per prompt (its units: the prompt draws); with a threshold no |E| = 4 can meet, the
+    ImpreciseWarning comes once, after three records, with the |E| that would reach it."""
+    trainer, _ = make_trainer(tmp_path, "dapo", steps=4)
+    probe = fprobe.trl.attach(trainer, every=1, n_eval=4, eval_group_size=2, rel_se_warning=1e-6)
+    with pytest.warns(fprobe.ImpreciseWarning) as caught:
+        trainer.train()
+    imprecise = [w for w in caught if issubclass(w.category, fprobe.ImpreciseWarning)]
+    needed = max(r["n_eval_for"] for r in probe.records[:3])
+    assert len(imprecise) == 1 and f"(attach(..., n_eval={needed}))" in str(imprecise[0].message)
+    assert imprecise[0].filename == __file__
+    for record in probe.records:
+        assert record["se_units"] == 2 and record["delta_h_true_se"] > 0 and record["ratio_se"] > 0
+        assert record["n_eval_for"] == uncertainty.rows_for(1e-6, record["delta_h_true"], record["delta_h_true_se"], 4)
+    assert all(probe.eval_batches[r["step"]].group_ids.tolist() == [0, 0, 1, 1] for r in probe.records)
+    with pytest.raises(ValueError, match="eval_group_size=3"):
+        fprobe.trl.attach(make_trainer(tmp_path / "b", "dapo", steps=1)[0], n_eval=4, eval_group_size=3)

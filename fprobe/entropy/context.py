@@ -43,8 +43,9 @@ def batch_tensors(batch: Rollouts) -> dict:
 @dataclass(frozen=True)
 class Context:
     """What a learning-rate sweep or a decomposition reuses: the policy, θ₀, E, and Ĥ's ingredients at
-    θ₀ (per-row S_i and H_i, denominators D_i, first-order coefficients α, β), and ``logp_ref``, the
-    sequence log-probs S_i^q of the policy that sampled E (S_i(θ₀) for a sample of π_θ₀)."""
+    θ₀ (per-row S_i and H_i, denominators D_i, first-order coefficients α, β), ``logp_ref``, the
+    sequence log-probs S_i^q of the policy that sampled E (S_i(θ₀) for a sample of π_θ₀), and Ĥ's
+    per-prompt control variates (``baseline='prompt'``; None otherwise)."""
 
     policy: object
     params: tree.Params
@@ -55,6 +56,7 @@ class Context:
     beta: torch.Tensor
     settings: Settings
     logp_ref: torch.Tensor
+    baselines: estimators.Baselines | None = None  # Ĥ's control variates (baseline='prompt')
     versions: dict | None = None  # {label: (tensor, its version counter)} when measured: see check_unchanged
 
     def __post_init__(self):
@@ -79,7 +81,7 @@ def snis_at(context: Context, params, progress: bool = False) -> estimators.Snis
     """Ĥ and ESS on E at ``params``: one micro-batched forward pass."""
     context.check_unchanged()
     stats = passes.forward(context.policy, params, context.E, context.settings.micro_batch, progress)
-    return estimators.snis(estimators.rows(stats, context.settings.entropy), context.logp_ref, context.denom)
+    return estimators.snis(estimators.rows(stats, context.settings.entropy), context.logp_ref, context.denom, context.baselines)
 
 
 def warn_if_low_ess(ess_fraction: float, threshold: float, where: str) -> bool:

@@ -13,7 +13,7 @@ from typing import ClassVar, NamedTuple, Unpack
 import torch
 
 from fprobe import checks, records, tree
-from fprobe.entropy import estimators, sweep
+from fprobe.entropy import estimators, sweep, uncertainty
 from fprobe.entropy.context import Context, snis_at, warn_if_low_ess
 from fprobe.entropy.settings import EstimatorOptions, Settings, settings_from
 from fprobe.model import passes
@@ -25,13 +25,16 @@ Row = tuple[str, str]  # (label in the table, field name)
 
 
 class FirstOrder(NamedTuple):
-    """Statistics of E at θ₀, the coefficients (α, β) with δH₁ = Σ α ℓ̇ + β ḣ, δH₁, δH₂ (or None)."""
+    """Statistics of E at θ₀, the coefficients (α, β) with δH₁ = Σ α ℓ̇ + β ḣ, δH₁, δH₂ (or None), and the
+    statistics' first and second ε-derivatives where a jvp computed them (None otherwise)."""
 
     stats0: TokenStats
     alpha: torch.Tensor
     beta: torch.Tensor
     delta_h1: float
     delta_h2: float | None
+    tangent: TokenStats | None = None
+    second: TokenStats | None = None
 
 
 def first_order(policy, params, delta, E: Rollouts, settings: Settings, second_order: bool = False, progress: bool = False,
@@ -43,17 +46,20 @@ def first_order(policy, params, delta, E: Rollouts, settings: Settings, second_o
     timings = {} if timings is None else timings
     mask = E.response_mask
     coefficients = lambda stats: estimators.first_order_coefficients(
-        stats, mask, settings.estimator, settings.normalize, settings.entropy, settings.baseline, logp_ref
+        stats, mask, settings.estimator, settings.normalize, settings.entropy, settings.baseline, logp_ref, E.group_ids
     )
-    start, delta_h2 = time.perf_counter(), None
+    start, delta_h2, jet = time.perf_counter(), None, None
     if settings.method == "jvp" or second_order:
         jet = passes.jet(policy, params, delta, E, 2 if second_order else 1, settings.micro_batch, progress)
         stats0 = jet.value
         alpha, beta = coefficients(stats0)
         delta_h1 = float(estimators.contract(alpha, beta, jet.tangent))
         if second_order:
+            r0 = estimators.rows(stats0, settings.entropy)
+            denom = estimators.denominators(mask.to(r0.logp.device), settings.normalize)
+            baselines = estimators.baselines_for(r0, denom, settings.baseline, E.group_ids)
             delta_h2 = float(estimators.second_order(
-                jet.value, jet.tangent, jet.second, mask, settings.normalize, settings.entropy, logp_ref))
+                jet.value, jet.tangent, jet.second, mask, settings.normalize, settings.entropy, logp_ref, baselines))
         timings["jvp2" if second_order else "jvp"] = time.perf_counter() - start
         start = time.perf_counter()
     if settings.method == "grad":
@@ -63,7 +69,8 @@ def first_order(policy, params, delta, E: Rollouts, settings: Settings, second_o
         _, grad_h, _ = passes.gradient(policy, params, E, passes.linear_functional(alpha, beta), settings.micro_batch, progress)
         delta_h1 = float(tree.vdot(grad_h, delta))
         timings["grad"] = time.perf_counter() - start
-    return FirstOrder(stats0, alpha, beta, delta_h1, delta_h2)
+    return FirstOrder(stats0, alpha, beta, delta_h1, delta_h2, None if jet is None else jet.tangent,
+                      None if jet is None else jet.second)
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
@@ -90,8 +97,17 @@ class EntropyChange(records.Record):
     top_params: list
     timings: dict
     settings: dict
+    h_orig_se: float | None
+    h_upd_se: float | None
+    delta_h_true_se: float | None
+    delta_h1_se: float | None
+    delta_h2_se: float | None
+    ratio_se: float | None
+    se_units: int
+    se_undefined: dict
     delta_named: tree.Params = internal()
     context: Context = internal()
+    se_terms: dict = internal()
 
     ROWS: ClassVar[tuple[Row, ...]] = (
         ("H(θ₀)", "h_orig"),
@@ -109,10 +125,19 @@ class EntropyChange(records.Record):
     )
 
     def rows(self) -> list[tuple[str, object]]:
-        """(label, value) for the table: ``ROWS`` by field name, then the time of each pass."""
-        return [(label, getattr(self, name)) for label, name in self.ROWS] + [
+        """(label, value) for the table: ``ROWS`` by field name (``value ± se`` where it has a standard error), then
+        the time of each pass."""
+        shown = lambda name: with_error(getattr(self, name), getattr(self, f"{name}_se", None))
+        return [(label, shown(name)) for label, name in self.ROWS] + [
             (f"time {phase} [s]", round(t, 3)) for phase, t in self.timings.items()
         ]
+
+    def n_eval_for(self, rel_se: float = 0.1, of: str = "delta_h_true") -> int | None:
+        """The |E| (rows, sampled as this E was) at which the standard error of ``of`` would be ``rel_se`` of its
+        |value|, from the measured per-sequence variance (se ∝ 1/√|E|); None where the se is undefined."""
+        if f"{of}_se" not in self.__dataclass_fields__:
+            raise ValueError(f"of must name an estimate with a standard error ({', '.join(uncertainty.ESTIMATES)}), got {of!r}")
+        return uncertainty.rows_for(rel_se, getattr(self, of), getattr(self, f"{of}_se"), self.n_eval)
 
     def __repr__(self) -> str:
         flag = "  (LOW ESS: outside the linear regime)" if self.ess_low else ""
@@ -123,20 +148,42 @@ class EntropyChange(records.Record):
         return sweep.sweep(self, lrs, progress)
 
 
+def with_error(value, se) -> object:
+    """``value ± se`` as table text where a standard error is known; the value itself otherwise."""
+    if se is None or value is None:
+        return value
+    return f"{records.format_number(value)} ± {se:.2g}"
+
+
+def check_eval_batch(E: Rollouts, settings: Settings) -> None:
+    """What the settings need of E, checked before any pass: group ids for ``baseline='prompt'``."""
+    if settings.baseline == "prompt":
+        estimators.check_groups(E.group_ids, len(E))
+
+
 def measure(policy, E: Rollouts, delta, params, new_params, lr: float | None, settings: Settings, *, logp_sampler=None,
             second_order: bool = False, progress: bool = False) -> EntropyChange:
     """``entropy_change`` on checked arguments (``params``, ``delta``, ``new_params`` trees like the policy's)."""
+    check_eval_batch(E, settings)
     timings = {}
     first = first_order(policy, params, delta, E, settings, second_order, progress, timings, logp_sampler)
     rows0 = estimators.rows(first.stats0, settings.entropy)
     denom = estimators.denominators(E.response_mask, settings.normalize).to(rows0.logp.device)
     logp_ref = rows0.logp if logp_sampler is None else logp_sampler.to(rows0.logp.device)
-    context = Context(policy, params, E, rows0, denom, first.alpha, first.beta, settings, logp_ref)
+    baselines = estimators.baselines_for(rows0, denom, settings.baseline, E.group_ids)
+    context = Context(policy, params, E, rows0, denom, first.alpha, first.beta, settings, logp_ref, baselines)
     start = time.perf_counter()
-    h0 = float(estimators.snis_value(rows0.logp, rows0.entropy, logp_ref, denom))
+    h0 = float(estimators.snis_value(rows0.logp, rows0.entropy, logp_ref, denom, baselines))
     new = snis_at(context, tree.add(params, delta) if new_params is None else new_params, progress)
     timings["forward_new"] = time.perf_counter() - start
     change = float(new.value) - h0
+    errors = uncertainty.of_statistics(
+        first.stats0, E.response_mask, estimator=settings.estimator, normalize=settings.normalize,
+        entropy=settings.entropy, baseline=settings.baseline, groups=E.group_ids, logp_ref=logp_sampler,
+        tangent=first.tangent, second=first.second, moved=new.rows,
+        missing=dict.fromkeys(("n1", "m1"), uncertainty.GRAD_METHOD),
+    )
+    se = {f"{name}_se": errors.se.get(name) for name in uncertainty.ESTIMATES}
     return EntropyChange(
         h_orig=h0,
         h_upd=float(new.value),
@@ -155,8 +202,12 @@ def measure(policy, E: Rollouts, delta, params, new_params, lr: float | None, se
         top_params=tree.top_k(delta, 10),
         timings=timings,
         settings=settings.__dict__.copy(),
+        **se,
+        se_units=errors.n_units,
+        se_undefined=errors.undefined,
         delta_named=delta,
         context=context,
+        se_terms=errors.terms,
     )
 
 

@@ -21,43 +21,58 @@ Predictors (per token, and the aggregate each paper uses):
            product, times −η, is the per-token value; its (weighted) mean is the covariance.
   wang     Wang et al. 2026 (arXiv 2602.03392), Theorem 3.2: one logit update δz = ε e_k changes the
            entropy by −ε S* + O(ε²), S* = p_k (H + log p_k) the entropy discriminator. Our mapping to
-           a step: the sampled token's logit moves with its advantage, ε = η A (the paper's own GRPO
-           form is Theorem 3.3, left out below); aggregate: the token mean.
+           a step: the sampled token's logit moves with its advantage, ε = η A; aggregate: the token mean.
+  wang_grpo  Wang et al. 2026, Theorem 3.3, the GRPO step's form, as the authors' Clip_V computes it
+           (Trinity-RFT, ``trinity/algorithm/advantage_fn/clipv_advantage.py``: the per-token score
+           xD = N − S with S = p (H + log p); N from ``compute_N_from_logits`` in
+           ``examples/entropy/clipv_dp_actor.py``: N = H Σ_v π_v² + Σ_v π_v² log π_v = Σ_v π_v S*_v,
+           the π-mean of every token's discriminator). The sampled token's score step
+           Δz = ηA ∇_z log π_k = ηA(e_k − π) changes the entropy by ηA(N − S) + O(η²): the per-token
+           value; aggregate: the token mean. N needs the full distribution: one more forward pass on U.
   steer    Hao et al. 2025 (STEER, arXiv 2510.10150): token weight Ω = (A/π_old) π (1 − π)(log π + H),
            entropy change ∝ −Ω; on-policy π_old = π. Aggregate: the token mean (STEER's token-mean loss).
            The formula is as the authors' released code computes Ω (``compute_token_weights``); the
            stored text of the paper did not give us its equation number.
 
-Sources: the stored copies of the papers gave their abstracts and, for Wang et al., Theorem 3.2's
-statement; Cui et al.'s centred product is as in their released Clip-Cov/KL-Cov code. Theorem numbers
-of Cui et al. follow issue 14. Cui et al.'s Theorems 1 and 2 and Wang et al.'s Theorem 3.2 are checked
-in tests/test_predictors.py where they are exact: a single-state softmax whose parameters are the logits.
+Cui et al.'s per-token products are centred over all of U by default; ``compare(..., cov_micro_batch=n)``
+centres them within consecutive micro-batches of n rows of U, as verl's Clip-Cov/KL-Cov do
+(``verl/trainer/ppo/core_algos.py``, ``compute_policy_loss_clip_cov``: token means over the micro-batch's
+response mask; ``verl/workers/actor/dp_actor.py`` splits each mini-batch into
+``ppo_micro_batch_size_per_gpu`` rows and calls the loss on each).
 
-Left out: Wang et al.'s Theorem 3.3 (the GRPO-step form −α(S* − …)): the stored text of the paper
-is cut off inside the formula, so it could not be pinned down. (Its visible part fits the exact
-first order of one sampled-token step Δz = ηA(e_k − π) on a softmax, −ηA(S*_k − E_{v~π} S*_v), which needs
-Σ_v π_v²(log π_v + H) per state: not among fprobe's token statistics ℓ and h.)
+Sources: the stored copies of the papers gave their abstracts and, for Wang et al., Theorem 3.2's
+statement; Cui et al.'s centred product is as in their released Clip-Cov/KL-Cov code, Wang et al.'s
+Theorem 3.3 form as in their Clip_V code (above). Cui et al.'s Theorems 1 and 2 and Wang et al.'s
+Theorems 3.2 and 3.3 are checked in tests/test_predictors.py where they are exact: a single-state
+softmax whose parameters are the logits.
+
+Scores that are undefined (NaN: a prediction or the truth that is the same at every token, e.g. U with one
+response token, or every advantage 0) raise an ``UndefinedScoreWarning`` and are explained in the
+comparison's ``undefined``.
 """
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
 import torch
 
-from fprobe.model import passes
-from fprobe import records
-from fprobe import tree
+from fprobe import checks, records, tree
+from fprobe.model import passes, tokens
 from fprobe.rollouts import Rollouts
+from fprobe.warnings import UndefinedScoreWarning, warn
 
 
 class TokenInputs(NamedTuple):
-    """U's response tokens, flattened in row order: ℓ, h at θ₀ and the sequence's advantage A."""
+    """U's response tokens, flattened in row order: ℓ, h at θ₀, the sequence's advantage A, the collision
+    term N = Σ_v π_v² (log π_v + H) of the token's state (None where not computed), and the group within
+    which Cui et al.'s products are centred (None: all tokens together)."""
 
     logp: torch.Tensor
     entropy: torch.Tensor
     advantages: torch.Tensor
+    nec: torch.Tensor | None = None
+    groups: torch.Tensor | None = None
 
 
 def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -72,17 +87,29 @@ def centred(values: torch.Tensor, weights: torch.Tensor | None = None) -> torch.
     return values - weighted_mean(values, weights)
 
 
-def cui_pg_tokens(logp, advantages, lr: float, weights=None) -> torch.Tensor:
+def centred_within(values: torch.Tensor, weights: torch.Tensor | None, groups: torch.Tensor | None) -> torch.Tensor:
+    """``centred`` separately within each group of ``groups`` (one label per value; None: all together)."""
+    if groups is None:
+        return centred(values, weights)
+    out = torch.empty_like(values)
+    for group in groups.unique():
+        at = groups == group
+        out[at] = centred(values[at], None if weights is None else weights[at])
+    return out
+
+
+def cui_pg_tokens(logp, advantages, lr: float, weights=None, groups=None) -> torch.Tensor:
     """Cui et al. 2025, Theorem 1 (policy gradient on a tabular softmax, Δz_a = η π(a) A(a)):
     per token −η (ℓ − E ℓ)(πA − E πA); its ``weighted_mean`` is −η Cov(log π, π·A).
-    ``weights``: π(a) for an exact expectation over actions; None for sampled tokens."""
-    return -lr * centred(logp, weights) * centred(logp.exp() * advantages, weights)
+    ``weights``: π(a) for an exact expectation over actions; None for sampled tokens. ``groups``: the means
+    taken within each group (verl's micro-batches); None: over all tokens."""
+    return -lr * centred_within(logp, weights, groups) * centred_within(logp.exp() * advantages, weights, groups)
 
 
-def cui_npg_tokens(logp, advantages, lr: float, weights=None) -> torch.Tensor:
+def cui_npg_tokens(logp, advantages, lr: float, weights=None, groups=None) -> torch.Tensor:
     """Cui et al. 2025, Theorem 2 (natural policy gradient, Δz_a = η A(a)): per token
-    −η (ℓ − E ℓ)(A − E A); its ``weighted_mean`` is −η Cov(log π, A)."""
-    return -lr * centred(logp, weights) * centred(advantages, weights)
+    −η (ℓ − E ℓ)(A − E A); its ``weighted_mean`` is −η Cov(log π, A). ``weights``, ``groups``: as ``cui_pg_tokens``."""
+    return -lr * centred_within(logp, weights, groups) * centred_within(advantages, weights, groups)
 
 
 def entropy_discriminator(logp, entropy) -> torch.Tensor:
@@ -93,6 +120,22 @@ def entropy_discriminator(logp, entropy) -> torch.Tensor:
 def wang_tokens(logp, entropy, advantages, lr: float) -> torch.Tensor:
     """Wang et al. 2026, Theorem 3.2: ΔH = −ε S* + O(ε²) for the logit step ε = η A of the sampled token."""
     return -lr * advantages * entropy_discriminator(logp, entropy)
+
+
+def collision_term(logits: torch.Tensor) -> torch.Tensor:
+    """N = H Σ_v π_v² + Σ_v π_v² log π_v = Σ_v π_v S*_v of each row of [N, V] logits, in float64
+    (Trinity-RFT's ``compute_N_from_logits``)."""
+    logp = torch.log_softmax(logits.double(), -1)
+    p = logp.exp()
+    entropy = -(p * logp).sum(-1)
+    p2 = p * p
+    return entropy * p2.sum(-1) + (p2 * logp).sum(-1)
+
+
+def wang_grpo_tokens(logp, entropy, nec, advantages, lr: float) -> torch.Tensor:
+    """Wang et al. 2026, Theorem 3.3 / Clip_V: ΔH = ηA (N − S) + O(η²) for the score step
+    Δz = ηA(e_k − π) of the sampled token, S = p (H + log p), N = ``collision_term``."""
+    return lr * advantages * (nec - entropy_discriminator(logp, entropy))
 
 
 def steer_tokens(logp, entropy, advantages, lr: float) -> torch.Tensor:
@@ -110,9 +153,13 @@ class Predictor(NamedTuple):
 
 
 PREDICTORS = (
-    Predictor("cui_pg", "Cui et al. 2025, Thm 1: −η Cov(log π, π·A)", lambda x, lr: cui_pg_tokens(x.logp, x.advantages, lr)),
-    Predictor("cui_npg", "Cui et al. 2025, Thm 2: −η Cov(log π, A)", lambda x, lr: cui_npg_tokens(x.logp, x.advantages, lr)),
+    Predictor("cui_pg", "Cui et al. 2025, Thm 1: −η Cov(log π, π·A)",
+              lambda x, lr: cui_pg_tokens(x.logp, x.advantages, lr, groups=x.groups)),
+    Predictor("cui_npg", "Cui et al. 2025, Thm 2: −η Cov(log π, A)",
+              lambda x, lr: cui_npg_tokens(x.logp, x.advantages, lr, groups=x.groups)),
     Predictor("wang", "Wang et al. 2026, Thm 3.2: −ηA·p(H + log p)", lambda x, lr: wang_tokens(x.logp, x.entropy, x.advantages, lr)),
+    Predictor("wang_grpo", "Wang et al. 2026, Thm 3.3 / Clip_V: ηA(N − S), N = Σ_v π_v²(log π_v + H)",
+              lambda x, lr: wang_grpo_tokens(x.logp, x.entropy, x.nec, x.advantages, lr)),
     Predictor("steer", "Hao et al. 2025 (STEER): −η(A/π_old)π(1−π)(log π + H)", lambda x, lr: steer_tokens(x.logp, x.entropy, x.advantages, lr)),
 )
 REFERENCE = "fprobe_first_order"
@@ -162,7 +209,9 @@ def sign_agreement(predicted: torch.Tensor, truth: torch.Tensor) -> float:
 class Score(NamedTuple):
     """One predictor against the per-token truth Δh_ik: its aggregate, the scale c minimising
     Σ (c·p − Δh)², Pearson and Spearman correlations, the fraction of right signs over all tokens (a
-    zero prediction counts as wrong) and over the tokens where it predicts a change (p ≠ 0)."""
+    zero prediction counts as wrong) and over the tokens where it predicts a change (p ≠ 0); ``intervals``:
+    {statistic: [low, high]} 95% bootstrap intervals of scale, Pearson, Spearman and sign agreement over U's
+    sequences (None without the tokens' rows)."""
 
     aggregate: float
     scale: float
@@ -170,13 +219,39 @@ class Score(NamedTuple):
     spearman: float
     sign_agreement: float
     sign_agreement_nonzero: float
+    intervals: dict | None = None
 
 
-def score(predicted: torch.Tensor, truth: torch.Tensor) -> Score:
+STATISTICS = {"scale": least_squares_scale, "pearson": pearson, "spearman": spearman, "sign_agreement": sign_agreement}
+BOOTSTRAP_DRAWS = 400
+
+
+def bootstrap_intervals(predicted: torch.Tensor, truth: torch.Tensor, rows: torch.Tensor, draws: int = BOOTSTRAP_DRAWS,
+                        level: float = 0.95, seed: int = 0) -> dict:
+    """Percentile intervals of ``STATISTICS`` over ``draws`` resamples of U's sequences (rows drawn with
+    replacement, each with all its tokens: one sequence's tokens are not independent); ``rows`` [tokens] names
+    each token's row. Reproducible from ``seed``; a resample whose statistic is NaN is left out."""
+    _, row_of = torch.unique(rows, return_inverse=True)
+    members = [torch.nonzero(row_of == r).flatten() for r in range(int(row_of.max()) + 1)]
+    generator = torch.Generator().manual_seed(seed)
+    values = {name: [] for name in STATISTICS}
+    for _ in range(draws):
+        index = torch.cat([members[r] for r in torch.randint(len(members), (len(members),), generator=generator).tolist()])
+        for name, statistic in STATISTICS.items():
+            values[name].append(statistic(predicted[index], truth[index]))
+    tail = (1 - level) / 2
+    bounds = lambda x: [float(q) for q in torch.tensor(x, dtype=torch.float64).nanquantile(torch.tensor([tail, 1 - tail], dtype=torch.float64))]
+    return {name: bounds(x) for name, x in values.items()}
+
+
+def score(predicted: torch.Tensor, truth: torch.Tensor, rows: torch.Tensor | None = None) -> Score:
+    """The ``Score`` of ``predicted`` against ``truth`` over tokens; with ``rows`` (each token's row of U), its
+    bootstrap intervals over U's sequences."""
     nonzero = predicted != 0
     return Score(
         float(predicted.mean()), least_squares_scale(predicted, truth), pearson(predicted, truth),
         spearman(predicted, truth), sign_agreement(predicted, truth), sign_agreement(predicted[nonzero], truth[nonzero]),
+        None if rows is None else bootstrap_intervals(predicted, truth, rows),
     )
 
 
@@ -188,12 +263,38 @@ def flat(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return values[mask.to(values.device)].cpu()
 
 
-def token_inputs(logp: torch.Tensor, entropy: torch.Tensor, U: Rollouts) -> TokenInputs:
-    """Flatten U's [B, L] statistics; each token takes its sequence's advantage."""
+def micro_batch_groups(U: Rollouts, rows: int | None) -> torch.Tensor | None:
+    """Each response token's micro-batch: its row // ``rows`` (verl splits U into consecutive micro-batches
+    of ``rows`` rows); None for no split."""
+    if rows is None:
+        return None
+    row = torch.arange(len(U))[:, None].expand(U.response_mask.shape)
+    return flat(row // rows, U.response_mask)
+
+
+def token_inputs(logp: torch.Tensor, entropy: torch.Tensor, U: Rollouts, nec=None, cov_micro_batch=None) -> TokenInputs:
+    """Flatten U's [B, L] statistics (``nec``: N already flat, or None); each token takes its sequence's
+    advantage and, with ``cov_micro_batch``, its micro-batch as the centring group."""
     if U.advantages is None:
         raise ValueError("the update batch U has no advantages: the predictors need them")
     advantages = U.advantages.double()[:, None].expand(U.response_mask.shape)
-    return TokenInputs(flat(logp, U.response_mask), flat(entropy, U.response_mask), flat(advantages, U.response_mask))
+    mask = U.response_mask
+    return TokenInputs(flat(logp, mask), flat(entropy, mask), flat(advantages, mask), nec,
+                       micro_batch_groups(U, cov_micro_batch))
+
+
+def collision_terms(policy, params, U: Rollouts, micro_batch=passes.DEFAULT_MICRO_BATCH) -> torch.Tensor:
+    """N (``collision_term``) at U's response tokens under π_params, flattened in row order like ``flat``:
+    one forward pass, ``tokens.chunk_rows`` states of logits upcast to float64 at a time."""
+    parts = []
+    with torch.no_grad():
+        for batch in U.micro_batches(micro_batch):
+            attention_mask = batch.attention_mask.to(policy.device)
+            aligned = lambda x: tokens.left_aligned(x.to(policy.device), attention_mask)
+            logits = policy.apply(params, aligned(batch.input_ids), aligned(attention_mask))
+            states = logits[:, :-1][aligned(batch.response_mask)[:, 1:]]
+            parts += [collision_term(rows) for rows in states.split(tokens.chunk_rows(states.shape[-1]))]
+    return torch.cat(parts).cpu() if parts else torch.zeros(0, dtype=torch.float64)
 
 
 class Truths(NamedTuple):
@@ -204,16 +305,37 @@ class Truths(NamedTuple):
     inputs: TokenInputs
 
 
-def truths(policy, params, delta, U: Rollouts, new_params=None, micro_batch=passes.DEFAULT_MICRO_BATCH) -> Truths:
-    """One jvp on U along Δθ (ℓ, h, ḣ at θ₀) and one forward pass at θ₀+Δθ (default ``params + delta``)."""
+def truths(
+    policy, params, delta, U: Rollouts, new_params=None, micro_batch=passes.DEFAULT_MICRO_BATCH, cov_micro_batch=None,
+) -> Truths:
+    """One jvp on U along Δθ (ℓ, h, ḣ at θ₀), one forward pass at θ₀+Δθ (default ``params + delta``) and
+    one at θ₀ for N."""
     jet = passes.jet(policy, params, delta, U, micro_batch=micro_batch)
     new_params = tree.add(params, delta) if new_params is None else new_params
     new = passes.forward(policy, new_params, U, micro_batch)
     mask = U.response_mask
+    nec = collision_terms(policy, params, U, micro_batch)
     return Truths(
         flat(new.entropy - jet.value.entropy, mask), flat(jet.tangent.entropy, mask),
-        token_inputs(jet.value.logp, jet.value.entropy, U),
+        token_inputs(jet.value.logp, jet.value.entropy, U, nec, cov_micro_batch),
     )
+
+
+def interval_text(bounds) -> str:
+    return "" if bounds is None else f"[{bounds[0]:.3g}, {bounds[1]:.3g}]"
+
+
+def undefined_reason(predicted: torch.Tensor, truth: torch.Tensor, inputs: TokenInputs) -> str | None:
+    """Why a prediction's correlations and scale are NaN, or None when they are defined."""
+    if len(truth) < 2:
+        return f"U has {len(truth)} response token(s): correlations need two"
+    if bool((truth == truth[0]).all()):
+        return "the true Δh is the same at every token of U"
+    if bool((predicted == predicted[0]).all()):
+        constant = "0" if float(predicted[0]) == 0 else "the same value"
+        zero = " (every advantage in U is 0)" if bool((inputs.advantages == 0).all()) else ""
+        return f"it predicts {constant} at every token{zero}"
+    return None
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
@@ -221,7 +343,9 @@ class PredictorComparison(records.Record):
     """Each predictor against the truth on one step. ``scores[name]`` holds a ``Score`` as a dict;
     the ``fprobe_first_order`` row is fprobe's own ḣ_ik. ``delta_h_tokens`` is the mean Δh over U's
     response tokens (the aggregate the predictors aim at); ``delta_h_true`` and ``delta_h1`` are the
-    probe's on E (None when compared without a probe)."""
+    probe's on E (None when compared without a probe). ``undefined[name]`` says why that row's scale and
+    correlations are NaN (``undefined_reason``); ``cov_micro_batch``: the rows of U within which Cui et al.'s
+    products were centred (None: all of U)."""
 
     lr: float
     n_tokens: int
@@ -230,10 +354,12 @@ class PredictorComparison(records.Record):
     delta_h1: float | None
     scores: dict
     citations: dict
+    undefined: dict
+    cov_micro_batch: int | None = None
     truth: torch.Tensor = records.internal()
     predicted: dict = records.internal()
 
-    COLUMNS: ClassVar[tuple[str, ...]] = Score._fields
+    COLUMNS: ClassVar[tuple[str, ...]] = Score._fields[:-1]
 
     def __repr__(self) -> str:
         head = records.table(
@@ -245,6 +371,8 @@ class PredictorComparison(records.Record):
         lines = [f"{'predictor':<{width}}" + "".join(f"  {c:>14}" for c in self.COLUMNS)]
         for name, s in self.scores.items():
             lines.append(f"{name:<{width}}" + "".join(f"  {records.format_number(s[c]):>14}" for c in self.COLUMNS))
+            if s.get("intervals"):
+                lines.append(f"{'  95% interval':<{width}}" + "".join(f"  {interval_text(s['intervals'].get(c)):>14}" for c in self.COLUMNS))
         return head + "\n\n" + "\n".join(lines)
 
     def plot(self, path=None):
@@ -275,29 +403,40 @@ def plot_comparison(comparison: PredictorComparison, path=None):
 
 def compare(
     policy, params, delta, U: Rollouts, lr: float, *, new_params=None, delta_h_true=None, delta_h1=None,
-    micro_batch=passes.DEFAULT_MICRO_BATCH,
+    micro_batch=passes.DEFAULT_MICRO_BATCH, cov_micro_batch: int | None = None,
 ) -> PredictorComparison:
     """Every predictor of ``PREDICTORS`` and fprobe's ḣ_ik against Δh_ik on U's response tokens, for the
-    step Δθ = ``delta`` taken at learning rate ``lr`` from θ₀ = ``params``. The inputs are checked before any pass."""
+    step Δθ = ``delta`` taken at learning rate ``lr`` from θ₀ = ``params``. ``cov_micro_batch``: centre Cui
+    et al.'s products within consecutive micro-batches of that many rows of U, as verl does (its
+    ``ppo_micro_batch_size_per_gpu``); None: over all of U. The inputs are checked before any pass; an
+    ``UndefinedScoreWarning`` names the rows whose scores are NaN, and why."""
     params = tree.check_like(policy.params, params, "params")
     delta = tree.check_like(params, delta, "delta")
     tree.check_finite(delta, "delta")
     if new_params is not None:
         new_params = tree.check_like(params, new_params, "new_params")
-    if isinstance(lr, bool) or not math.isfinite(float(lr)) or float(lr) < 0:
-        raise ValueError(f"lr must be a finite learning rate >= 0, got {lr!r}")
+    lr = checks.learning_rate(lr)
+    if cov_micro_batch is not None:
+        checks.positive_int(cov_micro_batch, "cov_micro_batch", "rows of U, or None (all of U)")
     if U.advantages is None:
         raise ValueError("the update batch U has no advantages: the predictors need them")
-    t = truths(policy, params, delta, U, new_params, micro_batch)
+    t = truths(policy, params, delta, U, new_params, micro_batch, cov_micro_batch)
+    rows = flat(torch.arange(len(U))[:, None].expand(U.response_mask.shape), U.response_mask)
     predicted = {p.name: p.tokens(t.inputs, lr) for p in PREDICTORS} | {REFERENCE: t.first_order}
+    undefined = {name: reason for name, p in predicted.items() if (reason := undefined_reason(p, t.delta_h, t.inputs))}
+    if undefined:
+        warn("predictor scores undefined (NaN): " + "; ".join(f"{n}: {r}" for n, r in undefined.items()),
+             UndefinedScoreWarning)
     return PredictorComparison(
         lr=float(lr),
         n_tokens=len(t.delta_h),
         delta_h_tokens=float(t.delta_h.mean()),
         delta_h_true=delta_h_true,
         delta_h1=delta_h1,
-        scores={name: score(p, t.delta_h)._asdict() for name, p in predicted.items()},
+        scores={name: score(p, t.delta_h, rows)._asdict() for name, p in predicted.items()},
         citations={p.name: p.citation for p in PREDICTORS} | {REFERENCE: "fprobe: ḣ_ik = d/dε h_ik(θ₀+εΔθ), one jvp"},
+        undefined=undefined,
+        cov_micro_batch=cov_micro_batch,
         truth=t.delta_h,
         predicted=predicted,
     )

@@ -7,7 +7,7 @@ from typing import ClassVar, Literal, Unpack
 from fprobe import records, tree
 from fprobe.entropy import decompose, estimators, predictors
 from fprobe.entropy.context import batch_tensors, tensor_versions
-from fprobe.entropy.measure import EntropyChange, Row, measure
+from fprobe.entropy.measure import EntropyChange, Row, check_eval_batch, measure
 from fprobe.entropy.settings import EstimatorOptions, settings_from
 from fprobe.records import internal
 from fprobe.rl.optim import Optimizer
@@ -111,7 +111,7 @@ class ProbeResult(records.Record):
     def predictors(self) -> predictors.PredictorComparison:
         """The published logit-space predictors of the entropy change, scored against the true per-token
         change Δh_ik at U's states, with fprobe's own ḣ_ik as the reference (see ``fprobe.entropy.predictors``).
-        Cost: one jvp on U and one forward pass on U at θ₀+Δθ."""
+        Cost: one jvp on U and two forward passes on U (at θ₀+Δθ, and at θ₀ for Wang et al.'s N)."""
         return predictors.from_probe(self)
 
 
@@ -139,6 +139,7 @@ def probe(
     result (otherwise they are freed once ΔH_true is measured).
     """
     settings = settings_from(options)
+    check_eval_batch(E, settings)
     params = policy.params
     start = time.perf_counter()
     step = rl_step(

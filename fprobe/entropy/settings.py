@@ -20,7 +20,8 @@ class Settings:
     """``estimator``: δH₁'s estimator (``snis``: the exact derivative of ΔH_true's estimator; ``togo``:
     entropy-to-go, same expectation); ``normalize``: Ĥ per response ``token`` or per ``seq``uence;
     ``entropy``: per-sequence entropy ``rb`` (Rao–Blackwell, Σ_k h_k) or ``naive`` (−S); ``baseline``:
-    ``togo``'s baseline; ``method``: δH₁ by ``jvp`` or by ``grad`` (∇Ĥ · Δθ); ``micro_batch``: rows per
+    ``togo``'s ``position`` baseline, or ``snis``'s ``prompt`` control variates (per-prompt leave-one-out means;
+    E needs group ids); ``method``: δH₁ by ``jvp`` or by ``grad`` (∇Ĥ · Δθ); ``micro_batch``: rows per
     pass (None: the whole batch in one pass; peak memory is set by it); ``ess_threshold``: the ESS
     fraction below which a ``LowESSWarning`` flags the result."""
 
@@ -41,8 +42,7 @@ class Settings:
             ("method", Method),
         ):
             checks.choice(name, getattr(self, name), allowed)
-        if self.baseline != "none" and self.estimator != "togo":
-            raise ValueError(f"baseline={self.baseline!r} applies to estimator='togo' only (got estimator={self.estimator!r})")
+        estimators.check_baseline(self.estimator, self.baseline)
         checks.micro_batch(self.micro_batch)
         checks.fraction(self.ess_threshold, "ess_threshold")
 

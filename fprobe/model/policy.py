@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch.func import functional_call
 
+from fprobe import distributed
 from fprobe.model import attention
 from fprobe import tree
 from fprobe.rollouts import check_token_ids
@@ -23,12 +24,25 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def dropout_rates(module: torch.nn.Module) -> dict[str, float]:
+    """The dropout probabilities a module applies itself: an ``nn.Dropout`` module's ``p``, and the float
+    attributes named ``*dropout*`` or ``*pdrop*`` that transformers' attention modules pass to their
+    attention function as its ``dropout`` argument (e.g. Llama/Qwen2's ``attention_dropout``)."""
+    if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+        return {"": module.p}
+    return {
+        f".{name}": value for name, value in vars(module).items()
+        if ("dropout" in name or "pdrop" in name) and isinstance(value, float)
+    }
+
+
 def active_dropout(model: torch.nn.Module) -> list[str]:
-    """Names of dropout modules that would act in the model's current mode."""
+    """Names of the dropout that would act in the model's current mode: dropout modules, and modules in
+    train mode whose dropout rate attribute is > 0 (``dropout_rates``)."""
     return [
-        name
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0
+        f"{name}{attribute}"
+        for name, m in model.named_modules() if m.training
+        for attribute, rate in dropout_rates(m).items() if rate > 0
     ]
 
 
@@ -232,6 +246,34 @@ def lora_config(lora):
     return LoraConfig(task_type="CAUSAL_LM", r=int(r), lora_alpha=float(alpha), target_modules=list(targets), lora_dropout=0.0)
 
 
+@contextlib.contextmanager
+def fprobe_numerics(model: torch.nn.Module, device: torch.device):
+    """Within: every call of ``model`` runs with fprobe's numerics (``Policy.apply``'s and the sharded
+    passes'): input-require-grads hooks suspended, exact float32 matmuls, fprobe's attention and eager
+    experts, float64 kept (``PrimitiveOpsKeepFloat64``)."""
+    with (
+        input_require_grads_hooks_suspended(model),
+        exact_float32_matmul(device),
+        fprobe_kernels_installed(model),
+        PrimitiveOpsKeepFloat64(),
+    ):
+        yield
+
+
+def check_not_sharded(model: torch.nn.Module) -> None:
+    """ValueError for a model whose trainable parameters are DTensors (FSDP2): ``functional_call`` on such a
+    module runs its own all-gathered weights and silently ignores the parameters it is given, and forward-mode
+    AD does not pass its all-gathers, so none of ``Policy``'s functional paths would measure what they say."""
+    sharded = next((name for name, p in model.named_parameters() if p.requires_grad and distributed.is_dtensor(p)), None)
+    if sharded is not None:
+        raise ValueError(
+            f"the model's parameters are sharded (FSDP2: {sharded!r} is a DTensor): functional_call on a sharded "
+            "module ignores the parameters it is given and forward-mode AD does not pass its all-gathers, so "
+            "fprobe.Policy cannot evaluate it; probe a TRL run with fprobe.trl.attach (sharded mode), or gather "
+            "whole parameters into an unsharded copy of the model"
+        )
+
+
 @dataclass(frozen=True, eq=False)
 class Policy:
     """π_θ(· | prefix) = softmax(logits / temperature) of a transformers causal LM.
@@ -250,6 +292,7 @@ class Policy:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.chunk_size is not None and not (isinstance(self.chunk_size, int) and self.chunk_size >= 1):
             raise ValueError(f"chunk_size must be a positive number of rows or None, got {self.chunk_size!r}")
+        check_not_sharded(self.model)
         check_attention_interface(base_model(self.model))
         check_no_dropout(self.model)
         if not self.params:
@@ -315,12 +358,7 @@ class Policy:
             position_ids=position_ids_from_mask(attention_mask),
             use_cache=False,
         )
-        with (
-            input_require_grads_hooks_suspended(self.model),
-            exact_float32_matmul(self.device),
-            fprobe_kernels_installed(self.model),
-            PrimitiveOpsKeepFloat64(),
-        ):
+        with fprobe_numerics(self.model, self.device):
             out = functional_call(self.model, dict(params), (input_ids.to(self.device),), kwargs)
         logits = out.logits
         return logits if self.temperature == 1.0 else logits / self.temperature

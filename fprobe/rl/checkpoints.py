@@ -12,6 +12,8 @@ update N + 1 (``trainer_state.json``'s ``learning_rate`` at step N is the rate o
 """
 
 import json
+import pickle
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -33,8 +35,60 @@ class TrainerCheckpoint(NamedTuple):
 
 
 def is_trainer_checkpoint(folder: str | Path) -> bool:
-    folder = Path(folder)
-    return (folder / OPTIMIZER_FILE).is_file() and (folder / STATE_FILE).is_file()
+    """Whether ``folder`` holds a Trainer's ``optimizer.pt`` and ``trainer_state.json`` (False if it holds
+    neither: a plain model folder). ValueError naming the file if it holds one without the other, or one
+    that is not a regular file: probing it with a fresh optimizer would silently measure another step."""
+    files = {name: Path(folder) / name for name in (OPTIMIZER_FILE, STATE_FILE)}
+    present = {name: path for name, path in files.items() if path.exists() or path.is_symlink()}
+    if not present:
+        return False
+    for name, path in files.items():
+        if name not in present:
+            other = next(iter(present))
+            raise ValueError(f"{path}: missing beside {other}, so the checkpoint's step and learning rate are unknown")
+        if not path.is_file():
+            raise ValueError(f"{path}: not a regular file")
+    return True
+
+
+def read_step(path: Path) -> int:
+    """``global_step`` of a ``trainer_state.json``: a whole number ≥ 0; ValueError naming the file otherwise."""
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: malformed JSON ({error})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a JSON object with 'global_step', got a {type(state).__name__}")
+    if "global_step" not in state:
+        raise ValueError(f"{path}: no 'global_step' (not a Trainer's state)")
+    step = state["global_step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"{path}: 'global_step' must be a whole number >= 0, got {step!r}")
+    return step
+
+
+def load_optimizer_state(path: str | Path, device) -> dict:
+    """A torch optimizer ``state_dict`` saved with ``torch.save``, loaded with ``weights_only=True`` (no
+    pickle is executed); ValueError naming the file when it is empty, not a torch file, holds other
+    objects than tensors and numbers, or is not an optimizer's state_dict."""
+    path = Path(path)
+    try:
+        state_dict = torch.load(path, map_location=device, weights_only=True)
+    except EOFError:
+        raise ValueError(f"{path}: empty or truncated, not a torch.save file") from None
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        if found is None:
+            raise ValueError(f"{path}: not a torch.save file (unreadable as one)") from None
+        raise ValueError(f"{path}: holds a Python object ({found.group(1)}) that weights_only loading refuses; "
+                         "fprobe does not unpickle") from None
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path}: not a torch.save file ({first})") from None
+    if not (isinstance(state_dict, dict) and isinstance(state_dict.get("param_groups"), list)
+            and isinstance(state_dict.get("state"), dict)):
+        raise ValueError(f"{path}: not an optimizer state_dict (no 'state' and 'param_groups')")
+    return state_dict
 
 
 def trainer_parameter_groups(model: torch.nn.Module) -> tuple[list[str], list[str]]:
@@ -74,8 +128,8 @@ def load(folder: str | Path, policy) -> TrainerCheckpoint:
     """The optimizer state of ``folder`` (a ``checkpoint-N``) for ``policy`` (the model loaded from it), with
     the saved param groups' rates: the scheduler's rates for update N + 1."""
     folder = Path(folder)
-    step = int(json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))["global_step"])
-    state_dict = torch.load(folder / OPTIMIZER_FILE, map_location=policy.device, weights_only=True)
+    step = read_step(folder / STATE_FILE)
+    state_dict = load_optimizer_state(folder / OPTIMIZER_FILE, policy.device)
     names = parameter_order(state_dict, policy.model)
     params = policy.params
     check_shapes(state_dict, names, params)

@@ -133,9 +133,11 @@ def generate_responses(
     top_p: float = 1.0,
     batch_size: int = 16,
     quiet: bool = True,
+    synced_gpus: bool = False,
 ) -> list[list[int]]:
     """One sampled response per prompt (token ids up to and including EOS), generated ``batch_size`` rows
-    at a time with left padding; row i uses ``generators[i]`` only."""
+    at a time with left padding; row i uses ``generators[i]`` only. ``synced_gpus``: every rank keeps
+    running forwards until all ranks' rows have finished (sharded parameters: each forward is a collective)."""
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}")
     model, device = policy.model, policy.device
@@ -152,6 +154,7 @@ def generate_responses(
                 do_sample=False,
                 max_new_tokens=max_new_tokens,
                 logits_processor=LogitsProcessorList([sampler]),
+                synced_gpus=synced_gpus,
             )
             responses += [response_until_eos(row.tolist(), eos_ids) for row in out[:, ids.shape[1] :].cpu()]
     return responses
@@ -174,35 +177,41 @@ def to_rollouts(prompt_ids: Sequence[list[int]], responses: Sequence[list[int]],
 
 
 def choose_prompts(
-    n_pool: int, n_eval: int, n_update_prompts: int, group_size: int, seed: int, replace: bool = False
+    n_pool: int, n_eval: int, n_update_prompts: int, group_size: int, seed: int, replace: bool = False,
+    eval_group_size: int = 1,
 ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """(prompt index, sample index) of every row of E and of U, from ``seed`` alone.
 
-    E: ``n_eval`` prompts drawn from the pool without (or with) replacement, one response each (a prompt
-    drawn twice gets sample indices 0, 1, …). U: ``n_update_prompts`` distinct prompts, ``group_size``
-    responses each. E and U are drawn independently of each other.
+    E: ``n_eval`` rows, ``n_eval / eval_group_size`` prompts drawn from the pool without (or with) replacement,
+    ``eval_group_size`` responses each, consecutive (a prompt drawn again gets the next sample indices, hence
+    new streams). U: ``n_update_prompts`` distinct prompts, ``group_size`` responses each. E and U are drawn
+    independently of each other.
     """
-    if min(n_eval, n_update_prompts, group_size) < 1:
+    if min(n_eval, n_update_prompts, group_size, eval_group_size) < 1:
         raise ValueError(
-            f"n_eval, n_update_prompts and group_size must be >= 1, got {n_eval}, {n_update_prompts}, {group_size}"
+            f"n_eval, n_update_prompts, group_size and eval_group_size must be >= 1, got {n_eval}, "
+            f"{n_update_prompts}, {group_size}, {eval_group_size}"
         )
+    if n_eval % eval_group_size:
+        raise ValueError(f"n_eval={n_eval} rows are not a whole number of groups of eval_group_size={eval_group_size}")
     if n_update_prompts > n_pool:
         raise ValueError(f"n_update_prompts={n_update_prompts} distinct prompts, but the pool has only {n_pool}")
-    if n_eval > n_pool and not replace:
+    n_draws = n_eval // eval_group_size
+    if n_draws > n_pool and not replace:
         raise ValueError(
-            f"n_eval={n_eval} prompts without replacement, but the pool has only {n_pool}: "
-            "draw with replacement (replace=True; fprobe --replace)"
+            f"{n_draws} evaluation prompts (n_eval={n_eval} / eval_group_size={eval_group_size}) without replacement, "
+            f"but the pool has only {n_pool}: draw with replacement (replace=True; fprobe --replace)"
         )
     pick = torch.Generator().manual_seed(stream_seed(seed, EVAL, "prompts"))
     if replace:
-        eval_prompts = torch.randint(n_pool, (n_eval,), generator=pick)
+        eval_prompts = torch.randint(n_pool, (n_draws,), generator=pick)
     else:
-        eval_prompts = torch.randperm(n_pool, generator=pick)[:n_eval]
+        eval_prompts = torch.randperm(n_pool, generator=pick)[:n_draws]
     seen: dict[int, int] = {}
     eval_rows = []
     for p in eval_prompts.tolist():
-        eval_rows.append((p, seen.get(p, 0)))
-        seen[p] = seen.get(p, 0) + 1
+        eval_rows += [(p, seen.get(p, 0) + s) for s in range(eval_group_size)]
+        seen[p] = seen.get(p, 0) + eval_group_size
     pick = torch.Generator().manual_seed(stream_seed(seed, UPDATE, "prompts"))
     update_prompts = torch.randperm(n_pool, generator=pick)[:n_update_prompts].tolist()
     return eval_rows, [(p, s) for p in update_prompts for s in range(group_size)]
@@ -212,7 +221,7 @@ def tokenize_prompts(tokenizer, records: dict[int, dict], chat_template: bool = 
     """Token ids of the pool's prompts ``{index: record}``, as raw text with the tokenizer's special tokens
     or in its chat template."""
     chosen = list(records.values())
-    texts = prompt_records.apply_chat_template(tokenizer, chosen) if chat_template else [r["prompt"] for r in chosen]
+    texts = prompt_records.prompt_texts(tokenizer, chosen, chat_template)
     ids = {i: tokenizer(text, add_special_tokens=not chat_template)["input_ids"] for i, text in zip(records, texts)}
     empty = [i for i, row in ids.items() if not row]
     if empty:
@@ -243,6 +252,7 @@ def sample(
     max_new_tokens: int,
     seed: int = 0,
     replace: bool = False,
+    eval_group_size: int = 1,
     top_p: float = 1.0,
     advantage_scale: str = "group",
     chat_template: bool = False,
@@ -255,28 +265,35 @@ def sample(
     ``reward``: a name, ``"module:function"`` or callable (``fprobe.rewards.resolve_reward``), scored on
     U's decoded responses. U carries rewards, group ids (the prompt's pool index), group-relative
     advantages (``fprobe.group_advantages`` with ``advantage_scale``) and
-    ``max_response_length = max_new_tokens``. Every row samples until EOS or ``max_new_tokens``,
+    ``max_response_length = max_new_tokens``. E holds ``n_eval`` rows: ``n_eval / eval_group_size`` prompt
+    draws with ``eval_group_size`` responses each, and its group ids number the draws (0, 1, …; a prompt drawn
+    twice with replacement is two independent groups): the units of its standard errors and the groups of
+    ``baseline='prompt'``. Every row samples until EOS or ``max_new_tokens``,
     with no top-k truncation; ``top_p < 1`` samples a truncated distribution, no longer π_θ₀ itself.
     Reproducible from ``seed`` whatever ``batch_size`` (see the module docstring). Under
-    torch.distributed each rank generates its block of rows and every rank receives all of them.
+    torch.distributed each rank generates its block of rows and every rank receives all of them; with
+    sharded parameters (FSDP2) every rank generates the same number of rows in the same number of calls
+    (``distributed.lockstep_rows``; the padding rows are dropped).
     """
     records = prompt_records.load_prompts(prompts)
     reward_fn = reward_functions.resolve_reward(reward)
-    eval_rows, update_rows = choose_prompts(len(records), n_eval, n_update_prompts, group_size, seed, replace)
+    eval_rows, update_rows = choose_prompts(len(records), n_eval, n_update_prompts, group_size, seed, replace, eval_group_size)
     rows = [(EVAL, *r) for r in eval_rows] + [(UPDATE, *r) for r in update_rows]
     prompt_ids = tokenize_prompts(tokenizer, {p: records[p] for _, p, _ in rows}, chat_template)
     check_prompt_vocabulary(prompt_ids, policy.model.get_input_embeddings().num_embeddings)
     eos_ids = stop_token_ids(policy.model, tokenizer)
     pad_id = pad_token_id(tokenizer, eos_ids)
     row_prompts = [prompt_ids[p] for _, p, _ in rows]
-    mine = distributed.local_rows(len(rows))
-    generators = [row_generator(seed, role, p, s, policy.device) for role, p, s in rows[mine]]
+    sharded = distributed.is_sharded(policy.model)
+    mine, own = distributed.lockstep_rows(len(rows)) if sharded else (list(range(len(rows)))[distributed.local_rows(len(rows))], None)
+    generators = [row_generator(seed, *rows[i], policy.device) for i in mine]
     responses = distributed.gather_lists(generate_responses(
-        policy, row_prompts[mine], generators, eos_ids=eos_ids, pad_id=pad_id,
+        policy, [row_prompts[i] for i in mine], generators, eos_ids=eos_ids, pad_id=pad_id,
         max_new_tokens=max_new_tokens, top_p=top_p, batch_size=batch_size, quiet=quiet,
-    ))
+        synced_gpus=sharded and distributed.world()[1] > 1,
+    )[:own])
     n = len(eval_rows)
-    E = to_rollouts(row_prompts[:n], responses[:n], pad_id)
+    E = to_rollouts(row_prompts[:n], responses[:n], pad_id, group_ids=torch.arange(n) // eval_group_size)
     update_records = [records[p] for p, _ in update_rows]
     texts = tokenizer.batch_decode(responses[n:], skip_special_tokens=True)
     scores = reward_functions.score(reward_fn, [r["prompt"] for r in update_records], texts, update_records)

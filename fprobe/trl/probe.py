@@ -23,11 +23,12 @@ module's mode is put back. Each record is appended to ``out`` (JSONL, atomically
 ``trainer.log`` (``entropy_probe/...``), from the main process only.
 """
 
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from transformers import Trainer
@@ -46,16 +47,24 @@ from fprobe.rollouts import Rollouts
 from fprobe.sampling import generate
 from fprobe.trl.capture import StepCapture, TrainerFacts, trainer_facts
 from fprobe.trl.prompts import TrainerChatTemplate, dataset_prompts
-from fprobe.warnings import warn
+from fprobe.warnings import ImpreciseWarning, ShardingWarning, warn
+
+if TYPE_CHECKING:
+    from fprobe.trl.sharded import ShardedTrlProbe
 
 PREFIX = "entropy_probe/"
-LOGGED = ("h_orig", "delta_h_true", "delta_h1", "delta_h2", "ratio", "ess_fraction", "delta_l2", "lr", "step_rel_error")
+SE = ("h_orig_se", "h_upd_se", "delta_h_true_se", "delta_h1_se", "delta_h2_se", "ratio_se")
+LOGGED = ("h_orig", "delta_h_true", "delta_h1", "delta_h2", "ratio", "ess_fraction", "delta_l2", "lr", "step_rel_error",
+          "h_orig_se", "delta_h_true_se", "delta_h1_se", "delta_h2_se", "ratio_se")
+IMPRECISE_RECORDS = 3  # consecutive records above the threshold before ImpreciseWarning
 
 
 @dataclass(frozen=True)
 class ProbeSettings:
     every: int
     n_eval: int
+    eval_group_size: int
+    rel_se_warning: float | None
     resample: bool
     seed: int
     out: Path | None
@@ -78,21 +87,39 @@ class EvalBatch(NamedTuple):
 # checks at attach
 
 
-def check_trainer(trainer) -> None:
-    """TypeError unless ``trainer`` is a TRL GRPOTrainer whose parameters are whole on every process."""
+def check_trainer(trainer) -> bool:
+    """Whether the trainer's parameters are (or, with accelerate's FSDP2, will be at ``train()``) sharded by FSDP2:
+    fprobe's sharded mode (``fprobe.trl.sharded``). TypeError unless ``trainer`` is a TRL GRPOTrainer; ValueError
+    for accelerate's FSDP1 (flat parameters) and DeepSpeed (ZeRO's partitioned parameters and its own optimizer);
+    a ``ShardingWarning`` where FSDP was asked for but accelerate trains data-parallel (it drops FSDP on CPU)."""
     from trl import GRPOTrainer
 
     if not isinstance(trainer, GRPOTrainer):
         raise TypeError(f"fprobe.trl.attach needs a trl.GRPOTrainer, got {type(trainer).__name__}")
     if getattr(trainer, "is_fsdp_enabled", False):
-        raise ValueError("fprobe.trl: FSDP shards the parameters; the probe needs them whole (not gathered by fprobe)")
+        version = getattr(getattr(trainer.accelerator.state, "fsdp_plugin", None), "fsdp_version", 1)
+        if version != 2:
+            raise ValueError(
+                f"fprobe.trl: FSDP shards the parameters, here as FSDP{version}'s flat parameters, which fprobe does not "
+                "read; use FSDP2 (fsdp_version: 2 in accelerate's FSDP config), whose DTensor parameters fprobe's "
+                "sharded mode measures"
+            )
+        return True
     if getattr(trainer, "is_deepspeed_enabled", False):
         plugin = trainer.accelerator.state.deepspeed_plugin
         stage = getattr(plugin, "zero_stage", None)
         raise ValueError(
             f"fprobe.trl: DeepSpeed (ZeRO stage {stage}) shards the parameters or the optimizer state; "
-            "the probe needs whole parameters and a torch optimizer (not gathered by fprobe)"
+            "the probe needs whole parameters and a torch optimizer (not gathered by fprobe); "
+            "for sharded training use FSDP2, which fprobe's sharded mode measures"
         )
+    if distributed.is_sharded(trainer.model):
+        return True
+    if trainer.args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        warn("FSDP was asked for (fsdp in the training arguments or accelerate's config), but accelerate did not "
+             "enable it (it drops FSDP on CPU) and trains the model data-parallel, each process holding all the "
+             "parameters: fprobe probes it so", ShardingWarning)
+    return False
 
 
 def check_eval_batch(E, model) -> None:
@@ -153,7 +180,9 @@ class TrlProbe:
     A record: ``step``, ``updates`` (optimizer updates counted in the step), ``lr``, ``n_eval``,
     ``eval_sampled_at`` (the step whose policy sampled E) and ``sampler_ess_fraction`` (of the weights from
     that policy to π_θk; 1 for a fresh E); then ``h_orig``, ``h_upd``, ``delta_h_true``, ``delta_h1``,
-    ``delta_h2`` (None unless asked), ``ratio``, ``ess_fraction`` (at θ_{k+1}), ``ess_low``, ``delta_l2``;
+    ``delta_h2`` (None unless asked), ``ratio``, ``ess_fraction`` (at θ_{k+1}), ``ess_low``, ``delta_l2``, their
+    standard errors ``h_orig_se`` … ``ratio_se`` (None where undefined), ``se_units`` (E's independent units) and
+    ``n_eval_for`` (the |E| for ``rel_se_warning``);
     ``step_check`` ("ok", or why the replay was skipped), ``step_rel_error`` and ``step_rel_error_worst`` (the
     parameter where the replay differs most); ``contributions`` when asked; ``probe_seconds`` and ``step_seconds``
     (the trainer's own time for the step). A step without
@@ -169,6 +198,7 @@ class TrlProbe:
         self.policy = policy
         self.records: list[dict] = []
         self.eval_batches: dict[int, Rollouts] = {}
+        self._warned_imprecise = False
         self._fixed = E
         self._reuse = E is not None or not settings.resample
         self.capture = StepCapture(
@@ -196,9 +226,10 @@ class TrlProbe:
         tokenizer = TrainerChatTemplate(self.trainer) if self.chat_template else self.trainer.processing_class
         E, _ = generate.sample(
             self.policy, tokenizer, self.prompts,
-            n_eval=self.settings.n_eval, n_update_prompts=1, group_size=1, reward=lambda *_: 0.0,
+            n_eval=self.settings.n_eval, eval_group_size=self.settings.eval_group_size, n_update_prompts=1, group_size=1,
+            reward=lambda *_: 0.0,
             max_new_tokens=self.facts.max_completion_length, seed=generate.stream_seed(self.settings.seed, "trl", step),
-            replace=self.settings.n_eval > len(self.prompts), chat_template=self.chat_template,
+            replace=self.settings.n_eval // self.settings.eval_group_size > len(self.prompts), chat_template=self.chat_template,
         )  # fprobe.sample also draws one update row, unused here
         return E
 
@@ -235,8 +266,9 @@ class TrlProbe:
                          settings.estimate, logp_sampler=eval_batch.logp_sampler, second_order=settings.second_order)
         if self._reuse and eval_batch.logp_sampler is None:
             self._fixed = EvalBatch(eval_batch.rollouts, change.context.rows0.logp, eval_batch.sampled_at)
-        record.update({key: getattr(change, key) for key in ("h_orig", "h_upd", "delta_h_true", "delta_h1", "delta_h2", "ess_fraction", "ess_low")},
-                      ratio=change.ratio if change.delta_h1 else None, delta_l2=change.delta_l2)
+        record.update({key: getattr(change, key) for key in ("h_orig", "h_upd", "delta_h_true", "delta_h1", "delta_h2", "ess_fraction", "ess_low", *SE)},
+                      ratio=change.ratio if change.delta_h1 else None, delta_l2=change.delta_l2, se_units=change.se_units,
+                      n_eval_for=None if settings.rel_se_warning is None else change.n_eval_for(settings.rel_se_warning))
         return {**record, **self._replay(captured, change, dropout)}
 
     def _replay(self, captured: CapturedStep, change, dropout: list[str]) -> dict:
@@ -266,23 +298,49 @@ class TrlProbe:
         return out
 
     def _sink(self, record: dict, control) -> None:
-        """The record to ``records``, then (main process) to ``out`` — before ``trainer.log``, whose other callbacks
-        may raise — then to the trainer's log."""
-        self.records.append(record)
-        if not distributed.is_main():
-            return
-        if self.settings.out is not None:
-            key = {"output_dir": str(Path(self.trainer.args.output_dir).resolve()), "step": record["step"]}
-            files.append_json_line(self.settings.out, {"key": key, **record}, "key", "probe records")
-        self._log(control, {PREFIX + key: record[key] for key in LOGGED if record.get(key) is not None})
+        sink(self.trainer, self.settings.out, self.records, record, control)
+        self._warn_if_imprecise()
 
-    def _log(self, control, logs: dict) -> None:
-        """``transformers.Trainer.log``: the log history and every reporting callback get ``logs`` at this step.
-        Not TRL's own ``log``, which would take and clear the metrics TRL is collecting for its next log; and
-        the trainer's pending ``should_log`` (which ``on_log`` clears) is kept, so its own log still happens."""
-        should_log = control.should_log
-        Trainer.log(self.trainer, logs)
-        control.should_log = self.trainer.control.should_log = should_log
+    def _warn_if_imprecise(self) -> None:
+        """Once per probe: an ``ImpreciseWarning`` when the last ``IMPRECISE_RECORDS`` records' se of ΔH_true all
+        exceed ``rel_se_warning`` of |ΔH_true|, with the |E| that would reach it (the largest of their
+        ``n_eval_for``)."""
+        threshold, recent = self.settings.rel_se_warning, self.records[-IMPRECISE_RECORDS:]
+        if threshold is None or self._warned_imprecise or len(recent) < IMPRECISE_RECORDS:
+            return
+        relative = [r["delta_h_true_se"] / abs(r["delta_h_true"]) if r.get("delta_h_true_se") and r["delta_h_true"] else None
+                    for r in recent]
+        if any(x is None or x <= threshold for x in relative):
+            return
+        self._warned_imprecise = True
+        needed = max(r["n_eval_for"] for r in recent)
+        warn(
+            f"the standard error of ΔH_true has stayed above {threshold:.0%} of |ΔH_true| for {IMPRECISE_RECORDS} probed "
+            f"steps (latest {relative[-1]:.0%} with |E| = {recent[-1]['n_eval']}): these entropy changes are mostly "
+            f"sampling noise; |E| ≈ {needed} would reach {threshold:.0%} (attach(..., n_eval={needed}))",
+            ImpreciseWarning,
+        )
+
+
+def sink(trainer, out: Path | None, records: list[dict], record: dict, control) -> None:
+    """The record to ``records``, then (main process) to ``out`` — before ``trainer.log``, whose other callbacks
+    may raise — then to the trainer's log."""
+    records.append(record)
+    if not distributed.is_main():
+        return
+    if out is not None:
+        key = {"output_dir": str(Path(trainer.args.output_dir).resolve()), "step": record["step"]}
+        files.append_json_line(out, {"key": key, **record}, "key", "probe records")
+    log_to_trainer(trainer, control, {PREFIX + key: record[key] for key in LOGGED if record.get(key) is not None})
+
+
+def log_to_trainer(trainer, control, logs: dict) -> None:
+    """``transformers.Trainer.log``: the log history and every reporting callback get ``logs`` at this step.
+    Not TRL's own ``log``, which would take and clear the metrics TRL is collecting for its next log; and
+    the trainer's pending ``should_log`` (which ``on_log`` clears) is kept, so its own log still happens."""
+    should_log = control.should_log
+    Trainer.log(trainer, logs)
+    control.should_log = trainer.control.should_log = should_log
 
 
 def attach(
@@ -298,9 +356,12 @@ def attach(
     check_step: bool = True,
     *,
     prompts: Sequence[str] | None = None,
+    eval_group_size: int = 1,
+    rel_se_warning: float | None = 0.25,
     ess_threshold: float = Settings.ess_threshold,
     micro_batch: int | None = Settings.micro_batch,
-) -> TrlProbe:
+    gather: bool = False,
+) -> "TrlProbe | ShardedTrlProbe":
     """Probe every ``every``-th optimizer step of a TRL ``GRPOTrainer`` (see the module docstring); returns
     the probe, whose ``records`` and ``eval_batches`` fill during ``trainer.train()``.
 
@@ -309,15 +370,28 @@ def attach(
     fprobe's own random streams (``seed``). A given ``E`` (taken as a sample of the model as it is now),
     or ``resample=False`` (the first probed step's sample), is reused: every estimate then
     importance-weights from the policy that sampled it, and a fresh E is drawn from π_θk once the ESS
-    fraction of those weights falls below ``ess_threshold``. ``contributions`` adds the per-sequence parts
+    fraction of those weights falls below ``ess_threshold``. ``eval_group_size``: responses per prompt in a
+    fresh E (n_eval / eval_group_size prompts). Each record carries the standard errors over E's sequences
+    (``*_se``, logged as ``entropy_probe/..._se``) and ``n_eval_for``, the |E| at which ΔH_true's se would be
+    ``rel_se_warning`` of |ΔH_true|; an ``ImpreciseWarning`` (once) says so when 3 records in a row stay above
+    it (None: no warning). ``contributions`` adds the per-sequence parts
     of δH₁ (of fprobe's replayed step; needs a fresh E and the cross-check). ``out``: JSONL, one line
     per probed step, opened (created if absent) here. Every input is checked here, before training starts.
+    A trainer whose parameters FSDP2 shards is probed in the sharded mode (``fprobe.trl.sharded``); ``gather``
+    (sharded mode only) adds what needs whole parameters, gathered on rank 0 (δH₁ by jvp, δH₂).
     """
-    check_trainer(trainer)
+    from fprobe.trl import sharded
+
+    sharded_mode = check_trainer(trainer)
     if any(isinstance(c, StepCapture) for c in trainer.callback_handler.callbacks):
         raise ValueError("an fprobe probe is already attached to this trainer")
     checks.positive_int(every, "every", "steps")
     checks.positive_int(n_eval, "n_eval", "sequences")
+    checks.positive_int(eval_group_size, "eval_group_size", "responses per prompt")
+    if n_eval % eval_group_size:
+        raise ValueError(f"n_eval={n_eval} is not a whole number of groups of eval_group_size={eval_group_size}")
+    if rel_se_warning is not None and not (isinstance(rel_se_warning, (int, float)) and rel_se_warning > 0):
+        raise ValueError(f"rel_se_warning must be a positive fraction of |ΔH_true| or None, got {rel_se_warning!r}")
     estimate = Settings(ess_threshold=ess_threshold, micro_batch=micro_batch)
     if contributions and (E is not None or not resample or not check_step):
         raise ValueError("contributions need a fresh E at each step (resample=True, no E) and the step cross-check (check_step=True)")
@@ -332,9 +406,19 @@ def attach(
         records, chat_template = dataset_prompts(trainer)
     if not records:
         raise ValueError("no prompts to sample E from")
-    settings = ProbeSettings(every, n_eval, resample, seed, None if out is None else Path(out), second_order, contributions,
-                             check_step, estimate)
+    settings = ProbeSettings(every, n_eval, eval_group_size, rel_se_warning, resample, seed, None if out is None else Path(out),
+                             second_order, contributions, check_step, estimate)
     facts = trainer_facts(trainer)
+    if gather and not sharded_mode:
+        raise ValueError("gather=True gathers sharded (FSDP2) parameters, but this trainer's are whole on every process")
+    if sharded_mode:
+        sharded.check_settings(E, resample, second_order, contributions, gather)
+        sharded.check_model(model)
+        if out is not None and distributed.is_main():
+            open_records_file(Path(out), trainer.args.output_dir)
+        probe = sharded.ShardedTrlProbe(trainer, facts, settings, records, chat_template, gather)
+        trainer.add_callback(probe.capture)
+        return probe
     fixed = None
     with modes_kept(model):
         policy = Policy(model, temperature=facts.temperature)

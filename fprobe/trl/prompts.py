@@ -1,5 +1,7 @@
 """The prompts E is drawn from in a TRL run: the trainer's dataset, rendered as ``GRPOTrainer`` renders them."""
 
+from fprobe.sampling.prompts import is_conversation
+
 
 def is_single_user_turn(prompt) -> bool:
     """A conversational prompt that is one user message with text content."""
@@ -33,8 +35,9 @@ class TrainerChatTemplate:
 
 
 def dataset_prompts(trainer) -> tuple[list[dict], bool]:
-    """(prompt records, chat template?) from the trainer's dataset: plain prompts as they are, conversational
-    ones that are a single user turn through the tokenizer's chat template; anything else needs ``prompts=``."""
+    """(prompt records, chat template?) from the trainer's dataset: plain prompts as they are, conversations
+    (a system turn and several turns included) through the tokenizer's chat template, as the trainer renders
+    them; messages with structured (non-text) content need ``prompts=``."""
     dataset = trainer.train_dataset
     if dataset is None or "prompt" not in getattr(dataset, "column_names", ()):
         raise ValueError("the trainer's dataset has no 'prompt' column: pass prompts= to fprobe.trl.attach")
@@ -43,7 +46,9 @@ def dataset_prompts(trainer) -> tuple[list[dict], bool]:
         return [{"prompt": p} for p in prompts], False
     if all(is_single_user_turn(p) for p in prompts):
         return [{"prompt": p[0]["content"]} for p in prompts], True
+    if all(is_conversation(p) for p in prompts):
+        return [{"prompt": list(p)} for p in prompts], True
     raise ValueError(
-        "the trainer's prompts are conversations that fprobe cannot re-render (more than one turn, or "
-        "structured content): pass prompts= (texts) to fprobe.trl.attach"
+        "the trainer's prompts are conversations that fprobe cannot re-render (structured, non-text content): "
+        "pass prompts= (texts) to fprobe.trl.attach"
     )

@@ -14,6 +14,8 @@ import fprobe
 from helpers import make_batch
 from fprobe import distributed
 
+SE = ("h_orig_se", "h_upd_se", "delta_h_true_se", "delta_h1_se", "delta_h2_se", "ratio_se")
+
 
 def main(model_dir, out_dir, mode):
     distributed.init_from_env(timeout_s=10.0)
@@ -28,11 +30,15 @@ def main(model_dir, out_dir, mode):
     counting = opt._replace(update=lambda *a, **k: calls.append(1) or opt.update(*a, **k))
     res = fprobe.probe(policy, E, U, counting, lr=1e-3, second_order=True, micro_batch=2, keep_step=True)
     sweep = res.sweep([1e-4, 1e-3])
+    g = torch.Generator().manual_seed(5)  # the same Δθ on every rank and in every run: E's statistics bit for bit alike
+    along = {name: 1e-3 * torch.randn(p.shape, generator=g, dtype=p.dtype) for name, p in policy.params.items()}
+    fixed = fprobe.entropy_change(policy, E, along, second_order=True, micro_batch=2)
     parts = res.contributions()
     torch.save(
         dict(
             rank=rank, size=size, updates=len(calls), params=res.step.params, delta=res.delta_named,
             numbers={k: getattr(res, k) for k in ("delta_h_true", "delta_h1", "delta_h2", "ess", "h_orig", "loss", "grad_norm")},
+            probe_se={k: getattr(res, k) for k in SE}, fixed_se={k: getattr(fixed, k) for k in SE},
             sweep=sweep.delta_h_true, per_sequence=parts.per_sequence, per_token=parts.per_token,
         ),
         f"{out_dir}/rank{rank}.pt",
