@@ -57,12 +57,14 @@ def _linear(input, weight, bias=None):
 
 
 class _CheapLinear(torch.overrides.TorchFunctionMode):
-    """Routes ``F.linear`` to ``_Linear`` (its forward is ``F.linear`` itself: the same values, bit for bit)."""
+    """Routes ``F.linear`` to ``_Linear`` (its forward is ``F.linear`` itself: the same values, bit for bit),
+    except under autocast, whose casts torch's own rule follows."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is torch.nn.functional.linear:
-            return _linear(*args, **(kwargs or {}))
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear and not torch.is_autocast_enabled(args[0].device.type):
+            return _linear(*args, **kwargs)
+        return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
