@@ -380,3 +380,24 @@ def test_the_cheap_linear_rule_multiplies_only_the_tangents_that_exist(tangents)
     torch.testing.assert_close(cheap_tangent, tangent, rtol=1e-15, atol=1e-15)
     expected = 1 + ("x" in tangents) + ("weight" in tangents)
     assert cheap_products == expected and torch_products >= expected
+
+
+def test_the_cheap_linear_rule_leaves_autocast_to_torch():
+    """Under bf16 autocast the product runs in bf16 and its tangent too: the linear rule stands aside there."""
+    from torch.autograd import forward_ad
+
+    from fprobe.model.softmax import cheap_jvp
+
+    g = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(3, 7, generator=g), torch.randn(4, 7, generator=g)
+    outs = []
+    for cheap in (False, True):
+        with torch.no_grad(), forward_ad.dual_level(), torch.autocast("cpu", dtype=torch.bfloat16):
+            dual = forward_ad.make_dual(x, torch.ones_like(x))
+            if cheap:
+                with cheap_jvp():
+                    outs.append(forward_ad.unpack_dual(torch.nn.functional.linear(dual, weight)))
+            else:
+                outs.append(forward_ad.unpack_dual(torch.nn.functional.linear(dual, weight)))
+    (value, tangent), (cheap_value, cheap_tangent) = outs
+    assert cheap_value.dtype == torch.bfloat16 and torch.equal(cheap_value, value) and torch.equal(cheap_tangent, tangent)
