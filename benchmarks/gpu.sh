@@ -35,7 +35,7 @@ else
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 fi
 run test_cuda 240 "$PY" -m pytest -q -rs tests/test_cuda.py
-run real_size 240 "$PY" benchmarks/real_size.py --device $DEV $QUICK --json "$OUT/real_size.json"
+run real_size 900 "$PY" benchmarks/real_size.py --device $DEV --n-eval 2048 --n-update 64 --prompt 128 --response 128 --micro-batch 32 --no-second-order $QUICK --json "$OUT/real_size.json"
 run jvp_vs_grad 180 "$PY" benchmarks/jvp_vs_grad.py --device $DEV --sizes 15m,60m --lengths 1024 $QUICK --json "$OUT/jvp_vs_grad.json"
 run probe_vs_imperative 120 "$PY" benchmarks/probe_vs_imperative.py --device $DEV --size 60m --length 1024 --n-u 16 --n-e 32 --micro-batch 8 $QUICK --json "$OUT/probe_vs_imperative.json"
 run long_sequences 180 "$PY" benchmarks/long_sequences.py --device $DEV --size 15m --lengths 1024,2048,4096,8192 --whole-lengths 1024,2048 --time-length 1024 $QUICK --json "$OUT/long_sequences.json"

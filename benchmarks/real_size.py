@@ -1,96 +1,251 @@
-"""One probe at a real size: a Qwen2.5-1.5B-shaped model built from its configuration (random weights,
-no download: hidden 1536, 28 layers, 12 heads, 2 KV heads, MLP 8960, vocabulary 151936), LoRA rank 16
-on q/v, |E| = 2048 sequences of 128 prompt + 128 response tokens, float32 (fprobe turns TF32 off inside
-its calls). Prints the wall time of each phase: building, the step on U, the jvp (δH₁) on E, the
-forward pass at θ₀+Δθ (ΔH_true) and the whole probe.
+"""The probe at a real size, against the passes it cannot avoid: a Qwen2.5-0.5B-shaped model built from
+its configuration (random weights, no download: hidden 896, 24 layers, 14 heads, 2 KV heads, MLP 4864,
+vocabulary 151936, tied embeddings), float32, full parameters and LoRA (rank 16 on q/v).
 
-    python benchmarks/real_size.py --device cuda             # the GPU measurement (benchmarks/gpu.sh)
-    python benchmarks/real_size.py --tiny                    # the same script at a tiny size on the CPU (seconds)
-    python benchmarks/real_size.py --quick                   # the same (smoke test, CI)
+Timed side by side in one run (``common.time_interleaved``: rounds in rotated order, medians):
+- ``rl_step`` against a bare torch step — forward+backward of U on the model's own SDPA attention
+  (log-probs in float32, as a trainer) plus ``torch.optim.AdamW.step`` in place (torch's default
+  implementation, which fprobe's optimizer then follows: single-tensor on CPU, foreach on CUDA);
+- δH₁'s jvp on E and δH₂'s jvp of jvp against a bare forward of E (``model(ids).logits``, no grad);
+- fprobe's forward (ΔH_true's pass) against the same bare forward.
+Peak memory, each in a fresh process: the bare step, ``rl_step``, ``fprobe.probe`` and its
+``contributions()``, against a bare step plus one parameter tree (the Δθ a probe must hold).
+
+    python benchmarks/real_size.py                             # CPU, 0.5B shape, |E| = |U| = 4 × (32 + 96) tokens
+    python benchmarks/real_size.py --device cuda --n-eval 2048 --n-update 64 --prompt 128 --response 128 --micro-batch 32
+    python benchmarks/real_size.py --shape 50m                 # the same structure at 50M (iterating)
+    python benchmarks/real_size.py --fprobe-root DIR           # another checkout of fprobe (before/after)
+    python benchmarks/real_size.py --quick                     # a tiny shape (smoke test, CI)
 """
 
 import argparse
-import json
+import inspect
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+if "--fprobe-root" in sys.argv:  # measure another checkout's fprobe with this script
+    sys.path.insert(0, sys.argv[sys.argv.index("--fprobe-root") + 1])
 
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, Qwen2Config  # noqa: E402
 
 import fprobe  # noqa: E402
 from benchmarks import common  # noqa: E402
+from fprobe.model import passes  # noqa: E402
+from fprobe.model.policy import position_ids_from_mask  # noqa: E402
 
-QWEN_1P5B = dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                 intermediate_size=8960, vocab_size=151936)
-TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=128, vocab_size=1000)
+SHAPES = {  # hidden, layers, heads, KV heads, MLP, vocabulary
+    "1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                 intermediate_size=8960, vocab_size=151936),
+    "0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                 intermediate_size=4864, vocab_size=151936),
+    "50m": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+                intermediate_size=2048, vocab_size=32768),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, vocab_size=1000),
+}
+LR = 1e-5
 
 
-def build(shape: dict, device, dtype, rank: int):
-    """A random Qwen2 of ``shape`` made on ``device`` directly, with a LoRA adapter on q/v."""
+def build(shape: str, device, lora: bool, rank: int = 16):
+    """A random Qwen2 of ``shape`` on ``device`` (SDPA attention, as a trainer holds it), optionally with LoRA on q/v."""
     from peft import LoraConfig, get_peft_model
 
-    config = Qwen2Config(**shape, max_position_embeddings=4096, tie_word_embeddings=True, rope_theta=1e6,
+    config = Qwen2Config(**SHAPES[shape], max_position_embeddings=4096, tie_word_embeddings=True, rope_theta=1e6,
                          bos_token_id=0, eos_token_id=1)
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").eval()
-    lora = LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
-    model = get_peft_model(model, lora).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # LoRA's B starts at zero: make the adapter a non-zero function
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(1e-3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa").eval()
+    if lora:
+        config = LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+        model = get_peft_model(model, config).eval()
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # LoRA's B starts at zero: make the adapter a non-zero function
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(1e-3 * torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device))
     return fprobe.Policy(model)
+
+
+def adamw():
+    """fprobe's AdamW on torch's default implementation (``foreach=None``) where this fprobe has the option."""
+    extra = dict(foreach=None) if "foreach" in inspect.signature(fprobe.optim.adamw).parameters else {}
+    return fprobe.optim.adamw(lr=LR, weight_decay=0.01, **extra)
+
+
+def bare_step(model, U, micro_batch):
+    """One dr_grpo training step the plain way: loss.backward() per micro-batch, AdamW.step() in place."""
+    device = next(model.parameters()).device
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=0.01)
+    normaliser = len(U) * U.max_response_length
+    for mb in U.micro_batches(micro_batch):
+        ids, attn = mb.input_ids.to(device), mb.attention_mask.to(device)
+        logits = model(ids, attention_mask=attn, position_ids=position_ids_from_mask(attn), use_cache=False).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
+        weights = mb.advantages.to(device, torch.float32)[:, None] * mb.response_mask[:, 1:].to(device)
+        (-(weights * logp).sum() / normaliser).backward()
+        del logits, logp
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return optimizer
+
+
+def bare_forward(model, E, micro_batch):
+    """The model's logits over E, no graph (the trainer's forward on its own attention)."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for mb in E.micro_batches(micro_batch):
+            ids, attn = mb.input_ids.to(device), mb.attention_mask.to(device)
+            model(ids, attention_mask=attn, position_ids=position_ids_from_mask(attn), use_cache=False)
+
+
+def setup_of(args, lora):
+    policy = build(args.shape, args.device, lora)
+    vocab = SHAPES[args.shape]["vocab_size"]
+    E = common.make_rollouts(args.n_eval, args.response, vocab, prompt=args.prompt, seed=1, ragged=False)
+    U = common.make_rollouts(args.n_update, args.response, vocab, prompt=args.prompt, seed=2)
+    return policy, E, U
+
+
+def delta_of(policy, U, micro_batch):
+    opt = adamw()
+    return fprobe.rl_step(policy, policy.params, opt, opt.init(policy.params), U, micro_batch=micro_batch).delta
+
+
+def time_mode(args, lora):
+    """Medians of every pass (side by side) and their ratios to the bare passes."""
+    policy, E, U = setup_of(args, lora)
+    mb = args.micro_batch
+    delta = delta_of(policy, U, mb)
+    opt = adamw()
+    methods = {
+        "bare step": lambda: bare_step(policy.model, U, mb),
+        "rl_step": lambda: fprobe.rl_step(policy, policy.params, opt, opt.init(policy.params), U, micro_batch=mb),
+        "bare forward": lambda: bare_forward(policy.model, E, mb),
+        "forward": lambda: passes.forward(policy, policy.params, E, mb),
+        "jvp": lambda: passes.jet(policy, policy.params, delta, E, 1, mb),
+    }
+    if not args.no_second_order:
+        methods["jvp2"] = lambda: passes.jet(policy, policy.params, delta, E, 2, mb)
+    cpu = torch.device(args.device).type == "cpu"  # one thread: its CPU time is steadier than wall time on a busy machine
+    times = common.time_interleaved(methods, args.repeats, args.warmup, args.device, time.process_time if cpu else time.perf_counter)
+    ratios = {
+        "rl_step / bare step": times["rl_step"] / times["bare step"],
+        "forward / bare forward": times["forward"] / times["bare forward"],
+        "jvp / bare forward": times["jvp"] / times["bare forward"],
+    }
+    if "jvp2" in times:
+        ratios["jvp2 / jvp"] = times["jvp2"] / times["jvp"]
+    return dict(mode="lora" if lora else "full", times=times, ratios=ratios,
+                trained=sum(p.numel() for p in policy.params.values()),
+                tree=sum(p.numel() * p.element_size() for p in policy.params.values()))
+
+
+def memory_worker(args, lora, method):
+    """Peak memory of one method above the set-up (model, batches), in this fresh process."""
+    policy, E, U = setup_of(args, lora)
+    mb = args.micro_batch
+    delta = delta_of(policy, U, mb) if method == "contributions" else None
+    one = U.select(slice(0, 1))
+    bare_forward(policy.model, one, 1)  # lazy library set-up, outside the meter
+    fprobe.token_stats(policy, policy.params, one)
+    meter = common.MemoryMeter(args.device).start()
+    opt = adamw()
+    if method == "bare step":
+        kept = bare_step(policy.model, U, mb)
+    elif method == "rl_step":
+        kept = fprobe.rl_step(policy, policy.params, opt, opt.init(policy.params), U, micro_batch=mb)
+    elif method == "probe":
+        kept = fprobe.probe(policy, E, U, opt, micro_batch=mb)
+    else:
+        del delta
+        kept = fprobe.probe(policy, E, U, opt, micro_batch=mb, keep_step=True).contributions()
+    peak = meter.stop()["extra_bytes"]
+    del kept
+    return peak
+
+
+def memory_mode(args, lora, runner) -> dict:
+    return {method: runner(memory_worker, args, lora, method) for method in ("bare step", "rl_step", "probe", "contributions")}
+
+
+def probe_timings(args):
+    """The whole probe once (LoRA), with its phases' wall times."""
+    policy, E, U = setup_of(args, True)
+    start = time.perf_counter()
+    res = fprobe.probe(policy, E, U, adamw(), micro_batch=args.micro_batch)
+    common.synchronize(args.device)
+    return res, {**res.timings, "probe (total)": time.perf_counter() - start}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--tiny", "--quick", action="store_true", help="a tiny model and batch (runs on a CPU in seconds)")
-    p.add_argument("--n-eval", type=int, default=2048)
-    p.add_argument("--n-update", type=int, default=64)
-    p.add_argument("--prompt", type=int, default=128)
-    p.add_argument("--response", type=int, default=128)
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--micro-batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--shape", default="0.5b", choices=list(SHAPES))
+    p.add_argument("--tiny", "--quick", dest="quick", action="store_true", help="the tiny shape and batch (seconds on a CPU)")
+    p.add_argument("--n-eval", type=int, default=4)
+    p.add_argument("--n-update", type=int, default=4)
+    p.add_argument("--prompt", type=int, default=32)
+    p.add_argument("--response", type=int, default=96)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--modes", default="full,lora")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--memory-modes", default=None, help="modes whose peak memory is measured (default: --modes)")
+    p.add_argument("--no-second-order", action="store_true", help="skip δH₂'s jvp of jvp")
+    p.add_argument("--fprobe-root", default=None, help="measure the fprobe package under this directory")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    shape = QWEN_1P5B
-    if args.tiny:
-        shape, args.n_eval, args.n_update, args.prompt, args.response, args.micro_batch = TINY, 16, 8, 16, 16, 4
-    wall = {}
-    start = time.perf_counter()
-    policy = build(shape, args.device, torch.float32, args.rank)
-    common.synchronize(args.device)
-    wall["build model"] = time.perf_counter() - start
-    vocab = shape["vocab_size"]
-    E = common.make_rollouts(args.n_eval, args.response, vocab, prompt=args.prompt, seed=1, ragged=False)
-    U = common.make_rollouts(args.n_update, args.response, vocab, prompt=args.prompt, seed=2)
-    start = time.perf_counter()
-    res = fprobe.probe(policy, E, U, fprobe.optim.adamw(lr=args.lr), micro_batch=args.micro_batch)
-    common.synchronize(args.device)
-    wall["probe (total)"] = time.perf_counter() - start
+    if args.quick:
+        args.shape, args.n_eval, args.n_update, args.prompt, args.response, args.micro_batch = "tiny", 4, 4, 8, 16, 2
+    if args.threads and torch.device(args.device).type == "cpu":
+        torch.set_num_threads(args.threads)
+    runner = None if args.no_memory else common.Isolated(inline=args.quick).start()
     device = torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else "cpu"
-    print(f"# probe at real size — {device}, torch {torch.__version__}, float32, TF32 off inside fprobe\n")
-    print(f"model {shape}, LoRA r{args.rank} q/v ({sum(x.numel() for x in policy.params.values()):,} trained), "
-          f"|E| = {len(E)} × ({args.prompt}+{args.response}) tokens ({E.n_tokens:,} response tokens), "
-          f"|U| = {len(U)}, micro-batch {args.micro_batch}\n")
-    rows = [[name, f"{t:.2f}"] for name, t in {**{"build model": wall["build model"]}, **res.timings}.items()]
-    rows.append(["probe (total)", f"{wall['probe (total)']:.2f}"])
-    print(common.table(["phase", "wall [s]"], rows))
-    print(f"\nΔH_true {res.delta_h_true:.6e}, δH₁ {res.delta_h1:.6e}, ratio {res.ratio:.4f}, ESS fraction {res.ess_fraction:.4f}")
-    if torch.device(args.device).type == "cuda":
-        print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-    if args.json:
-        Path(args.json).write_text(json.dumps(dict(device=device, wall=wall, timings=res.timings, delta_h1=res.delta_h1,
-                                                   delta_h_true=res.delta_h_true, ratio=res.ratio), indent=1))
-    return res, wall
+    print(f"# fprobe at a real size — {device}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), float32; "
+          f"fprobe from {Path(fprobe.__file__).parent}\n")
+    print(f"shape {args.shape} {SHAPES[args.shape]}, |E| = {args.n_eval}, |U| = {args.n_update}, "
+          f"{args.prompt} prompt + {args.response} response tokens, micro-batch {args.micro_batch}\n")
+    if runner is not None:
+        runner.wait()
+    records = []
+    for mode in args.modes.split(","):
+        record = time_mode(args, mode == "lora")
+        if runner is not None and mode in (args.memory_modes or args.modes).split(","):
+            record["memory"] = memory_mode(args, mode == "lora", runner)
+        records.append(record)
+    names = list(records[0]["times"])
+    print(common.table(["mode", "trained", *[f"{n} [s]" for n in names]],
+                       [[r["mode"], f"{r['trained'] / 1e6:.1f}M", *[f"{r['times'][n]:.2f}" for n in names]] for r in records],
+                       "time (median; CPU time of the one thread on a CPU, wall time on a GPU)"))
+    ratio_names = list(records[0]["ratios"])
+    print()
+    print(common.table(["mode", *ratio_names], [[r["mode"], *[f"{r['ratios'][n]:.2f}" for n in ratio_names]] for r in records],
+                       "ratios, measured side by side"))
+    if runner is not None:
+        measured = [r for r in records if "memory" in r]
+        methods = list(measured[0]["memory"])
+        rows = []
+        for r in measured:
+            limit = (r["memory"]["bare step"] or 0) + r["tree"]
+            rows.append([r["mode"], f"{common.mib(r['tree']):.0f}", *[f"{common.mib(r['memory'][m] or 0):.0f}" for m in methods],
+                         *[common.fmt(common.ratio(r["memory"][m], limit), ".2f") for m in methods[1:]]])
+        print()
+        print(common.table(["mode", "tree MiB", *[f"{m} MiB" for m in methods], *[f"{m} / (step + tree)" for m in methods[1:]]],
+                           rows, "peak memory above the set-up, each in a fresh process"))
+    res, timings = probe_timings(args)
+    print()
+    print(common.table(["phase (LoRA probe)", "wall [s]"], [[k, f"{v:.2f}"] for k, v in timings.items()]))
+    print(f"\nΔH_true {res.delta_h_true:.6e}, δH₁ {res.delta_h1:.6e}, ratio {res.ratio:.4f}")
+    common.write_json(args.json, dict(device=device, shape=args.shape, records=records, timings=timings,
+                                      ratio=res.ratio, delta_h1=res.delta_h1, delta_h_true=res.delta_h_true))
+    return records
 
 
 if __name__ == "__main__":

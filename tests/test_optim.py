@@ -1,6 +1,7 @@
-"""fprobe.optim against torch.optim (foreach=False) bit for bit, on a real tiny GPT-2's parameters and
-gradients: AdamW and SGD, float32 and float64, two param groups, several steps, and after importing
-a torch optimizer's state mid-training; clipping against torch.nn.utils.clip_grad_norm_."""
+"""fprobe.optim against torch.optim bit for bit, on a real tiny GPT-2's parameters and gradients: AdamW
+and SGD, torch's single-tensor (foreach=False) and multi-tensor (foreach=True) paths, float32 and float64,
+two param groups, several steps, and after importing a torch optimizer's state mid-training (its
+``foreach`` read from the param groups); lazy states; clipping against torch.nn.utils.clip_grad_norm_."""
 
 import io
 import re
@@ -17,6 +18,7 @@ from fprobe.rl.step import loss_and_grad
 
 STEPS = 3
 DTYPES = [torch.float32, torch.float64]
+PATHS = [False, True]  # torch's foreach flag: single-tensor loop, multi-tensor _foreach kernels
 
 SGD_CONFIGS = {
     "plain": dict(momentum=0.0),
@@ -43,17 +45,17 @@ def torch_groups(named: dict, kind: str, weight_decay: float = 0.0) -> list[dict
             dict(params=b, lr=lr_b, weight_decay=wd_b)]
 
 
-def make_pair(named: dict, kind: str, **kw) -> tuple[optim.Optimizer, torch.optim.Optimizer]:
-    """fprobe's optimizer and torch's (foreach=False) with the same hyperparameters and groups."""
+def make_pair(named: dict, kind: str, foreach: bool = False, **kw) -> tuple[optim.Optimizer, torch.optim.Optimizer]:
+    """fprobe's optimizer and torch's with the same hyperparameters, groups and implementation (``foreach``)."""
     (lr_a, wd_a), (lr_b, wd_b) = GROUPS[kind]
     group_b = {n: dict(lr=lr_b, weight_decay=wd_b) for n in named if is_group_b(n)}
     if kind == "adamw":
-        fopt = optim.adamw(lr=lr_a, betas=(0.9, 0.99), eps=1e-8, weight_decay=wd_a, groups=group_b)
-        topt = torch.optim.AdamW(torch_groups(named, kind), betas=(0.9, 0.99), eps=1e-8, foreach=False)
+        fopt = optim.adamw(lr=lr_a, betas=(0.9, 0.99), eps=1e-8, weight_decay=wd_a, groups=group_b, foreach=foreach)
+        topt = torch.optim.AdamW(torch_groups(named, kind), betas=(0.9, 0.99), eps=1e-8, foreach=foreach)
         return fopt, topt
     wd = kw.pop("weight_decay", 0.0)
-    fopt = optim.sgd(lr=lr_a, weight_decay=wd, groups=group_b, **kw)
-    topt = torch.optim.SGD(torch_groups(named, kind, wd), foreach=False, **kw)
+    fopt = optim.sgd(lr=lr_a, weight_decay=wd, groups=group_b, foreach=foreach, **kw)
+    topt = torch.optim.SGD(torch_groups(named, kind, wd), foreach=foreach, **kw)
     return fopt, topt
 
 
@@ -97,20 +99,22 @@ def run_both(setting, fopt, fstate, params, topt, steps):
     return params, fstate
 
 
+@pytest.mark.parametrize("foreach", PATHS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_adamw_equals_torch_bit_for_bit(load_policy, dtype):
+def test_adamw_equals_torch_bit_for_bit(load_policy, dtype, foreach):
     s = Setting(load_policy, dtype)
-    fopt, topt = make_pair(s.torch_params, "adamw")
+    fopt, topt = make_pair(s.torch_params, "adamw", foreach)
     params, state = run_both(s, fopt, fopt.init(s.params), s.params, topt, STEPS)
     assert_adam_state_equal(state, topt, s.torch_params)
     assert not torch.equal(params["transformer.wte.weight"], s.params["transformer.wte.weight"])
 
 
+@pytest.mark.parametrize("foreach", PATHS)
 @pytest.mark.parametrize("config", list(SGD_CONFIGS))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_sgd_equals_torch_bit_for_bit(load_policy, dtype, config):
+def test_sgd_equals_torch_bit_for_bit(load_policy, dtype, config, foreach):
     s = Setting(load_policy, dtype)
-    fopt, topt = make_pair(s.torch_params, "sgd", **SGD_CONFIGS[config])
+    fopt, topt = make_pair(s.torch_params, "sgd", foreach, **SGD_CONFIGS[config])
     _, state = run_both(s, fopt, fopt.init(s.params), s.params, topt, STEPS)
     for name, p in s.torch_params.items():
         buffer = topt.state[p].get("momentum_buffer")
@@ -143,12 +147,13 @@ def train_torch(setting, topt, steps):
     return {n: p.detach().clone() for n, p in setting.torch_params.items()}
 
 
+@pytest.mark.parametrize("foreach", PATHS)
 @pytest.mark.parametrize("kind", ["adamw", "sgd"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_state_imported_from_a_checkpoint_continues_bit_for_bit(load_policy, dtype, kind):
+def test_state_imported_from_a_checkpoint_continues_bit_for_bit(load_policy, dtype, kind, foreach):
     s = Setting(load_policy, dtype)
     kw = SGD_CONFIGS["nesterov"] if kind == "sgd" else {}
-    _, topt = make_pair(s.torch_params, kind, **kw)
+    _, topt = make_pair(s.torch_params, kind, foreach, **kw)
     params = train_torch(s, topt, 3)
     order = [n for n in s.torch_params if not is_group_b(n)] + [n for n in s.torch_params if is_group_b(n)]
     fopt, state = optim.from_torch(save_and_load(topt.state_dict()), order, params)
@@ -157,6 +162,7 @@ def test_state_imported_from_a_checkpoint_continues_bit_for_bit(load_policy, dty
         expected_lr = topt.param_groups[1 if is_group_b(name) else 0]["lr"]
         assert fopt.hyper(name)["lr"] == expected_lr
         assert fopt.hyper(name)["weight_decay"] == topt.param_groups[1 if is_group_b(name) else 0]["weight_decay"]
+        assert fopt.hyper(name)["foreach"] == float(foreach)
     if kind == "adamw":
         assert_adam_state_equal(state, topt, s.torch_params)
     run_both(s, fopt, state, params, topt, 3)
@@ -245,9 +251,25 @@ def test_optimizer_is_a_namedtuple_with_init_and_update():
     assert opt._replace(lr=2.0).lr == 2.0
     params = {"w": torch.zeros(2)}
     state = opt.init(params)
-    assert state.step == {"w": 0} and torch.equal(state.exp_avg["w"], torch.zeros(2))
+    assert state == optim.AdamWState({"w": 0}, {}, {})  # lazy, as torch's: no moments before the first step
     assert fprobe.optim.sgd().init(params) == optim.SGDState({})
-    assert tree.norm(state.exp_avg_sq) == 0
+
+
+@pytest.mark.parametrize("foreach", PATHS)
+def test_a_lazy_first_step_equals_a_zero_filled_one(foreach):
+    """The moments of a parameter that has not stepped are absent, and its first step equals one from explicit
+    zero moments bit for bit (torch fills zeros there); parameters that have stepped and not coexist."""
+    g = torch.Generator().manual_seed(3)
+    params = {n: torch.randn(5, 3, generator=g, dtype=torch.float64) for n in ("a", "b")}
+    grads = {n: torch.randn(5, 3, generator=g, dtype=torch.float64) for n in ("a", "b")}
+    opt = optim.adamw(lr=1e-2, betas=(0.3, 0.9), weight_decay=0.1, foreach=foreach)  # β₁ < 0.5: lerp's other branch
+    zeros = {n: torch.zeros_like(p) for n, p in params.items()}
+    new, state = opt.update(grads, optim.AdamWState({"a": 0, "b": 2}, {"b": zeros["b"] + 0.5}, {"b": zeros["b"] + 0.25}), params)
+    filled, filled_state = opt.update(grads, optim.AdamWState({"a": 0, "b": 2}, {"a": zeros["a"], "b": zeros["b"] + 0.5},
+                                                              {"a": zeros["a"], "b": zeros["b"] + 0.25}), params)
+    assert_same((new, state), (filled, filled_state))
+    assert list(state.exp_avg) == list(state.exp_avg_sq) == ["a", "b"] and state.step == {"a": 1, "b": 3}
+    assert all(m.is_contiguous() and m.stride() == (3, 1) for m in [*state.exp_avg.values(), *state.exp_avg_sq.values()])
 
 
 def rebuilt_update(terms: optim.AffineTerms, g: torch.Tensor) -> torch.Tensor:

@@ -65,9 +65,11 @@ def update_batches(draw):
 def optimizers(lr: float):
     return st.sampled_from([
         fprobe.optim.adamw(lr=lr, weight_decay=0.1),
+        fprobe.optim.adamw(lr=lr, weight_decay=0.1, foreach=True),
         fprobe.optim.adamw(lr=lr, weight_decay=0.0, betas=(0.8, 0.95)),
         fprobe.optim.sgd(lr=lr),
         fprobe.optim.sgd(lr=lr, momentum=0.9, weight_decay=0.01),
+        fprobe.optim.sgd(lr=lr, momentum=0.9, weight_decay=0.01, foreach=True),
         fprobe.optim.sgd(lr=lr, momentum=0.9, nesterov=True),
     ])
 
@@ -77,9 +79,12 @@ def with_bias_group(opt: fprobe.optim.Optimizer, params) -> fprobe.optim.Optimiz
     groups = {n: dict(lr=3 * opt.lr, weight_decay=0.0) for n in params if n.endswith("bias") or "norm" in n or "ln" in n}
     make = fprobe.optim.adamw if opt.name == "adamw" else fprobe.optim.sgd
     hyper = opt.hyper("")
+    foreach = bool(hyper["foreach"])
     if opt.name == "adamw":
-        return make(lr=opt.lr, betas=(hyper["beta1"], hyper["beta2"]), eps=hyper["eps"], weight_decay=hyper["weight_decay"], groups=groups)
-    return make(lr=opt.lr, momentum=hyper["momentum"], weight_decay=hyper["weight_decay"], nesterov=bool(hyper["nesterov"]), groups=groups)
+        return make(lr=opt.lr, betas=(hyper["beta1"], hyper["beta2"]), eps=hyper["eps"], weight_decay=hyper["weight_decay"],
+                    groups=groups, foreach=foreach)
+    return make(lr=opt.lr, momentum=hyper["momentum"], weight_decay=hyper["weight_decay"], nesterov=bool(hyper["nesterov"]),
+                groups=groups, foreach=foreach)
 
 
 def counting(opt: fprobe.optim.Optimizer):
@@ -516,6 +521,12 @@ def other_state(opt, params):
     return opt.init(fprobe.Policy(other).params)
 
 
+def moments(params, first_moment) -> fprobe.optim.AdamWState:
+    """An AdamW state after one step whose first moments are ``first_moment(param)`` (second moments zero)."""
+    return fprobe.optim.AdamWState({k: 1 for k in params}, {k: first_moment(v) for k, v in params.items()},
+                                   {k: torch.zeros_like(v) for k, v in params.items()})
+
+
 @pytest.mark.parametrize(
     "kw,error,match",
     [
@@ -526,10 +537,10 @@ def other_state(opt, params):
         (dict(lr=float("nan")), ValueError, "learning rate"),
         (dict(clip=-1.0), ValueError, "clip"),  # was: δH₁ changed 4×
         (dict(clip=float("nan")), ValueError, "clip"),
-        (dict(state=lambda opt, p: opt.init({k: v[..., :1] for k, v in p.items()})), ValueError, r"exp_avg\[.*shape"),
-        (dict(state=lambda opt, p: opt.init({k: v.float() for k, v in p.items()})), ValueError, r"exp_avg\[.*dtype"),
+        (dict(state=lambda opt, p: moments(p, lambda v: torch.zeros_like(v[..., :1]))), ValueError, r"exp_avg\[.*shape"),
+        (dict(state=lambda opt, p: moments(p, lambda v: torch.zeros_like(v, dtype=torch.float32))), ValueError, r"exp_avg\[.*dtype"),
         (dict(state=other_state), ValueError, "not the policy's parameters"),  # was: KeyError after the gradient
-        (dict(state=lambda opt, p: opt.init(p)._replace(exp_avg={k: v + float("nan") for k, v in opt.init(p).exp_avg.items()})),
+        (dict(state=lambda opt, p: moments(p, lambda v: torch.full_like(v, float("nan")))),
          FloatingPointError, r"opt_state.exp_avg of parameter .* not finite"),  # was: "the updated value" after the gradient
         (dict(state=lambda opt, p: fprobe.optim.sgd(lr=1e-3, momentum=0.9).init(p)), TypeError, "SGDState"),
     ],

@@ -171,3 +171,23 @@ def test_check_like_accepts_a_matching_tree_and_names_a_non_tensor():
     assert tree.check_like(ref, {"w": torch.ones(2, dtype=torch.float64)})["w"].sum() == 2
     with pytest.raises(TypeError, match=r"delta\['w'\] is a list, not a tensor"):
         tree.check_like(ref, {"w": [1.0, 1.0]}, "delta")
+
+
+@settings(max_examples=40, deadline=None)
+@given(seeds, st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+       st.lists(st.tuples(st.sampled_from(list(SHAPES)), st.sampled_from([math.nan, math.inf, -math.inf, "max"])), max_size=3))
+def test_the_cheap_finiteness_check_agrees_with_the_entrywise_one(seed, dtype, planted):
+    """``first_nonfinite`` (per-leaf sums first) against ``torch.isfinite`` entry by entry, with NaN/±Inf planted
+    anywhere (an Inf and a −Inf in one leaf sum to NaN) and leaves of the dtype's largest values, whose sum
+    overflows although every entry is finite."""
+    t = random_tree(seed, dtype)
+    g = torch.Generator().manual_seed(seed)
+    for name, value in planted:
+        flat = t[name].view(-1)
+        if value == "max":
+            t[name] = torch.full_like(t[name], torch.finfo(dtype).max)
+        else:
+            flat[int(torch.randint(flat.numel(), (), generator=g))] = value
+    expected = next((n for n, x in t.items() if not bool(torch.isfinite(x).all())), None)
+    assert tree.first_nonfinite(t) == expected
+    assert tree.all_finite(t.values()) == (expected is None) or any(v == "max" for _, v in planted)

@@ -1,4 +1,5 @@
-"""Cheap first-order forward-mode rules for the two softmax-shaped steps of a jvp of the policy.
+"""Cheap first-order forward-mode rules for a jvp of the policy: its two softmax-shaped steps and its
+linear layers.
 
 Torch's jvp of (log-)softmax recomputes exp(x − max) through ``logsumexp_jvp`` (amax, sub, exp, sum,
 div over the whole input), and the entropy −Σ π log π adds three more passes: in a jvp of the model
@@ -8,7 +9,11 @@ on CPU these were the largest excess over a backward pass. Inside ``cheap_jvp()`
 - ``softmax`` (attention):  ẏ = y ⊙ (ẋ − Σ y ẋ)  (2.5× faster than torch's jvp);
 - ``logp_and_entropy`` (a chunk of logits z → ℓ = log π(y), h = −Σ π log π, exactly as
   ``fprobe.tokens`` computes them):  ℓ̇ = ż_y − μ̇,  ḣ = −Σ π ż log π − μ̇ h,  μ̇ = Σ π ż
-  (three passes over the [N, V] float64 chunk instead of about nine).
+  (three passes over the [N, V] float64 chunk instead of about nine);
+- ``F.linear`` (every linear layer, routed by a torch-function mode):  ẏ = ẋ Wᵀ + x Ẇᵀ + ḃ with only the
+  terms whose tangent exists. torch's own rule multiplies a zero tangent for a weight that has none
+  (a frozen weight under LoRA, whose activations do carry one), so each frozen linear cost two
+  tangent products instead of one.
 
 The same derivatives to rounding. Values are torch's own ops, bit for bit, and so are reverse-mode
 gradients of ``softmax`` (``_softmax_backward_data``, as autograd). Outside ``cheap_jvp()`` nothing
@@ -24,12 +29,52 @@ import torch
 _CHEAP = contextvars.ContextVar("fprobe_cheap_softmax_jvp", default=False)
 
 
+class _Linear(torch.autograd.Function):
+    """``F.linear`` whose jvp multiplies only the tangents that exist; forward-mode only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_forward(x, weight)
+        ctx.set_materialize_grads(False)  # an input without a tangent reaches ``jvp`` as None, not as zeros
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def jvp(ctx, x_t, weight_t, bias_t):
+        x, weight = ctx.saved_tensors
+        terms = [torch.nn.functional.linear(a, w) for a, w in ((x_t, weight), (x, weight_t)) if a is not None and w is not None]
+        out = terms[0] if len(terms) == 1 else terms[0] + terms[1] if terms else None
+        if bias_t is not None:
+            out = bias_t.expand(*x.shape[:-1], bias_t.shape[-1]) if out is None else out + bias_t
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("fprobe.softmax's linear rule is for first-order forward mode only (cheap_jvp)")
+
+
+def _linear(input, weight, bias=None):
+    return _Linear.apply(input, weight, bias)
+
+
+class _CheapLinear(torch.overrides.TorchFunctionMode):
+    """Routes ``F.linear`` to ``_Linear`` (its forward is ``F.linear`` itself: the same values, bit for bit),
+    except under autocast, whose casts torch's own rule follows."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear and not torch.is_autocast_enabled(args[0].device.type):
+            return _linear(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def cheap_jvp():
-    """Within: ``softmax`` and ``logp_and_entropy`` carry the cheap first-order jvp rules (not valid for jvp of jvp)."""
+    """Within: ``softmax``, ``logp_and_entropy`` and every ``F.linear`` carry the cheap first-order jvp rules
+    (not valid for jvp of jvp, nor for reverse mode)."""
     token = _CHEAP.set(True)
     try:
-        yield
+        with _CheapLinear():
+            yield
     finally:
         _CHEAP.reset(token)
 

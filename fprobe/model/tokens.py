@@ -29,13 +29,17 @@ def chunk_rows(vocab_size: int, budget: int = CHUNK_BYTES) -> int:
     return max(1, budget // (4 * 8 * vocab_size))
 
 
-def chunked_statistics(logits: torch.Tensor, targets: torch.Tensor, chunk: int | None = None, with_entropy: bool = True):
+def chunked_statistics(logits: torch.Tensor, targets: torch.Tensor, chunk: int | None = None, with_entropy: bool = True,
+                       rows: torch.Tensor | None = None):
     """(ℓ, h) of [N, V] logits, upcast to float64 ``chunk`` rows at a time (never [N, V] float64 whole);
-    h is None without ``with_entropy``. ``chunk`` defaults to ``chunk_rows(V)``."""
+    h is None without ``with_entropy``. ``chunk`` defaults to ``chunk_rows(V)``. With ``rows`` (indices into
+    ``logits``' first dimension, one per target) each chunk's rows are gathered from ``logits`` as it is
+    read, so no gathered copy of the logits exists beyond one chunk."""
     chunk = chunk_rows(logits.shape[-1]) if chunk is None else chunk
+    blocks = logits.split(chunk) if rows is None else (logits.index_select(0, r) for r in rows.split(chunk))
     parts = [
-        softmax.logp_and_entropy(rows, ys) if with_entropy else (softmax.logp(rows, ys), None)
-        for rows, ys in zip(logits.split(chunk), targets.split(chunk))
+        softmax.logp_and_entropy(block, ys) if with_entropy else (softmax.logp(block, ys), None)
+        for block, ys in zip(blocks, targets.split(chunk))
     ]  # with a cheap jvp rule inside passes.jet
     logp = torch.cat([p[0] for p in parts])
     return logp, torch.cat([p[1] for p in parts]) if with_entropy else None
@@ -64,7 +68,14 @@ def token_stats(policy, params, batch: Rollouts, with_entropy: bool = True) -> T
     ids, response = aligned(batch.input_ids), aligned(batch.response_mask)
     logits = policy.apply(params, ids, aligned(attention_mask))
     predicting = response[:, 1:]
-    logp, entropy = chunked_statistics(logits[:, :-1][predicting], ids[:, 1:][predicting], policy.chunk_size, with_entropy)
+    targets = ids[:, 1:][predicting]
+    if torch.is_grad_enabled() and logits.requires_grad:  # reverse mode: the backward of a gather per chunk
+        # would write a whole [B·L, V] gradient per chunk, so the predicting rows are gathered once
+        logp, entropy = chunked_statistics(logits[:, :-1][predicting], targets, policy.chunk_size, with_entropy)
+    else:
+        width = logits.shape[1]
+        rows = (torch.arange(len(ids), device=device)[:, None] * width + torch.arange(width - 1, device=device))[predicting]
+        logp, entropy = chunked_statistics(logits.flatten(0, 1), targets, policy.chunk_size, with_entropy, rows)
     mask = batch.response_mask.to(device)
     return TokenStats(scatter_rows(logp, mask), None if entropy is None else scatter_rows(entropy, mask))
 

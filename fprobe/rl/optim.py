@@ -2,10 +2,16 @@
 
 An optimizer is an ``Optimizer(init, update)`` pair in optax's shape, with one difference:
 ``update(grads, state, params, lr=None) -> (new_params, new_state)`` returns the new parameters
-themselves, computed in torch's own order of operations (its single-tensor path), because that is
-what bit-equality with torch requires; Δθ = new_params − params is then exactly what the model sees.
-Nothing is mutated. Hyperparameters may differ per parameter (torch param groups); ``lr``
-overrides the learning rate of this one update, scaling every group's rate alike.
+themselves, computed in torch's own order of operations, because that is what bit-equality with torch
+requires; Δθ = new_params − params is then exactly what the model sees. Nothing is mutated.
+Hyperparameters may differ per parameter (torch param groups); ``lr`` overrides the learning rate of
+this one update, scaling every group's rate alike.
+
+Each parameter follows one of torch's two implementations, chosen as torch chooses (``foreach``: True,
+False, or None for torch's default — the multi-tensor path when every parameter is on an accelerator):
+the single-tensor loop, or the multi-tensor path on torch's ``_foreach`` kernels, bit-equal to the
+trainer's optimizer whichever it ran. States are lazy, as torch's: a parameter that has not taken a
+step has no moment tensors yet (its first step reads them as zeros without filling any).
 
 Each factory also writes its update as an affine function of the gradient g it received,
 ``affine(state, new_state, params, lr=None)``: Δθ = gain ⊙ g + momentum + decay, exactly, given the
@@ -17,6 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import NamedTuple
 
 import torch
+from torch.optim.optimizer import _default_to_fused_or_foreach
 
 from fprobe import tree
 
@@ -24,6 +31,9 @@ Hyper = dict[str, float]
 
 
 class AdamWState(NamedTuple):
+    """Per-parameter step counts and moments; a parameter absent from ``exp_avg``/``exp_avg_sq`` (or from
+    ``step``) has taken no step yet: its moments are zero, as torch creates them at the first step."""
+
     step: dict[str, int]
     exp_avg: tree.Params
     exp_avg_sq: tree.Params
@@ -95,60 +105,132 @@ def _lr_for(hyper: Hyper, base_lr: float, lr: float | None) -> float:
     return hyper["lr"] * lr / base_lr if base_lr else lr
 
 
+def uses_foreach(foreach: bool | None, params: Iterable[torch.Tensor]) -> bool:
+    """torch.optim's choice of implementation: ``foreach`` as given, or for None torch's default (the
+    multi-tensor path when every parameter is a plain tensor on a device with ``_foreach`` kernels)."""
+    if foreach is not None:
+        return bool(foreach)
+    return _default_to_fused_or_foreach(list(params), differentiable=False, use_fused=False)[1]
+
+
+def _zero_start(x: torch.Tensor) -> torch.Tensor:
+    """A zero tensor shaped like ``x`` that allocates nothing (a broadcast scalar): the moments of a
+    parameter's first step, which torch's kernels then read as the zeros torch would have filled."""
+    return x.new_zeros(()).expand_as(x)
+
+
+def _by_group(params: Mapping[str, torch.Tensor], key: Callable[[str], tuple]) -> dict[tuple, list[str]]:
+    """Names grouped by ``key(name)`` (their hyperparameters), in order of first appearance."""
+    groups: dict[tuple, list[str]] = {}
+    for name in params:
+        groups.setdefault(key(name), []).append(name)
+    return groups
+
+
+def _in_order(names: Iterable[str], *trees: Mapping) -> tuple[dict, ...]:
+    """Each of ``trees`` restricted to ``names`` and put in their order (names absent stay absent)."""
+    names = list(names)
+    return tuple({n: t[n] for n in names if n in t} for t in trees)
+
+
 def adamw(
     lr: float = 1e-5,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 0.01,
     groups: Mapping[str, Hyper] | None = None,
+    foreach: bool | None = False,
 ) -> Optimizer:
-    """AdamW as ``torch.optim.AdamW`` (single-tensor path), in torch's order:
+    """AdamW as ``torch.optim.AdamW``, in torch's order:
     θ ← θ(1 − ηλ);  m ← lerp(m, g, 1−β₁);  v ← β₂v + (1−β₂)g²;
     θ ← θ − (η/(1−β₁ᵗ)) · m / (√v / √(1−β₂ᵗ) + ε).
-    ``groups`` maps names to per-parameter overrides of lr, beta1, beta2, eps, weight_decay.
+    ``groups`` maps names to per-parameter overrides of lr, beta1, beta2, eps, weight_decay and foreach
+    (1.0: torch's multi-tensor path, 0.0: its single-tensor loop); ``foreach`` is the default
+    (None: torch's default for the parameters of each update, ``uses_foreach``).
 
     Affine form (t the new step count, P = 1 / (√v_t / √(1−β₂ᵗ) + ε) with v_t the *new* second moment):
     gain = −η(1−β₁)/(1−β₁ᵗ) · P,  momentum = −ηβ₁/(1−β₁ᵗ) · P ⊙ m_{t−1},  decay = −ηλθ.
     v_t contains g², so Δθ is not linear in g; it is exactly affine in g once P is taken from the step."""
-    hyper = _hyper_lookup(dict(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay), groups)
+    defaults = dict(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay)
+    if foreach is not None:
+        defaults["foreach"] = float(foreach)
+    hyper = _hyper_lookup(defaults, groups)
 
     def init(params: tree.Params) -> AdamWState:
-        return AdamWState({name: 0 for name in params}, tree.zeros_like(params), tree.zeros_like(params))
+        return AdamWState({name: 0 for name in params}, {}, {})
+
+    def single_tensor(h, rate, names, grads, state, params, out):
+        """torch's ``_single_tensor_adam`` for one group, functionally; writes into the ``out`` trees."""
+        new_params, exp_avg, exp_avg_sq = out
+        for name in names:
+            p, g, step = params[name], grads[name], state.step.get(name, 0) + 1
+            decayed = h["weight_decay"] != 0
+            if decayed:
+                p = p * (1 - rate * h["weight_decay"])
+            m = torch.lerp(state.exp_avg.get(name, _zero_start(g)), g, 1 - h["beta1"])
+            v_start = state.exp_avg_sq.get(name)
+            v = _zero_start(g).addcmul(g, g, value=1 - h["beta2"]) if v_start is None else (
+                (v_start * h["beta2"]).addcmul_(g, g, value=1 - h["beta2"]))
+            step_size = rate / (1 - h["beta1"] ** float(step))
+            denom = v.sqrt().div_((1 - h["beta2"] ** float(step)) ** 0.5).add_(h["eps"])
+            new_params[name] = p.addcdiv_(m, denom, value=-step_size) if decayed else p.addcdiv(m, denom, value=-step_size)
+            exp_avg[name], exp_avg_sq[name] = m, v
+
+    def multi_tensor(h, rate, names, grads, state, params, out):
+        """torch's ``_multi_tensor_adam`` (not capturable) for one group, functionally, on ``_foreach`` kernels."""
+        new_params, exp_avg, exp_avg_sq = out
+        gs = [grads[n] for n in names]
+        ps = [params[n] for n in names]
+        steps = [float(state.step.get(n, 0) + 1) for n in names]
+        decayed = h["weight_decay"] != 0
+        if decayed:
+            ps = torch._foreach_mul(ps, 1 - rate * h["weight_decay"])
+        ms = torch._foreach_lerp([state.exp_avg.get(n, _zero_start(g)) for n, g in zip(names, gs)], gs, 1 - h["beta1"])
+        vs = torch._foreach_mul([state.exp_avg_sq.get(n, _zero_start(g)) for n, g in zip(names, gs)], h["beta2"])
+        torch._foreach_addcmul_(vs, gs, gs, 1 - h["beta2"])
+        step_size = [(rate / (1 - h["beta1"] ** t)) * -1 for t in steps]
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denom, [(1 - h["beta2"] ** t) ** 0.5 for t in steps])
+        torch._foreach_add_(denom, h["eps"])
+        if decayed:
+            torch._foreach_addcdiv_(ps, ms, denom, step_size)
+        else:
+            ps = torch._foreach_addcdiv(ps, ms, denom, step_size)
+        del denom
+        for n, p, m, v in zip(names, ps, ms, vs):
+            new_params[n], exp_avg[n], exp_avg_sq[n] = p, m, v
 
     def update(grads, state: AdamWState, params, lr_override: float | None = None):
-        new_params, exp_avg, exp_avg_sq, steps = {}, {}, {}, {}
-        for name, p in params.items():
-            h = hyper(name)
-            g, step = grads[name], state.step[name] + 1
+        out = ({}, {}, {})
+        for key, names in _by_group(params, lambda n: tuple(sorted(hyper(n).items()))).items():
+            h = dict(key)
             rate = _lr_for(h, lr, lr_override)
-            if h["weight_decay"] != 0:
-                p = p * (1 - rate * h["weight_decay"])
-            m = torch.lerp(state.exp_avg[name], g, 1 - h["beta1"])
-            v = (state.exp_avg_sq[name] * h["beta2"]).addcmul(g, g, value=1 - h["beta2"])
-            step_size = rate / (1 - h["beta1"] ** float(step))
-            denom = (v.sqrt() / (1 - h["beta2"] ** float(step)) ** 0.5).add(h["eps"])
-            new_params[name] = torch.addcdiv(p, m, denom, value=-step_size)
-            exp_avg[name], exp_avg_sq[name], steps[name] = m, v, step
+            fast = uses_foreach(None if "foreach" not in h else bool(h["foreach"]), (params[n] for n in names))
+            (multi_tensor if fast else single_tensor)(h, rate, names, grads, state, params, out)
+        new_params, exp_avg, exp_avg_sq = _in_order(params, *out)
+        steps = {name: state.step.get(name, 0) + 1 for name in params}
         return new_params, AdamWState(steps, exp_avg, exp_avg_sq)
 
     def terms(name: str, p: torch.Tensor, state: AdamWState, new_state: AdamWState, lr_override) -> AffineTerms:
         h = hyper(name)
         rate, t = _lr_for(h, lr, lr_override), float(new_state.step[name])
         step_size = rate / (1 - h["beta1"] ** t)
-        precond = 1.0 / (new_state.exp_avg_sq[name].double().sqrt() / (1 - h["beta2"] ** t) ** 0.5).add(h["eps"])
-        m = state.exp_avg[name]
+        # float64 temporaries of this one parameter only, each made once and then updated in place
+        precond = new_state.exp_avg_sq[name].double().sqrt().div_((1 - h["beta2"] ** t) ** 0.5).add_(h["eps"]).reciprocal_()
+        gain = precond * (-step_size * (1 - h["beta1"]))
+        m = state.exp_avg.get(name)
         return AffineTerms(
-            gain=precond * (-step_size * (1 - h["beta1"])),
-            momentum=precond * m.double() * (-step_size * h["beta1"]) if bool(m.any()) else None,
+            gain=gain,
+            momentum=precond.mul_(m).mul_(-step_size * h["beta1"]) if m is not None and bool(m.any()) else None,
             decay=p.double() * (-rate * h["weight_decay"]) if h["weight_decay"] != 0 else None,
         )
 
     def affine(state: AdamWState, new_state: AdamWState, params, lr_override: float | None = None):
-        stale = next((n for n in params if new_state.step[n] != state.step[n] + 1), None)
+        stale = next((n for n in params if new_state.step.get(n, 0) != state.step.get(n, 0) + 1), None)
         if stale is not None:
             raise ValueError(
                 f"optimizer states do not belong to one step: parameter {stale!r} went from step "
-                f"{state.step[stale]} to {new_state.step[stale]}"
+                f"{state.step.get(stale, 0)} to {new_state.step.get(stale, 0)}"
             )
         return ((name, terms(name, p, state, new_state, lr_override)) for name, p in params.items())
 
@@ -162,33 +244,59 @@ def sgd(
     weight_decay: float = 0.0,
     nesterov: bool = False,
     groups: Mapping[str, Hyper] | None = None,
+    foreach: bool | None = False,
 ) -> Optimizer:
     """SGD as ``torch.optim.SGD``: d = g + λθ;  b ← d (first step) or μb + (1−τ)d;
-    d ← d + μb (Nesterov) or b;  θ ← θ − η d.
+    d ← d + μb (Nesterov) or b;  θ ← θ − η d.  ``foreach`` as for ``adamw`` (torch's two paths run the
+    same kernels in the same order, on ``_foreach`` lists or one tensor at a time).
 
     Affine form, with κ the factor of d in the step: no momentum, κ = 1; first step with momentum (the
     buffer becomes d), κ = 1 + μ (Nesterov) or 1; with a buffer b, κ = 1 + μ(1−τ) (Nesterov) or 1 − τ and
     momentum = −ημ²b (Nesterov) or −ημb. Then gain = −ηκ and decay = −ηκλθ (coupled weight decay)."""
-    hyper = _hyper_lookup(
-        dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=float(nesterov)), groups
-    )
+    defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=float(nesterov))
+    if foreach is not None:
+        defaults["foreach"] = float(foreach)
+    hyper = _hyper_lookup(defaults, groups)
 
     def init(params: tree.Params) -> SGDState:
         return SGDState({})
 
-    def update(grads, state: SGDState, params, lr_override: float | None = None):
-        new_params, buffers = {}, dict(state.momentum_buffer)
-        for name, p in params.items():
-            h = hyper(name)
-            d = grads[name]
+    def single_tensor(h, rate, names, grads, params, buffers, new_params):
+        for name in names:
+            p, d = params[name], grads[name]
             if h["weight_decay"] != 0:
                 d = d.add(p, alpha=h["weight_decay"])
             if h["momentum"] != 0:
                 previous = buffers.get(name)
-                buf = d.clone() if previous is None else (previous * h["momentum"]).add(d, alpha=1 - h["dampening"])
+                buf = d.clone() if previous is None else (previous * h["momentum"]).add_(d, alpha=1 - h["dampening"])
                 buffers[name] = buf
                 d = d.add(buf, alpha=h["momentum"]) if h["nesterov"] else buf
-            new_params[name] = p.add(d, alpha=-_lr_for(h, lr, lr_override))
+            new_params[name] = p.add(d, alpha=-rate)
+
+    def multi_tensor(h, rate, names, grads, params, buffers, new_params):
+        ps, ds = [params[n] for n in names], [grads[n] for n in names]
+        if h["weight_decay"] != 0:
+            ds = torch._foreach_add(ds, ps, alpha=h["weight_decay"])
+        if h["momentum"] != 0:
+            previous = [buffers.get(n) for n in names]
+            if all(b is not None for b in previous):
+                bufs = torch._foreach_mul(previous, h["momentum"])
+                torch._foreach_add_(bufs, ds, alpha=1 - h["dampening"])
+            else:
+                bufs = [d.clone() if b is None else (b * h["momentum"]).add_(d, alpha=1 - h["dampening"])
+                        for b, d in zip(previous, ds)]
+            buffers.update(zip(names, bufs))
+            ds = torch._foreach_add(ds, bufs, alpha=h["momentum"]) if h["nesterov"] else bufs
+        new_params.update(zip(names, torch._foreach_add(ps, ds, alpha=-rate)))
+
+    def update(grads, state: SGDState, params, lr_override: float | None = None):
+        new_params, buffers = {}, dict(state.momentum_buffer)
+        for key, names in _by_group(params, lambda n: tuple(sorted(hyper(n).items()))).items():
+            h = dict(key)
+            rate = _lr_for(h, lr, lr_override)
+            fast = uses_foreach(None if "foreach" not in h else bool(h["foreach"]), (params[n] for n in names))
+            (multi_tensor if fast else single_tensor)(h, rate, names, grads, params, buffers, new_params)
+        (new_params,) = _in_order(params, new_params)
         return new_params, SGDState(buffers)
 
     def terms(name: str, p: torch.Tensor, state: SGDState, lr_override) -> AffineTerms:
@@ -229,12 +337,13 @@ def _group_hyper(group: Mapping, kind: str) -> Hyper:
         unsupported.append("coupled weight decay (torch.optim.Adam)")
     if unsupported:
         raise ValueError(f"torch optimizer option(s) {unsupported} are not supported by fprobe.optim")
+    path = {} if group.get("foreach") is None else dict(foreach=float(bool(group["foreach"])))
     if kind == "adam":
         return dict(
             lr=float(group["lr"]), beta1=float(group["betas"][0]), beta2=float(group["betas"][1]),
-            eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
+            eps=float(group["eps"]), weight_decay=float(group["weight_decay"]), **path,
         )
-    return {k: float(group[k]) for k in _SGD_KEYS}
+    return {k: float(group[k]) for k in _SGD_KEYS} | path
 
 
 def _param_groups(state_dict) -> list[Mapping]:
@@ -286,7 +395,9 @@ def from_torch(
 
     ``param_names`` lists the parameter names in the order the optimizer holds them (its param
     groups, in order); ``params`` is the trainable tree that will be probed. Hyperparameters come
-    from each param group; tensors are copied (to each parameter's device and dtype), so later steps of
+    from each param group, and so does the implementation (``foreach``: torch's multi-tensor path or its
+    single-tensor loop, None for torch's default; torch's ``fused`` kernels are not reproduced bit for bit,
+    and their states are read as the multi-tensor path's); tensors are copied (to each parameter's device and dtype), so later steps of
     the torch optimizer change nothing.
     """
     names = list(param_names)
@@ -315,14 +426,13 @@ def from_torch(
         raise ValueError(f"optimizer state of parameter {not_dicts[0]!r} is not a dict of its state tensors")
     copy = lambda name, key: _state_tensor(state[name], name, key, params[name])
     if kind == "adam":
-        opt = adamw(lr=per_name[names[0]]["lr"], groups=per_name)
-        zero = opt.init(params)
+        opt = adamw(lr=per_name[names[0]]["lr"], groups=per_name, foreach=None)
         return opt, AdamWState(
             {n: _step_count(state[n], n) if n in state else 0 for n in params},
-            {n: copy(n, "exp_avg") if n in state else zero.exp_avg[n] for n in params},
-            {n: copy(n, "exp_avg_sq") if n in state else zero.exp_avg_sq[n] for n in params},
+            {n: copy(n, "exp_avg") for n in params if n in state},
+            {n: copy(n, "exp_avg_sq") for n in params if n in state},
         )
-    opt = sgd(lr=per_name[names[0]]["lr"], groups=per_name)
+    opt = sgd(lr=per_name[names[0]]["lr"], groups=per_name, foreach=None)
     return opt, SGDState(
         {n: copy(n, "momentum_buffer") for n in params if state.get(n, {}).get("momentum_buffer") is not None}
     )

@@ -86,10 +86,12 @@ def check_step_options(optimizer: Optimizer, opt_state, params, lr, clip, max_gr
     if type(opt_state) is not expected:
         raise TypeError(f"opt_state is a {type(opt_state).__name__}, but the {optimizer.name} optimizer keeps a {expected.__name__}")
     for slot, value in zip(getattr(opt_state, "_fields", ()), opt_state):
-        if isinstance(value, Mapping) and any(isinstance(v, torch.Tensor) for v in value.values()):
-            unknown = [name for name in value if name not in params]
-            if unknown:
-                raise ValueError(f"opt_state.{slot} holds names that are not the policy's parameters: {unknown[:8]}")
+        if not isinstance(value, Mapping):
+            continue
+        unknown = [name for name in value if name not in params]
+        if unknown:
+            raise ValueError(f"opt_state.{slot} holds names that are not the policy's parameters: {unknown[:8]}")
+        if any(isinstance(v, torch.Tensor) for v in value.values()):
             tree.check_like({name: params[name] for name in value}, value, f"opt_state.{slot}")
             tree.check_finite(value, f"opt_state.{slot}")
 
