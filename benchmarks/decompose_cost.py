@@ -25,7 +25,6 @@ from transformers import AutoModelForCausalLM, GPT2Config  # noqa: E402
 
 import fprobe  # noqa: E402
 from benchmarks import common  # noqa: E402
-from fprobe.entropy import decompose  # noqa: E402
 from fprobe.model import passes  # noqa: E402
 from fprobe import tree  # noqa: E402
 

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 
-def new_file_mode(path: Path) -> int:
+def _new_file_mode(path: Path) -> int:
     """The permission bits a (re)written ``path`` gets: the existing file's, else 0o666 less the umask."""
     if path.exists():
         return stat.S_IMODE(path.stat().st_mode)
@@ -33,7 +33,7 @@ def write_atomic(path: str | Path, text: str) -> Path:
         return Path(path)
     path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    mode = new_file_mode(path)
+    mode = _new_file_mode(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.chmod(tmp, mode)

@@ -20,18 +20,18 @@ def _plain(value):
     return value
 
 
-INTERNAL = "fprobe_internal"
+_INTERNAL = "fprobe_internal"
 
 
 def internal(**kwargs):
     """A dataclass field that a result keeps for later computations (tensors, trees, references) but
     leaves out of its table, ``to_dict`` and JSON."""
-    return dataclasses.field(repr=False, metadata={INTERNAL: True}, **kwargs)
+    return dataclasses.field(repr=False, metadata={_INTERNAL: True}, **kwargs)
 
 
 def to_dict(record) -> dict:
     """The record's fields, less those marked ``internal()``, as plain Python values."""
-    return {f.name: _plain(getattr(record, f.name)) for f in dataclasses.fields(record) if not f.metadata.get(INTERNAL)}
+    return {f.name: _plain(getattr(record, f.name)) for f in dataclasses.fields(record) if not f.metadata.get(_INTERNAL)}
 
 
 def format_number(value) -> str:

@@ -39,19 +39,19 @@ class ShardingWarning(UserWarning):
     """The run's sharding is not what its configuration asked for (e.g. accelerate's FSDP dropped on CPU: DDP)."""
 
 
-CALLERS_WITHIN = ("fprobe", "transformers", "trl", "accelerate", "torch")  # frames a warning is not attributed to
+_CALLERS_WITHIN = ("fprobe", "transformers", "trl", "accelerate", "torch")  # frames a warning is not attributed to
 
 
-def outside_libraries(frame) -> bool:
+def _outside_libraries(frame) -> bool:
     """Whether ``frame`` runs the user's code: not fprobe's, nor that of the libraries fprobe is called from
     (a TRL trainer calls fprobe's callbacks from transformers' callback handler)."""
     module = frame.f_globals.get("__name__", "")
-    return module.partition(".")[0] not in CALLERS_WITHIN
+    return module.partition(".")[0] not in _CALLERS_WITHIN
 
 
 def warn(message: str, category: type[Warning] = UserWarning) -> None:
     """``warnings.warn`` with the stack level of the first caller outside fprobe and the libraries that call it."""
     frame, level = sys._getframe(1), 2
-    while frame is not None and not outside_libraries(frame):
+    while frame is not None and not _outside_libraries(frame):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level if frame is not None else 2)

@@ -13,7 +13,6 @@ from helpers import make_batch
 
 import fprobe
 from fprobe.rl import optim
-from fprobe import tree
 from fprobe.rl.step import loss_and_grad
 
 STEPS = 3

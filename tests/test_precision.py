@@ -2,7 +2,6 @@
 eval_dtype=torch.float64 computes on a float64 copy, and every result's rounding floor bounds its observed rounding
 error against an independent float64 evaluation of the same weights."""
 
-import math
 import warnings
 
 import pytest
@@ -12,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import fprobe
 from fprobe import tree
-from fprobe.model.policy import Numerics, exact_delta, perturbed_rounding
+from fprobe.model.policy import exact_delta, perturbed_rounding
 
 
 def tiny_model(arch: str, dtype: torch.dtype):
@@ -156,11 +155,10 @@ def test_perturbed_rounding_changes_results_by_a_few_unit_roundoffs():
 
 def float64_change(policy, params, delta, new_params, E):
     """ΔH_true and δH₁ of the same weights computed in float64 (``eval_dtype``), and, independently of fprobe's
-    passes, ΔH_true and a central difference of Ĥ along Δθ from ``plain_entropy`` on a float64 copy of the model."""
+    passes, ΔH_true from ``plain_entropy`` on a float64 copy of the model."""
     change = fprobe.entropy_change(policy, E, delta, params=params, new_params=new_params, eval_dtype=torch.float64)
     model = fprobe.Policy(as_float(policy.model, torch.float64))
     p0, p1 = ({n: x.double() for n, x in p.items()} for p in (params, new_params))
-    d = {n: x.double() for n, x in delta.items()}
     plain = float(plain_entropy(model, p1, E, params0=p0) - plain_entropy(model, p0, E))
     return change, plain
 

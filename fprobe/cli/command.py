@@ -38,7 +38,7 @@ from fprobe.rl import checkpoints, optim
 from fprobe.sampling.generate import sample
 
 
-def save_record(out: Path, jsonl: bool, record: dict) -> bool:
+def _save_record(out: Path, jsonl: bool, record: dict) -> bool:
     """Append the record to a JSONL file unless a concurrent run wrote its key first (returns whether it
     was written), or write it as the JSON file."""
     if jsonl:
@@ -47,7 +47,7 @@ def save_record(out: Path, jsonl: bool, record: dict) -> bool:
     return True
 
 
-def load_tokenizer(model: str, trust_remote_code: bool):
+def _load_tokenizer(model: str, trust_remote_code: bool):
     """The model folder's (or cached hub model's) tokenizer; ValueError if there is none (transformers
     would build one with an empty vocabulary from the config alone)."""
     from transformers import AutoTokenizer
@@ -79,7 +79,7 @@ def max_new_tokens(options, policy: Policy) -> int:
     return getattr(policy.model.generation_config, "max_new_tokens", None) or FALLBACK_MAX_NEW_TOKENS
 
 
-def optimizer_and_state(options, unit: Unit, policy: Policy):
+def _optimizer_and_state(options, unit: Unit, policy: Policy):
     """AdamW at the default rate with a fresh state; in a transformers/TRL ``checkpoint-N`` folder its saved
     optimizer, moments and the scheduler's rate for update N + 1 (``fprobe.checkpoints``); or a saved torch state's."""
     if options.optimizer_state is None:
@@ -92,14 +92,14 @@ def optimizer_and_state(options, unit: Unit, policy: Policy):
     return optim.from_torch(state_dict, list(policy.params), policy.params)
 
 
-def sweep_lrs(options, lr0: float) -> list[float]:
+def _sweep_lrs(options, lr0: float) -> list[float]:
     return getattr(options, "lrs", None) or [lr0 * f for f in SWEEP_FACTORS]
 
 
 def probe_model(options, unit: Unit, pool, reward, key: dict, plot: Path | None):
     """Sample, step and measure one unit: (its record, its sweep or None, its report text)."""
     start = time.perf_counter()
-    tokenizer = load_tokenizer(unit.model, options.trust_remote_code)
+    tokenizer = _load_tokenizer(unit.model, options.trust_remote_code)
     policy = load_policy(options, unit)
     loaded = time.perf_counter()
     length = max_new_tokens(options, policy)
@@ -111,7 +111,7 @@ def probe_model(options, unit: Unit, pool, reward, key: dict, plot: Path | None)
         chat_template=options.chat_template, batch_size=options.generation_batch, quiet=options.quiet,
     )
     sampled = time.perf_counter()
-    optimizer, opt_state = optimizer_and_state(options, unit, policy)
+    optimizer, opt_state = _optimizer_and_state(options, unit, policy)
     result = probe(
         policy, E, U, optimizer, opt_state, lr=options.lr, loss=options.loss, second_order=options.second_order,
         micro_batch=options.micro_batch, progress=not options.quiet,
@@ -134,7 +134,7 @@ def probe_model(options, unit: Unit, pool, reward, key: dict, plot: Path | None)
         warnings.warn(f"{unit.name}: the step's learning rate is 0 (its optimizer state's), so there is no sweep or plot")
         plot = None
     elif wants_sweep:
-        sweep = result.sweep(sweep_lrs(options, result.lr_used), progress=not options.quiet)
+        sweep = result.sweep(_sweep_lrs(options, result.lr_used), progress=not options.quiet)
         record["sweep"] = sweep.to_dict()
     if plot is not None:
         record["plot"] = str(plot)
@@ -144,12 +144,12 @@ def probe_model(options, unit: Unit, pool, reward, key: dict, plot: Path | None)
         f"and U ({options.n_update_prompts}×{options.group_size}, {s['update_tokens']} tokens, mean reward "
         f"{s['mean_reward']:.3g}) in {t['sample']:.2f} s",
         str(result),
-        *precision_note(result),
+        *_precision_note(result),
     ]
     return record, sweep, "\n".join(report + ([str(sweep)] if sweep is not None else []))
 
 
-def precision_note(result, target: float = 0.1) -> list[str]:
+def _precision_note(result, target: float = 0.1) -> list[str]:
     """A line with the |E| for a ``target`` relative error when ΔH_true's standard error exceeds a quarter of |ΔH_true|."""
     se, value = result.delta_h_true_se, result.delta_h_true
     if se is None or not value or se <= abs(value) / 4:
@@ -171,7 +171,7 @@ def say(text: str, stderr: bool = False) -> None:
 
 
 @contextlib.contextmanager
-def command_line_output():
+def _command_line_output():
     """Warnings as one ``fprobe: warning:`` line each (libraries' deprecation notices dropped);
     transformers' own logs and loading bars silenced."""
     from transformers.utils import logging as hf_logging
@@ -207,10 +207,10 @@ def run(plan: Plan) -> None:
         except Exception as error:
             if unit.model in str(error) or (unit.adapter is not None and unit.adapter in str(error)):
                 raise
-            raise RuntimeError(f"{unit.name}: {one_line(error)}") from error
+            raise RuntimeError(f"{unit.name}: {_one_line(error)}") from error
         if not distributed.is_main():
             continue
-        written = save_record(out, jsonl, record)
+        written = _save_record(out, jsonl, record)
         if plot is not None and sweep is not None:
             import matplotlib.pyplot as plt
 
@@ -220,14 +220,14 @@ def run(plan: Plan) -> None:
             say(f"wrote {out}" if written else f"{unit.name}: a concurrent run wrote this record to {out} first; kept it")
 
 
-def one_line(error: BaseException) -> str:
+def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
     namespace = build_parser().parse_args(argv)
     try:
-        with command_line_output():
+        with _command_line_output():
             plan = make_plan(namespace)
             if distributed.init_from_env(plan.options.timeout) and not distributed.is_main():
                 plan = plan.quietened()
@@ -238,6 +238,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # every failure is reported as one line, without a traceback unless asked
         if namespace.traceback or os.environ.get(TRACEBACK_ENV) == "1":
             raise
-        say(f"fprobe: error: {one_line(error)}", stderr=True)
+        say(f"fprobe: error: {_one_line(error)}", stderr=True)
         return EXIT_ERROR
     return 0

@@ -21,9 +21,9 @@ from fprobe.rl import checkpoints
 from fprobe.sampling import prompts, rewards, toy
 
 TOY_POOL_SIZE = 512
-CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")
-MODEL_FILE = "config.json"
-ADAPTER_FILE = "adapter_config.json"
+_CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")
+_MODEL_FILE = "config.json"
+_ADAPTER_FILE = "adapter_config.json"
 
 
 def device_type(name: str) -> str:
@@ -89,17 +89,17 @@ class Plan:
         return path.with_name(f"{path.stem}-{index}{path.suffix}") if self.jsonl else path
 
 
-def natural_key(path: Path):
+def _natural_key(path: Path):
     """Sort key that puts checkpoint-9 before checkpoint-10."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
 
 
-def check_cached(name: str) -> None:
+def _check_cached(name: str) -> None:
     """A hub name must already be in the local cache: fprobe does not download."""
     from huggingface_hub import try_to_load_from_cache
 
     try:
-        cached = try_to_load_from_cache(name, MODEL_FILE)
+        cached = try_to_load_from_cache(name, _MODEL_FILE)
     except ValueError:
         cached = None
     if not isinstance(cached, str):
@@ -109,16 +109,16 @@ def check_cached(name: str) -> None:
         )
 
 
-def run_children(folder: Path, marker: str, option: str) -> list[Path]:
+def _run_children(folder: Path, marker: str, option: str) -> list[Path]:
     """The checkpoints of a run folder in natural order: children holding ``marker``, and every
     ``checkpoint-N`` child, which must hold it (ValueError naming the first that does not)."""
-    children = [c for c in folder.iterdir() if c.is_dir() and ((c / marker).is_file() or CHECKPOINT_NAME.fullmatch(c.name))]
-    for child in sorted(children, key=natural_key):
+    children = [c for c in folder.iterdir() if c.is_dir() and ((c / marker).is_file() or _CHECKPOINT_NAME.fullmatch(c.name))]
+    for child in sorted(children, key=_natural_key):
         if not (child / marker).is_file():
             hint = (" (an adapter checkpoint: pass the run with --adapter and its base model with --model)"
-                    if marker == MODEL_FILE and (child / ADAPTER_FILE).is_file() else "")
+                    if marker == _MODEL_FILE and (child / _ADAPTER_FILE).is_file() else "")
             raise ValueError(f"{option} {folder}: {child} holds no {marker}{hint}")
-    return sorted(children, key=natural_key)
+    return sorted(children, key=_natural_key)
 
 
 def expand_models(specs: list[str]) -> list[str]:
@@ -127,12 +127,12 @@ def expand_models(specs: list[str]) -> list[str]:
     for spec in specs:
         path = Path(spec)
         if not path.is_dir():
-            check_cached(spec)
+            _check_cached(spec)
             models.append(spec)
-        elif (path / MODEL_FILE).is_file():
+        elif (path / _MODEL_FILE).is_file():
             models.append(str(path.resolve()))
         else:
-            children = run_children(path, MODEL_FILE, "--model")
+            children = _run_children(path, _MODEL_FILE, "--model")
             if not children:
                 raise FileNotFoundError(f"{spec}: neither a model folder (no config.json) nor a folder of checkpoints")
             models += [str(c.resolve()) for c in children]
@@ -146,9 +146,9 @@ def expand_adapters(specs: list[str] | None) -> list[str]:
         path = Path(spec)
         if not path.is_dir():
             raise FileNotFoundError(f"--adapter {spec}: no such folder")
-        children = [path] if (path / ADAPTER_FILE).is_file() else run_children(path, ADAPTER_FILE, "--adapter")
+        children = [path] if (path / _ADAPTER_FILE).is_file() else _run_children(path, _ADAPTER_FILE, "--adapter")
         if not children:
-            raise FileNotFoundError(f"--adapter {spec}: neither an adapter folder (no {ADAPTER_FILE}) nor a run of them")
+            raise FileNotFoundError(f"--adapter {spec}: neither an adapter folder (no {_ADAPTER_FILE}) nor a run of them")
         adapters += [str(c.resolve()) for c in children]
     return list(dict.fromkeys(adapters))
 
@@ -175,7 +175,7 @@ def settings_key(options, model: str, adapter: str | None = None) -> dict:
     return {"model": model, **settings}
 
 
-def output_file(out: str, n_records: int) -> tuple[Path, bool]:
+def _output_file(out: str, n_records: int) -> tuple[Path, bool]:
     """(path, JSONL?): one record per line (resumable) for an explicit .jsonl path or several records
     (then a .json path becomes .jsonl); else a single JSON document."""
     path = Path(out)
@@ -183,14 +183,14 @@ def output_file(out: str, n_records: int) -> tuple[Path, bool]:
     return (path.with_suffix(".jsonl") if jsonl else path), jsonl
 
 
-def check_output(given: str, out: Path, jsonl: bool) -> None:
+def _check_output(given: str, out: Path, jsonl: bool) -> None:
     """The results file can be written (named as given unless it became .jsonl), and resumed from if JSONL."""
     files.check_writable(given if Path(given) == out else out, "--out")
     if jsonl and files.is_stream(out):
         raise ValueError(f"--out {str(out)!r}: JSONL results are read back to resume, so they need a regular file")
 
 
-def check_plot_path(path: str) -> None:
+def _check_plot_path(path: str) -> None:
     """A plot path matplotlib can write: a supported image suffix, in a writable folder."""
     from matplotlib.figure import Figure
 
@@ -202,7 +202,7 @@ def check_plot_path(path: str) -> None:
     files.check_writable(path, "--plot")
 
 
-def check_lr(options) -> None:
+def _check_lr(options) -> None:
     if options.lr == 0 and (options.command == "sweep" or options.plot is not None):
         raise ValueError("--lr 0 takes no step, so there is no sweep or plot to make from it: give --lr > 0"
                          + (" or leave out --plot" if options.command == "probe" else ""))
@@ -217,7 +217,7 @@ def optimizer_state_file(spec: str, model: str) -> Path:
     return path
 
 
-def check_optimizer_source(options, unit: Unit) -> None:
+def _check_optimizer_source(options, unit: Unit) -> None:
     """The optimizer state a unit will start from is there: a ``--optimizer-state`` file, or a Trainer
     checkpoint's ``optimizer.pt`` beside a readable ``trainer_state.json`` (``checkpoints.is_trainer_checkpoint``;
     ``optimizer.pt`` itself is read when the unit runs)."""
@@ -227,7 +227,7 @@ def check_optimizer_source(options, unit: Unit) -> None:
         checkpoints.read_step(Path(unit.checkpoint) / checkpoints.STATE_FILE)
 
 
-def read_records(path: Path) -> list[dict]:
+def _read_records(path: Path) -> list[dict]:
     """The records of a results JSONL file (none if it does not exist), read under its lock."""
     records = []
     for where, record in files.read_jsonl_locked(path, "results file"):
@@ -240,10 +240,10 @@ def read_records(path: Path) -> list[dict]:
 def finished_keys(out: Path, jsonl: bool) -> set[str]:
     """The resume keys already in a JSONL results file (re-read before each record: another run may be
     appending to the same file)."""
-    return {files.canonical(r["key"]) for r in read_records(out)} if jsonl else set()
+    return {files.canonical(r["key"]) for r in _read_records(out)} if jsonl else set()
 
 
-def load_prompt_pool(options) -> tuple[dict, ...]:
+def _load_prompt_pool(options) -> tuple[dict, ...]:
     pool = toy.make_prompts(TOY_POOL_SIZE, options.seed) if options.prompts is None else prompts.load_prompts(options.prompts)
     return tuple(pool)
 
@@ -252,15 +252,15 @@ def make_plan(namespace: argparse.Namespace) -> Plan:
     """Every check of the command line, once, in order: options, models and adapters, optimizer states,
     output and plot paths, prompts, reward, and the results file already there."""
     options = resolve_defaults(namespace)
-    check_lr(options)
+    _check_lr(options)
     units = pair(expand_models(options.model), expand_adapters(options.adapter))
     for unit in units:
-        check_optimizer_source(options, unit)
-    out, jsonl = output_file(options.out, len(units))
-    check_output(options.out, out, jsonl)
+        _check_optimizer_source(options, unit)
+    out, jsonl = _output_file(options.out, len(units))
+    _check_output(options.out, out, jsonl)
     if options.plot is not None:
-        check_plot_path(options.plot)
-    pool = load_prompt_pool(options)
+        _check_plot_path(options.plot)
+    pool = _load_prompt_pool(options)
     reward = rewards.resolve_reward(options.reward)
     finished_keys(out, jsonl)  # a malformed results file fails now, not after the first record
     return Plan(options, tuple(units), out, jsonl, pool, reward)

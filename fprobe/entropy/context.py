@@ -19,7 +19,7 @@ from fprobe.rollouts import Rollouts
 from fprobe.warnings import LowESSWarning, warn
 
 
-def version_of(x: torch.Tensor) -> int | None:
+def _version_of(x: torch.Tensor) -> int | None:
     """The tensor's in-place version counter (shared by a parameter and its detached views); None for an
     inference-mode tensor, which has none."""
     try:
@@ -32,7 +32,7 @@ def tensor_versions(tree, prefix: str) -> dict:
     """{label: (tensor, its version counter)} for every tensor leaf of a pytree (dicts, NamedTuple optimizer
     states, …), labelled like ``opt_state.exp_avg['w']``, for ``Context.check_unchanged``."""
     accessors, leaves, _ = optree.tree_flatten_with_accessor(tree)
-    return {a.codify(prefix): (x, version_of(x)) for a, x in zip(accessors, leaves) if isinstance(x, torch.Tensor)}
+    return {a.codify(prefix): (x, _version_of(x)) for a, x in zip(accessors, leaves) if isinstance(x, torch.Tensor)}
 
 
 def batch_tensors(batch: Rollouts) -> dict:
@@ -66,7 +66,7 @@ class Context:
     def check_unchanged(self) -> None:
         """Raise if a tensor of θ₀ or of a batch was changed in place since the measurement (e.g. the model was
         trained further: ``policy.params`` are views of its weights), which would mix two models in one result."""
-        changed = [label for label, (x, version) in self.versions.items() if version is not None and version_of(x) != version]
+        changed = [label for label, (x, version) in self.versions.items() if version is not None and _version_of(x) != version]
         if changed:
             raise RuntimeError(
                 f"tensors of this result were changed in place since it was measured ({', '.join(changed[:3])}"

@@ -67,7 +67,7 @@ class Baselines(NamedTuple):
     denom: torch.Tensor
 
 
-def group_leave_one_out_mean(values: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+def _group_leave_one_out_mean(values: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """Mean of ``values`` over the other rows of each row's group; 0 for a row alone in its group."""
     _, index = torch.unique(groups.to(values.device), return_inverse=True)
     sums = torch.zeros(int(index.max()) + 1, dtype=values.dtype, device=values.device).index_add_(0, index, values)
@@ -88,9 +88,9 @@ def check_groups(groups: torch.Tensor | None, n: int) -> torch.Tensor:
     return groups
 
 
-def prompt_baselines(r: Rows, denom: torch.Tensor, groups: torch.Tensor) -> Baselines:
+def _prompt_baselines(r: Rows, denom: torch.Tensor, groups: torch.Tensor) -> Baselines:
     """b_i^H, b_i^D = the means of H_j and D_j over the other responses j to row i's prompt (0 for a lone response)."""
-    return Baselines(group_leave_one_out_mean(r.entropy, groups), group_leave_one_out_mean(denom, groups))
+    return Baselines(_group_leave_one_out_mean(r.entropy, groups), _group_leave_one_out_mean(denom, groups))
 
 
 def snis_terms(logp, entropy, logp_ref, denom, baselines: Baselines | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,7 +131,7 @@ def snis(r: Rows, logp_ref: torch.Tensor, denom: torch.Tensor, baselines: Baseli
     return Snis(value, ess, ess / len(logw), torch.softmax(logw, 0).max(), r)
 
 
-def entropy_to_go(stats: TokenStats, mask: torch.Tensor, entropy: Entropy) -> torch.Tensor:
+def _entropy_to_go(stats: TokenStats, mask: torch.Tensor, entropy: Entropy) -> torch.Tensor:
     """G_ik = Σ_{k'>k} h_ik' (Rao–Blackwell) or Σ_{k'≥k} −ℓ_ik' (naive; −ℓ_ik' depends on y_k' itself)."""
     per_token = stats.entropy if entropy == "rb" else -stats.logp
     inclusive = per_token.flip(-1).cumsum(-1).flip(-1)
@@ -176,7 +176,7 @@ def baselines_for(r: Rows, denom: torch.Tensor, baseline: Baseline, groups: torc
     """The control variates of Ĥ itself: the per-prompt ones for ``baseline='prompt'``, else None."""
     if baseline != "prompt":
         return None
-    return prompt_baselines(r, denom, check_groups(groups, len(denom)).to(denom.device))
+    return _prompt_baselines(r, denom, check_groups(groups, len(denom)).to(denom.device))
 
 
 def first_order_terms(
@@ -213,7 +213,7 @@ def first_order_terms(
         b = Baselines(torch.zeros_like(denom), torch.zeros_like(denom)) if baselines is None else baselines
         num_score, den_score = (r.entropy - b.entropy)[:, None], (denom - b.denom)[:, None]
     else:
-        num_score = entropy_to_go(stats, mask, entropy)
+        num_score = _entropy_to_go(stats, mask, entropy)
         if baseline == "position":
             num_score = num_score - position_baseline(num_score, mask)
         den_score = denom[:, None] - mask.cumsum(-1) if normalize == "token" else torch.zeros_like(mask)
@@ -245,7 +245,7 @@ def contract(alpha: torch.Tensor, beta: torch.Tensor, tangent: TokenStats) -> to
     return (alpha * tangent.logp).sum() + (beta * tangent.entropy).sum()
 
 
-def taylor_derivatives(r0: Rows, r1: Rows, r2: Rows | None, logp_ref: torch.Tensor, denom: torch.Tensor,
+def _taylor_derivatives(r0: Rows, r1: Rows, r2: Rows | None, logp_ref: torch.Tensor, denom: torch.Tensor,
                        baselines: Baselines | None = None):
     """(d/dε, ½ d²/dε² or None) at ε = 0 of Ĥ along the quadratic Taylor path of the per-row statistics,
     S_i + εṠ_i + ½ε²S̈_i and H_i alike (the same first two derivatives as the true path), with log-weights
@@ -270,12 +270,12 @@ def taylor_derivatives(r0: Rows, r1: Rows, r2: Rows | None, logp_ref: torch.Tens
 
 def second_order(value: TokenStats, tangent: TokenStats, second: TokenStats, mask, normalize: Normalize, entropy: Entropy,
                  logp_ref: torch.Tensor | None = None, baselines: Baselines | None = None):
-    """δH₂ = ½ d²/dε² Ĥ(θ₀ + εΔθ) at 0 (``taylor_derivatives`` with weights relative to ``logp_ref``, the
+    """δH₂ = ½ d²/dε² Ĥ(θ₀ + εΔθ) at 0 (``_taylor_derivatives`` with weights relative to ``logp_ref``, the
     sampling policy's S^q; None: θ₀)."""
     denom = denominators(mask.to(value.logp.device), normalize)
     r0 = rows(value, entropy)
     reference = r0.logp if logp_ref is None else logp_ref.to(r0.logp.device)
-    return taylor_derivatives(r0, rows(tangent, entropy), rows(second, entropy), reference, denom, baselines)[1]
+    return _taylor_derivatives(r0, rows(tangent, entropy), rows(second, entropy), reference, denom, baselines)[1]
 
 
 def second_order_terms(value: TokenStats, tangent: TokenStats, second: TokenStats, mask, normalize: Normalize,

@@ -25,7 +25,7 @@ from fprobe.rollouts import Rollouts
 Row = tuple[str, str]  # (label in the table, field name)
 
 
-class FirstOrder(NamedTuple):
+class _FirstOrder(NamedTuple):
     """Statistics of E at θ₀, the coefficients (α, β) with δH₁ = Σ α ℓ̇ + β ḣ, δH₁, δH₂ (or None), and the
     statistics' first and second ε-derivatives where a jvp computed them (None otherwise)."""
 
@@ -39,7 +39,7 @@ class FirstOrder(NamedTuple):
 
 
 def first_order(policy, params, delta, E: Rollouts, settings: Settings, second_order: bool = False, progress: bool = False,
-                timings: dict | None = None, logp_ref: torch.Tensor | None = None) -> FirstOrder:
+                timings: dict | None = None, logp_ref: torch.Tensor | None = None) -> _FirstOrder:
     """δH₁ = d/dε Ĥ(θ₀+εΔθ)|₀ by one jvp (``method="jvp"``) or as ∇Ĥ · Δθ (``"grad"``: a forward and a
     vjp of the same linear functional); δH₂ = ½ d²/dε² by forward over forward when ``second_order``.
     ``logp_ref``: S^q of the policy that sampled E (None: θ₀). ``timings`` (if given) receives the seconds
@@ -52,7 +52,7 @@ def first_order(policy, params, delta, E: Rollouts, settings: Settings, second_o
     start, delta_h2, jet = time.perf_counter(), None, None
     if settings.method == "jvp" or second_order:
         jet = passes.jet(policy, params, delta, E, 2 if second_order else 1, settings.micro_batch, progress)
-        stats0, tangent = jet.value, jet.tangent
+        stats0 = jet.value
         alpha, beta = coefficients(stats0)
         delta_h1 = float(estimators.contract(alpha, beta, jet.tangent))
         if second_order:
@@ -70,7 +70,7 @@ def first_order(policy, params, delta, E: Rollouts, settings: Settings, second_o
         _, grad_h, _ = passes.gradient(policy, params, E, passes.linear_functional(alpha, beta), settings.micro_batch, progress)
         delta_h1 = float(tree.vdot(grad_h, delta))
         timings["grad"] = time.perf_counter() - start
-    return FirstOrder(stats0, alpha, beta, delta_h1, delta_h2, None if jet is None else jet.tangent,
+    return _FirstOrder(stats0, alpha, beta, delta_h1, delta_h2, None if jet is None else jet.tangent,
                       None if jet is None else jet.second)
 
 
@@ -134,7 +134,7 @@ class EntropyChange(records.Record):
     def rows(self) -> list[tuple[str, object]]:
         """(label, value) for the table: ``ROWS`` by field name (``value ± se`` where it has a standard error), then
         the time of each pass."""
-        shown = lambda name: with_error(getattr(self, name), getattr(self, f"{name}_se", None))
+        shown = lambda name: _with_error(getattr(self, name), getattr(self, f"{name}_se", None))
         return [(label, shown(name)) for label, name in self.ROWS] + [
             (f"time {phase} [s]", round(t, 3)) for phase, t in self.timings.items()
         ]
@@ -156,12 +156,12 @@ class EntropyChange(records.Record):
         return sweep.sweep(self, lrs, progress)
 
 
-def upcast_tree(params: tree.Params, dtype: torch.dtype) -> tree.Params:
+def _upcast_tree(params: tree.Params, dtype: torch.dtype) -> tree.Params:
     """Every leaf narrower than ``dtype`` as an exact ``dtype`` copy; the others as they are."""
     return tree.tree_map(lambda x: upcast(x, dtype), params)
 
 
-def with_error(value, se) -> object:
+def _with_error(value, se) -> object:
     """``value ± se`` as table text where a standard error is known; the value itself otherwise."""
     if se is None or value is None:
         return value
@@ -186,7 +186,7 @@ def measure(policy, E: Rollouts, delta, params, new_params, lr: float | None, se
     timings = {}
     versions = tensor_versions(params, "θ₀") | tensor_versions(batch_tensors(E), "E")  # the caller's, not the copies'
     policy = policy.evaluated_in(settings.eval_dtype)
-    params, delta = upcast_tree(params, policy.dtype), upcast_tree(delta, policy.dtype)
+    params, delta = _upcast_tree(params, policy.dtype), _upcast_tree(delta, policy.dtype)
     first = first_order(policy, params, delta, E, settings, second_order, progress, timings, logp_sampler)
     rows0 = estimators.rows(first.stats0, settings.entropy)
     denom = estimators.denominators(E.response_mask, settings.normalize).to(rows0.logp.device)
@@ -241,14 +241,14 @@ def measure(policy, E: Rollouts, delta, params, new_params, lr: float | None, se
     )
 
 
-def check_delta(params: tree.Params, delta) -> tree.Params:
+def _check_delta(params: tree.Params, delta) -> tree.Params:
     """``delta`` like ``params`` (``tree.check_like``), in their dtype, or in float32 for bf16/fp16 ones (``Step.delta``,
     ``fprobe.model.policy.exact_delta``)."""
     float32 = lambda name: isinstance(delta.get(name), torch.Tensor) and delta[name].dtype == torch.float32
     return tree.check_like({name: upcast(p, torch.float32) if float32(name) else p for name, p in params.items()}, delta, "delta")
 
 
-def check_logp_sampler(logp_sampler, E: Rollouts) -> torch.Tensor | None:
+def _check_logp_sampler(logp_sampler, E: Rollouts) -> torch.Tensor | None:
     """S^q: one finite float per row of E, or None."""
     if logp_sampler is None:
         return None
@@ -289,9 +289,9 @@ def entropy_change(
     if lr is not None:
         checks.learning_rate(lr, "lr (the learning rate that produced delta)")
     params = tree.check_like(policy.params, policy.params if params is None else params, "params")
-    delta = check_delta(params, delta)
+    delta = _check_delta(params, delta)
     tree.check_finite(delta, "delta")
     if new_params is not None:
         new_params = tree.check_like(params, new_params, "new_params")
-    return measure(policy, E, delta, params, new_params, lr, settings, logp_sampler=check_logp_sampler(logp_sampler, E),
+    return measure(policy, E, delta, params, new_params, lr, settings, logp_sampler=_check_logp_sampler(logp_sampler, E),
                    second_order=second_order, progress=progress)

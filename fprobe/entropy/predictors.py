@@ -87,7 +87,7 @@ def centred(values: torch.Tensor, weights: torch.Tensor | None = None) -> torch.
     return values - weighted_mean(values, weights)
 
 
-def centred_within(values: torch.Tensor, weights: torch.Tensor | None, groups: torch.Tensor | None) -> torch.Tensor:
+def _centred_within(values: torch.Tensor, weights: torch.Tensor | None, groups: torch.Tensor | None) -> torch.Tensor:
     """``centred`` separately within each group of ``groups`` (one label per value; None: all together)."""
     if groups is None:
         return centred(values, weights)
@@ -103,13 +103,13 @@ def cui_pg_tokens(logp, advantages, lr: float, weights=None, groups=None) -> tor
     per token −η (ℓ − E ℓ)(πA − E πA); its ``weighted_mean`` is −η Cov(log π, π·A).
     ``weights``: π(a) for an exact expectation over actions; None for sampled tokens. ``groups``: the means
     taken within each group (verl's micro-batches); None: over all tokens."""
-    return -lr * centred_within(logp, weights, groups) * centred_within(logp.exp() * advantages, weights, groups)
+    return -lr * _centred_within(logp, weights, groups) * _centred_within(logp.exp() * advantages, weights, groups)
 
 
 def cui_npg_tokens(logp, advantages, lr: float, weights=None, groups=None) -> torch.Tensor:
     """Cui et al. 2025, Theorem 2 (natural policy gradient, Δz_a = η A(a)): per token
     −η (ℓ − E ℓ)(A − E A); its ``weighted_mean`` is −η Cov(log π, A). ``weights``, ``groups``: as ``cui_pg_tokens``."""
-    return -lr * centred_within(logp, weights, groups) * centred_within(advantages, weights, groups)
+    return -lr * _centred_within(logp, weights, groups) * _centred_within(advantages, weights, groups)
 
 
 def entropy_discriminator(logp, entropy) -> torch.Tensor:
@@ -138,13 +138,13 @@ def wang_grpo_tokens(logp, entropy, nec, advantages, lr: float) -> torch.Tensor:
     return lr * advantages * (nec - entropy_discriminator(logp, entropy))
 
 
-def steer_tokens(logp, entropy, advantages, lr: float) -> torch.Tensor:
+def _steer_tokens(logp, entropy, advantages, lr: float) -> torch.Tensor:
     """Hao et al. 2025 (STEER): −η Ω, Ω = (A/π_old) π (1 − π)(log π + H); on-policy π_old = π, so
     Ω = A (1 − π)(log π + H)."""
     return -lr * advantages * (1 - logp.exp()) * (logp + entropy)
 
 
-class Predictor(NamedTuple):
+class _Predictor(NamedTuple):
     """A published predictor: its name, a one-line citation and its per-token values (inputs, η) -> [N]."""
 
     name: str
@@ -153,14 +153,14 @@ class Predictor(NamedTuple):
 
 
 PREDICTORS = (
-    Predictor("cui_pg", "Cui et al. 2025, Thm 1: −η Cov(log π, π·A)",
+    _Predictor("cui_pg", "Cui et al. 2025, Thm 1: −η Cov(log π, π·A)",
               lambda x, lr: cui_pg_tokens(x.logp, x.advantages, lr, groups=x.groups)),
-    Predictor("cui_npg", "Cui et al. 2025, Thm 2: −η Cov(log π, A)",
+    _Predictor("cui_npg", "Cui et al. 2025, Thm 2: −η Cov(log π, A)",
               lambda x, lr: cui_npg_tokens(x.logp, x.advantages, lr, groups=x.groups)),
-    Predictor("wang", "Wang et al. 2026, Thm 3.2: −ηA·p(H + log p)", lambda x, lr: wang_tokens(x.logp, x.entropy, x.advantages, lr)),
-    Predictor("wang_grpo", "Wang et al. 2026, Thm 3.3 / Clip_V: ηA(N − S), N = Σ_v π_v²(log π_v + H)",
+    _Predictor("wang", "Wang et al. 2026, Thm 3.2: −ηA·p(H + log p)", lambda x, lr: wang_tokens(x.logp, x.entropy, x.advantages, lr)),
+    _Predictor("wang_grpo", "Wang et al. 2026, Thm 3.3 / Clip_V: ηA(N − S), N = Σ_v π_v²(log π_v + H)",
               lambda x, lr: wang_grpo_tokens(x.logp, x.entropy, x.nec, x.advantages, lr)),
-    Predictor("steer", "Hao et al. 2025 (STEER): −η(A/π_old)π(1−π)(log π + H)", lambda x, lr: steer_tokens(x.logp, x.entropy, x.advantages, lr)),
+    _Predictor("steer", "Hao et al. 2025 (STEER): −η(A/π_old)π(1−π)(log π + H)", lambda x, lr: _steer_tokens(x.logp, x.entropy, x.advantages, lr)),
 )
 REFERENCE = "fprobe_first_order"
 
@@ -222,22 +222,22 @@ class Score(NamedTuple):
     intervals: dict | None = None
 
 
-STATISTICS = {"scale": least_squares_scale, "pearson": pearson, "spearman": spearman, "sign_agreement": sign_agreement}
-BOOTSTRAP_DRAWS = 400
+_STATISTICS = {"scale": least_squares_scale, "pearson": pearson, "spearman": spearman, "sign_agreement": sign_agreement}
+_BOOTSTRAP_DRAWS = 400
 
 
-def bootstrap_intervals(predicted: torch.Tensor, truth: torch.Tensor, rows: torch.Tensor, draws: int = BOOTSTRAP_DRAWS,
+def bootstrap_intervals(predicted: torch.Tensor, truth: torch.Tensor, rows: torch.Tensor, draws: int = _BOOTSTRAP_DRAWS,
                         level: float = 0.95, seed: int = 0) -> dict:
-    """Percentile intervals of ``STATISTICS`` over ``draws`` resamples of U's sequences (rows drawn with
+    """Percentile intervals of ``_STATISTICS`` over ``draws`` resamples of U's sequences (rows drawn with
     replacement, each with all its tokens: one sequence's tokens are not independent); ``rows`` [tokens] names
     each token's row. Reproducible from ``seed``; a resample whose statistic is NaN is left out."""
     _, row_of = torch.unique(rows, return_inverse=True)
     members = [torch.nonzero(row_of == r).flatten() for r in range(int(row_of.max()) + 1)]
     generator = torch.Generator().manual_seed(seed)
-    values = {name: [] for name in STATISTICS}
+    values = {name: [] for name in _STATISTICS}
     for _ in range(draws):
         index = torch.cat([members[r] for r in torch.randint(len(members), (len(members),), generator=generator).tolist()])
-        for name, statistic in STATISTICS.items():
+        for name, statistic in _STATISTICS.items():
             values[name].append(statistic(predicted[index], truth[index]))
     tail = (1 - level) / 2
     bounds = lambda x: [float(q) for q in torch.tensor(x, dtype=torch.float64).nanquantile(torch.tensor([tail, 1 - tail], dtype=torch.float64))]
@@ -297,7 +297,7 @@ def collision_terms(policy, params, U: Rollouts, micro_batch=passes.DEFAULT_MICR
     return torch.cat(parts).cpu() if parts else torch.zeros(0, dtype=torch.float64)
 
 
-class Truths(NamedTuple):
+class _Truths(NamedTuple):
     """At U's response tokens: Δh_ik (exact) and ḣ_ik (fprobe's first order), flattened; inputs at θ₀."""
 
     delta_h: torch.Tensor
@@ -307,7 +307,7 @@ class Truths(NamedTuple):
 
 def truths(
     policy, params, delta, U: Rollouts, new_params=None, micro_batch=passes.DEFAULT_MICRO_BATCH, cov_micro_batch=None,
-) -> Truths:
+) -> _Truths:
     """One jvp on U along Δθ (ℓ, h, ḣ at θ₀), one forward pass at θ₀+Δθ (default ``params + delta``) and
     one at θ₀ for N."""
     jet = passes.jet(policy, params, delta, U, micro_batch=micro_batch)
@@ -315,17 +315,17 @@ def truths(
     new = passes.forward(policy, new_params, U, micro_batch)
     mask = U.response_mask
     nec = collision_terms(policy, params, U, micro_batch)
-    return Truths(
+    return _Truths(
         flat(new.entropy - jet.value.entropy, mask), flat(jet.tangent.entropy, mask),
         token_inputs(jet.value.logp, jet.value.entropy, U, nec, cov_micro_batch),
     )
 
 
-def interval_text(bounds) -> str:
+def _interval_text(bounds) -> str:
     return "" if bounds is None else f"[{bounds[0]:.3g}, {bounds[1]:.3g}]"
 
 
-def undefined_reason(predicted: torch.Tensor, truth: torch.Tensor, inputs: TokenInputs) -> str | None:
+def _undefined_reason(predicted: torch.Tensor, truth: torch.Tensor, inputs: TokenInputs) -> str | None:
     """Why a prediction's correlations and scale are NaN, or None when they are defined."""
     if len(truth) < 2:
         return f"U has {len(truth)} response token(s): correlations need two"
@@ -344,7 +344,7 @@ class PredictorComparison(records.Record):
     the ``fprobe_first_order`` row is fprobe's own ḣ_ik. ``delta_h_tokens`` is the mean Δh over U's
     response tokens (the aggregate the predictors aim at); ``delta_h_true`` and ``delta_h1`` are the
     probe's on E (None when compared without a probe). ``undefined[name]`` says why that row's scale and
-    correlations are NaN (``undefined_reason``); ``cov_micro_batch``: the rows of U within which Cui et al.'s
+    correlations are NaN (``_undefined_reason``); ``cov_micro_batch``: the rows of U within which Cui et al.'s
     products were centred (None: all of U)."""
 
     lr: float
@@ -372,15 +372,15 @@ class PredictorComparison(records.Record):
         for name, s in self.scores.items():
             lines.append(f"{name:<{width}}" + "".join(f"  {records.format_number(s[c]):>14}" for c in self.COLUMNS))
             if s.get("intervals"):
-                lines.append(f"{'  95% interval':<{width}}" + "".join(f"  {interval_text(s['intervals'].get(c)):>14}" for c in self.COLUMNS))
+                lines.append(f"{'  95% interval':<{width}}" + "".join(f"  {_interval_text(s['intervals'].get(c)):>14}" for c in self.COLUMNS))
         return head + "\n\n" + "\n".join(lines)
 
     def plot(self, path=None):
         """Predicted vs true Δh per token, one panel per predictor, with the least-squares line."""
-        return plot_comparison(self, path)
+        return _plot_comparison(self, path)
 
 
-def plot_comparison(comparison: PredictorComparison, path=None):
+def _plot_comparison(comparison: PredictorComparison, path=None):
     from fprobe.plots import _figure, _save
 
     fig, axes = _figure(len(comparison.predicted), width=4.0)
@@ -423,7 +423,7 @@ def compare(
     t = truths(policy, params, delta, U, new_params, micro_batch, cov_micro_batch)
     rows = flat(torch.arange(len(U))[:, None].expand(U.response_mask.shape), U.response_mask)
     predicted = {p.name: p.tokens(t.inputs, lr) for p in PREDICTORS} | {REFERENCE: t.first_order}
-    undefined = {name: reason for name, p in predicted.items() if (reason := undefined_reason(p, t.delta_h, t.inputs))}
+    undefined = {name: reason for name, p in predicted.items() if (reason := _undefined_reason(p, t.delta_h, t.inputs))}
     if undefined:
         warn("predictor scores undefined (NaN): " + "; ".join(f"{n}: {r}" for n, r in undefined.items()),
              UndefinedScoreWarning)

@@ -15,7 +15,7 @@ from fprobe.rl.step import Step, rl_step
 from fprobe.rollouts import Rollouts
 
 
-def with_rows_after(rows: tuple[Row, ...], after: str, extra: tuple[Row, ...]) -> tuple[Row, ...]:
+def _with_rows_after(rows: tuple[Row, ...], after: str, extra: tuple[Row, ...]) -> tuple[Row, ...]:
     """``rows`` with ``extra`` inserted after the row of field ``after``."""
     index = [name for _, name in rows].index(after) + 1
     return rows[:index] + extra + rows[index:]
@@ -50,7 +50,7 @@ class ProbeResult(records.Record):
     optimizer: Optimizer = internal()
     opt_state: object = internal()
 
-    ROWS: ClassVar[tuple[Row, ...]] = with_rows_after(
+    ROWS: ClassVar[tuple[Row, ...]] = _with_rows_after(
         EntropyChange.ROWS,
         "ratio",
         (("covariance baseline", "cov_baseline"), ("loss", "loss"), ("‖g‖₂", "grad_norm"), ("update lost to rounding", "update_lost")),

@@ -14,7 +14,7 @@ from fprobe import checks
 from fprobe.entropy import estimators
 from fprobe.model import passes
 
-Method = Literal["jvp", "grad"]
+_Method = Literal["jvp", "grad"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,7 +33,7 @@ class Settings:
     normalize: estimators.Normalize = "token"
     entropy: estimators.Entropy = "rb"
     baseline: estimators.Baseline = "none"
-    method: Method = "jvp"
+    method: _Method = "jvp"
     micro_batch: int | None = passes.DEFAULT_MICRO_BATCH
     ess_threshold: float = 0.5
     eval_dtype: torch.dtype | None = None
@@ -44,7 +44,7 @@ class Settings:
             ("normalize", estimators.Normalize),
             ("entropy", estimators.Entropy),
             ("baseline", estimators.Baseline),
-            ("method", Method),
+            ("method", _Method),
         ):
             checks.choice(name, getattr(self, name), allowed)
         estimators.check_baseline(self.estimator, self.baseline)
@@ -65,7 +65,7 @@ class EstimatorOptions(TypedDict, total=False):
     normalize: estimators.Normalize
     entropy: estimators.Entropy
     baseline: estimators.Baseline
-    method: Method
+    method: _Method
     micro_batch: int | None
     ess_threshold: float
     eval_dtype: torch.dtype | None

@@ -99,7 +99,7 @@ def check_sharded(model: torch.nn.Module) -> None:
             )
 
 
-def fsdp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+def _fsdp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     from torch.distributed.fsdp import FSDPModule
 
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
@@ -107,7 +107,7 @@ def fsdp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def reshard(model: torch.nn.Module) -> None:
     """Free every FSDP module's gathered parameters: each holds its shard only, as the trainer left it."""
-    for module in fsdp_modules(model):
+    for module in _fsdp_modules(model):
         module.reshard()
 
 
@@ -116,7 +116,7 @@ def is_resharded(model: torch.nn.Module) -> bool:
     return all(distributed.is_dtensor(p) for p in model.parameters())
 
 
-class Lockstep(NamedTuple):
+class _Lockstep(NamedTuple):
     """This rank's rows of a batch for sharded passes: the padded block (``distributed.lockstep_rows``), their
     global indices, and how many of them (the first ``n_real``) are its own; the rest are padding."""
 
@@ -125,12 +125,12 @@ class Lockstep(NamedTuple):
     n_real: int
 
 
-def lockstep(batch: Rollouts) -> Lockstep:
+def lockstep(batch: Rollouts) -> _Lockstep:
     index, n_real = distributed.lockstep_rows(len(batch))
-    return Lockstep(batch.select(index), torch.tensor(index), n_real)
+    return _Lockstep(batch.select(index), torch.tensor(index), n_real)
 
 
-def micro_batches(block: Lockstep, micro_batch: int | None) -> list[tuple[Rollouts, slice]]:
+def micro_batches(block: _Lockstep, micro_batch: int | None) -> list[tuple[Rollouts, slice]]:
     """(micro-batch, its slice of the block); the same count on every rank, as every block has the same length."""
     size = len(block.rows) if micro_batch is None else micro_batch
     return [(block.rows.select(slice(i, i + size)), slice(i, i + size)) for i in range(0, len(block.rows), size)]
@@ -185,7 +185,7 @@ def dot(a: tree.Params, b: tree.Params) -> float:
     return distributed.all_reduce_sum(local, device)
 
 
-class AtStart(NamedTuple):
+class _AtStart(NamedTuple):
     """What is kept at θ_k for the measurement after the update: E's statistics at θ_k (every row), Ĥ's
     denominators and this rank's shards of ∇Ĥ(θ_k)."""
 
@@ -194,7 +194,7 @@ class AtStart(NamedTuple):
     gradient: tree.Params
 
 
-class ShardedChange(NamedTuple):
+class _ShardedChange(NamedTuple):
     """Ĥ at θ_k and θ_{k+1}, ΔH_true by SNIS, δH₁ = ⟨∇Ĥ(θ_k), Δθ⟩, the ESS fraction at θ_{k+1}, ‖Δθ‖."""
 
     h_orig: float
@@ -205,22 +205,22 @@ class ShardedChange(NamedTuple):
     delta_l2: float
 
 
-def at_start(policy: ShardedPolicy, E: Rollouts, micro_batch=DEFAULT_MICRO_BATCH) -> AtStart:
+def at_start(policy: ShardedPolicy, E: Rollouts, micro_batch=DEFAULT_MICRO_BATCH) -> _AtStart:
     """At θ_k (the module holds it): a forward of E, the coefficients of δH₁ (token-normalised Rao–Blackwell
     SNIS, ``estimators.first_order_coefficients``) and the gradient pass."""
     stats0 = forward(policy, E, micro_batch)
     alpha, beta = estimators.first_order_coefficients(stats0, E.response_mask)
     denom = estimators.denominators(E.response_mask.to(stats0.logp.device), "token")
-    return AtStart(stats0, denom, gradient(policy, E, alpha, beta, micro_batch))
+    return _AtStart(stats0, denom, gradient(policy, E, alpha, beta, micro_batch))
 
 
-def after_update(policy: ShardedPolicy, E: Rollouts, start: AtStart, delta: tree.Params, micro_batch=DEFAULT_MICRO_BATCH) -> ShardedChange:
+def after_update(policy: ShardedPolicy, E: Rollouts, start: _AtStart, delta: tree.Params, micro_batch=DEFAULT_MICRO_BATCH) -> _ShardedChange:
     """At θ_{k+1} (the module holds it): Ĥ by SNIS with log w_i = S_i(θ_{k+1}) − S_i(θ_k), and δH₁ along ``delta``,
     this rank's shards of Δθ = θ_{k+1} − θ_k (names as the trainable parameters')."""
     rows0 = estimators.rows(start.stats0)
     h0 = float(estimators.snis_value(rows0.logp, rows0.entropy, rows0.logp, start.denom))
     new = estimators.snis(estimators.rows(forward(policy, E, micro_batch)), rows0.logp, start.denom)
-    return ShardedChange(h0, float(new.value), float(new.value) - h0, dot(start.gradient, delta), float(new.ess_fraction),
+    return _ShardedChange(h0, float(new.value), float(new.value) - h0, dot(start.gradient, delta), float(new.ess_fraction),
                          math.sqrt(dot(delta, delta)))
 
 

@@ -32,7 +32,7 @@ import torch
 from fprobe.entropy import estimators
 from fprobe.model.tokens import TokenStats
 
-Terms = dict[str, torch.Tensor]  # per-row terms by name: n0 m0 (θ₀), n1 m1 (first), n2 m2 (second), a b (θ₀+Δθ)
+_Terms = dict[str, torch.Tensor]  # per-row terms by name: n0 m0 (θ₀), n1 m1 (first), n2 m2 (second), a b (θ₀+Δθ)
 
 
 def h_orig(x):
@@ -62,7 +62,7 @@ def ratio(x):
 ESTIMATES: dict[str, Callable] = dict(
     h_orig=h_orig, h_upd=h_upd, delta_h_true=delta_h_true, delta_h1=delta_h1, delta_h2=delta_h2, ratio=ratio
 )
-NEEDS = dict(
+_NEEDS = dict(
     h_orig=("n0", "m0"), h_upd=("a", "b"), delta_h_true=("n0", "m0", "a", "b"), delta_h1=("n0", "m0", "n1", "m1"),
     delta_h2=("n0", "m0", "n1", "m1", "n2", "m2"), ratio=("n0", "m0", "n1", "m1", "a", "b"),
 )
@@ -74,14 +74,14 @@ def along_the_step(scale: float) -> tuple[dict, dict]:
         delta_h_true=delta_h_true, delta_h1=first, delta_h12=lambda x: first(x) + scale**2 * delta_h2(x),
         ratio=lambda x: delta_h_true(x) / first(x),
     )
-    return estimates, {**NEEDS, "delta_h12": NEEDS["delta_h2"]}
+    return estimates, {**_NEEDS, "delta_h12": _NEEDS["delta_h2"]}
 
 
-ONE_UNIT = "E holds one independent unit ({}): a standard error needs at least two"
+_ONE_UNIT = "E holds one independent unit ({}): a standard error needs at least two"
 GRAD_METHOD = "method='grad' gives δH₁ as one ∇Ĥ·Δθ, without per-sequence tangents; method='jvp' gives its standard error"
 
 
-class StandardErrors(NamedTuple):
+class _StandardErrors(NamedTuple):
     """``values``: each estimate f(x̄) (equal to the reported one); ``se``: its standard error, or None where
     ``undefined`` says why; ``n_units``: E's independent units (prompt groups, or rows); ``terms``: the per-row
     terms they were computed from (for other functions of them, such as a sweep's)."""
@@ -93,14 +93,14 @@ class StandardErrors(NamedTuple):
     terms: dict
 
 
-def unit_index(groups: torch.Tensor | None, n: int, device) -> torch.Tensor:
+def _unit_index(groups: torch.Tensor | None, n: int, device) -> torch.Tensor:
     """Row → index of its independent unit: its group in ``groups`` (E.group_ids), else the row itself."""
     if groups is None:
         return torch.arange(n, device=device)
     return torch.unique(groups.to(device), return_inverse=True)[1]
 
 
-def influence(estimate: Callable, terms: Terms) -> tuple[torch.Tensor, torch.Tensor]:
+def influence(estimate: Callable, terms: _Terms) -> tuple[torch.Tensor, torch.Tensor]:
     """(f(x̄), φ) with φ_i = ∇f(x̄) · (X_i − x̄), for f = ``estimate`` of the column means x̄ of ``terms``."""
     means = {k: v.mean().detach().requires_grad_() for k, v in terms.items()}
     with torch.enable_grad():
@@ -110,7 +110,7 @@ def influence(estimate: Callable, terms: Terms) -> tuple[torch.Tensor, torch.Ten
     return value.detach(), phi
 
 
-def standard_error(phi: torch.Tensor, units: torch.Tensor) -> float | None:
+def _standard_error(phi: torch.Tensor, units: torch.Tensor) -> float | None:
     """√(G/(G−1) Σ_g (Σ_{i∈g} φ_i)²) / n over the G units; None for G < 2."""
     count = int(units.max()) + 1
     if count < 2:
@@ -119,15 +119,15 @@ def standard_error(phi: torch.Tensor, units: torch.Tensor) -> float | None:
     return math.sqrt(count / (count - 1) * float((per_unit**2).sum())) / len(phi)
 
 
-def standard_errors(terms: Terms, groups: torch.Tensor | None = None, missing: Mapping[str, str] | None = None,
-                    estimates: Mapping[str, Callable] | None = None, needs: Mapping[str, tuple] | None = None) -> StandardErrors:
+def standard_errors(terms: _Terms, groups: torch.Tensor | None = None, missing: Mapping[str, str] | None = None,
+                    estimates: Mapping[str, Callable] | None = None, needs: Mapping[str, tuple] | None = None) -> _StandardErrors:
     """Value and standard error of every estimate whose terms are all present. ``missing``: {term: why it is
     absent}; an estimate whose absent terms all have a reason gets it in ``undefined``; ``estimates``/``needs``: other functions of the terms' means (default: the
     six above) and the terms each reads."""
-    estimates, needs, missing = estimates or ESTIMATES, needs or NEEDS, dict(missing or {})
+    estimates, needs, missing = estimates or ESTIMATES, needs or _NEEDS, dict(missing or {})
     terms = {k: v.double() for k, v in terms.items() if v is not None}
     n = len(next(iter(terms.values())))
-    units = unit_index(groups, n, next(iter(terms.values())).device)
+    units = _unit_index(groups, n, next(iter(terms.values())).device)
     n_units = int(units.max()) + 1
     values, se, undefined = {}, {}, {}
     for name, f in estimates.items():
@@ -137,13 +137,13 @@ def standard_errors(terms: Terms, groups: torch.Tensor | None = None, missing: M
                 undefined[name] = missing[absent[0]]
             continue
         value, phi = influence(f, {k: terms[k] for k in needs[name]})
-        values[name], se[name] = float(value), standard_error(phi, units)
+        values[name], se[name] = float(value), _standard_error(phi, units)
         if se[name] is None:
-            undefined[name] = ONE_UNIT.format("one prompt group" if groups is not None and n > 1 else "one sequence")
-    return StandardErrors(values, se, undefined, n_units, terms)
+            undefined[name] = _ONE_UNIT.format("one prompt group" if groups is not None and n > 1 else "one sequence")
+    return _StandardErrors(values, se, undefined, n_units, terms)
 
 
-def first_order_rows(t: estimators.FirstOrderTerms, tangent: TokenStats) -> tuple[torch.Tensor, torch.Tensor]:
+def _first_order_rows(t: estimators.FirstOrderTerms, tangent: TokenStats) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (ṅ_i, ṁ_i) = (Σ_k a_ik ℓ̇_ik + c_ik ḣ_ik, Σ_k d_ik ℓ̇_ik) from ``first_order_terms``' coefficients."""
     entropy_part = 0.0 if tangent.entropy is None else t.num_entropy * tangent.entropy
     return (t.num_logp * tangent.logp + entropy_part).sum(-1), (t.den_logp * tangent.logp).sum(-1)
@@ -154,14 +154,14 @@ def of_statistics(value: TokenStats, mask: torch.Tensor, *, estimator: estimator
                   baseline: estimators.Baseline = "none", groups: torch.Tensor | None = None,
                   logp_ref: torch.Tensor | None = None, tangent: TokenStats | None = None,
                   second: TokenStats | None = None, moved: estimators.Rows | None = None,
-                  missing: Mapping[str, str] | None = None) -> StandardErrors:
+                  missing: Mapping[str, str] | None = None) -> _StandardErrors:
     """``standard_errors`` of the estimates on E from its token statistics at θ₀ (``value``), their first and
     second ε-derivatives along Δθ (``tangent``, ``second``; None where not computed) and its rows at θ₀+Δθ
     (``moved``), for the estimator settings given; E's ``groups`` (group ids) set the independent units."""
     t = estimators.first_order_terms(value, mask, estimator, normalize, entropy, baseline, logp_ref, groups)
     terms = {"n0": t.num, "m0": t.den}
     if tangent is not None:
-        terms["n1"], terms["m1"] = first_order_rows(t, tangent)
+        terms["n1"], terms["m1"] = _first_order_rows(t, tangent)
     r0 = estimators.rows(value, entropy)
     denom = estimators.denominators(mask.to(r0.logp.device), normalize)
     baselines = estimators.baselines_for(r0, denom, baseline, groups)

@@ -14,7 +14,7 @@ uses — whenever the mask is plain causal with padding only at the ends of rows
 scores (Gemma-2) take the blocked path in reverse mode too.
 
 The mask is never built whole: the mask function registered under the same name returns a
-``MaskBlocks``, which evaluates transformers' own mask function (causal, padding, sliding window, …:
+``_MaskBlocks``, which evaluates transformers' own mask function (causal, padding, sliding window, …:
 exactly the entries of transformers' eager mask) one query block at a time. Without a registered mask
 function a custom attention receives ``attention_mask=None`` and silently attends to future tokens.
 """
@@ -58,7 +58,7 @@ def for_reverse_mode():
 
 
 @dataclass(frozen=True, eq=False)
-class MaskBlocks:
+class _MaskBlocks:
     """The attention mask of one forward pass, evaluated a block of query rows at a time.
 
     ``rows(start, stop)`` is the boolean [B, 1, stop − start, kv_length] block (True: attend) that
@@ -149,10 +149,10 @@ def mask_blocks(
     use_vmap: bool = False,
     device: torch.device | str = "cpu",
     **kwargs,
-) -> MaskBlocks:
+) -> _MaskBlocks:
     """The mask function registered under ``"fprobe"``: transformers' arguments, nothing evaluated yet."""
     padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
-    return MaskBlocks(
+    return _MaskBlocks(
         batch_size, q_length, kv_length, int(q_offset), int(kv_offset), mask_function,
         None if padding is None else padding.bool(), use_vmap, torch.device(device),
     )
@@ -168,14 +168,14 @@ def repeat_kv_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     return x.repeat_interleave(n_heads // n_kv, dim=1)
 
 
-def block_rows(batch: int, heads: int, kv_length: int, itemsize: int, device_type: str = "cpu") -> int:
+def _block_rows(batch: int, heads: int, kv_length: int, itemsize: int, device_type: str = "cpu") -> int:
     """Query rows per block so that one block of scores [batch, heads, rows, kv_length] fits the
     device's ``BLOCK_BYTES`` (read at call time; other accelerators take CUDA's)."""
     budget = BLOCK_BYTES.get(device_type, BLOCK_BYTES["cuda"])
     return max(1, budget // (batch * heads * max(1, kv_length) * itemsize))
 
 
-def masked_scores(scores: torch.Tensor, mask, start: int, stop: int) -> torch.Tensor:
+def _masked_scores(scores: torch.Tensor, mask, start: int, stop: int) -> torch.Tensor:
     """Scores of query rows [start, stop) plus the mask's additive block (``MaskBlocks.bias``: built
     without the head dimension and broadcast in the addition; a broadcast ``masked_fill`` of the
     scores is several times slower on CPU); a 4-D tensor mask given by the caller is used as
@@ -183,7 +183,7 @@ def masked_scores(scores: torch.Tensor, mask, start: int, stop: int) -> torch.Te
     keys = scores.shape[-1]
     if mask is None:
         return scores
-    if isinstance(mask, MaskBlocks):
+    if isinstance(mask, _MaskBlocks):
         return scores + mask.bias(start, stop, keys, scores.dtype)
     if mask.dtype == torch.bool:
         return scores.masked_fill(~mask[..., start:stop, :keys], torch.finfo(scores.dtype).min)
@@ -193,15 +193,15 @@ def masked_scores(scores: torch.Tensor, mask, start: int, stop: int) -> torch.Te
 def blocked_attention(query, key, value, mask, scaling: float, softcap: float | None) -> torch.Tensor:
     """softmax(Q Kᵀ·s (soft-capped) + M) V over blocks of query rows; [B, H, L, D] → [B, H, L, D]."""
     B, H, L, _ = query.shape
-    step = block_rows(B, H, key.shape[-2], query.element_size(), query.device.type)
+    step = _block_rows(B, H, key.shape[-2], query.element_size(), query.device.type)
     blocks = []
     for start in range(0, L, step):
         stop = min(L, start + step)
-        keys = mask.visible_keys(stop) if isinstance(mask, MaskBlocks) else key.shape[-2]
+        keys = mask.visible_keys(stop) if isinstance(mask, _MaskBlocks) else key.shape[-2]
         scores = torch.matmul(query[:, :, start:stop], key[:, :, :keys].transpose(-1, -2)) * scaling
         if softcap is not None:
             scores = torch.tanh(scores / softcap) * softcap
-        weights = softmax(masked_scores(scores, mask, start, stop), dim=-1)  # cheap jvp inside passes.jet
+        weights = softmax(_masked_scores(scores, mask, start, stop), dim=-1)  # cheap jvp inside passes.jet
         blocks.append(torch.matmul(weights, value[:, :, :keys]))
     return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)
 
@@ -225,7 +225,7 @@ def fprobe_attention(
     key = repeat_kv_heads(key, query.shape[1])
     value = repeat_kv_heads(value, query.shape[1])
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    if in_reverse_mode() and softcap is None and isinstance(attention_mask, MaskBlocks) and attention_mask.causal_prefix:
+    if in_reverse_mode() and softcap is None and isinstance(attention_mask, _MaskBlocks) and attention_mask.causal_prefix:
         out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
     else:
         out = blocked_attention(query, key, value, attention_mask, scaling, softcap)

@@ -67,7 +67,7 @@ def _dual_jvp(f, primals, tangents) -> tuple[TokenStats, TokenStats]:
 
 
 @contextlib.contextmanager
-def forward_mode_errors_explained(model):
+def _forward_mode_errors_explained(model):
     """torch's error for an op or custom ``autograd.Function`` without a forward-mode derivative, re-raised
     with what it means here: no jvp (δH₁'s default, δH₂) through this model; the gradient path still works."""
     try:
@@ -88,7 +88,7 @@ def jet(policy, params, delta, batch: Rollouts, order: int = 1, micro_batch=DEFA
     primals, tangents = tree.detach(params), tree.detach(delta)
     local, _ = _local(batch)
     parts = []
-    with torch.no_grad(), forward_mode_errors_explained(policy.model):
+    with torch.no_grad(), _forward_mode_errors_explained(policy.model):
         for mb in _progress(local.micro_batches(micro_batch), "jvp", progress):
             stats = lambda p, mb=mb: token_stats(policy, p, mb)
             first = lambda p: torch.func.jvp(stats, (p,), (tangents,))

@@ -26,7 +26,7 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def dropout_rates(module: torch.nn.Module) -> dict[str, float]:
+def _dropout_rates(module: torch.nn.Module) -> dict[str, float]:
     """The dropout probabilities a module applies itself: an ``nn.Dropout`` module's ``p``, and the float
     attributes named ``*dropout*`` or ``*pdrop*`` that transformers' attention modules pass to their
     attention function as its ``dropout`` argument (e.g. Llama/Qwen2's ``attention_dropout``)."""
@@ -40,11 +40,11 @@ def dropout_rates(module: torch.nn.Module) -> dict[str, float]:
 
 def active_dropout(model: torch.nn.Module) -> list[str]:
     """Names of the dropout that would act in the model's current mode: dropout modules, and modules in
-    train mode whose dropout rate attribute is > 0 (``dropout_rates``)."""
+    train mode whose dropout rate attribute is > 0 (``_dropout_rates``)."""
     return [
         f"{name}{attribute}"
         for name, m in model.named_modules() if m.training
-        for attribute, rate in dropout_rates(m).items() if rate > 0
+        for attribute, rate in _dropout_rates(m).items() if rate > 0
     ]
 
 
@@ -57,11 +57,11 @@ def check_no_dropout(model: torch.nn.Module) -> None:
         )
 
 
-INPUT_GRAD_HOOKS = ("make_inputs_require_grads", "make_inputs_require_grad")  # transformers', PEFT's
+_INPUT_GRAD_HOOKS = ("make_inputs_require_grads", "make_inputs_require_grad")  # transformers', PEFT's
 
 
 @contextlib.contextmanager
-def input_require_grads_hooks_suspended(model: torch.nn.Module):
+def _input_require_grads_hooks_suspended(model: torch.nn.Module):
     """Within: without transformers' or PEFT's input-require-grads forward hooks (they call ``requires_grad_``
     inside forward, which breaks ``jvp``; with gradient checkpointing every generation adds one more, and only
     the last is on record in ``_require_grads_hooks``, so they are found by name); on exit every module's
@@ -69,7 +69,7 @@ def input_require_grads_hooks_suspended(model: torch.nn.Module):
     hooks = [(module._forward_hooks, list(module._forward_hooks.items())) for module in model.modules()]
     for table, items in hooks:
         for key, hook in items:
-            if getattr(hook, "__name__", None) in INPUT_GRAD_HOOKS:
+            if getattr(hook, "__name__", None) in _INPUT_GRAD_HOOKS:
                 del table[key]
     try:
         yield
@@ -82,11 +82,11 @@ def input_require_grads_hooks_suspended(model: torch.nn.Module):
 @contextlib.contextmanager
 def modes_kept(model: torch.nn.Module):
     """Within: the model in eval mode (no dropout, no gradient checkpointing) and without input-require-grads
-    hooks (``input_require_grads_hooks_suspended``); on exit every module's ``training`` flag is put back."""
+    hooks (``_input_require_grads_hooks_suspended``); on exit every module's ``training`` flag is put back."""
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
-        with input_require_grads_hooks_suspended(model):
+        with _input_require_grads_hooks_suspended(model):
             yield
     finally:
         for module, training in modes:
@@ -94,7 +94,7 @@ def modes_kept(model: torch.nn.Module):
 
 
 @contextlib.contextmanager
-def exact_float32_matmul(device: torch.device):
+def _exact_float32_matmul(device: torch.device):
     """On CUDA, float32 means float32: TF32 matmuls off inside, the user's setting restored after."""
     if device.type != "cuda":
         yield
@@ -107,7 +107,7 @@ def exact_float32_matmul(device: torch.device):
         torch.backends.cuda.matmul.fp32_precision = saved
 
 
-def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+def _layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     """LayerNorm from primitive ops. torch's fused ``native_layer_norm`` has a wrong forward-over-forward
     derivative (jvp of jvp treats its saved mean and 1/σ as constants), which would corrupt δH₂."""
     dims = tuple(range(-len(normalized_shape), 0))
@@ -117,12 +117,12 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     return y if bias is None else y + bias
 
 
-FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def narrower(dtype, than: torch.dtype) -> bool:
     """Whether ``dtype`` is a floating dtype with fewer significand bits than ``than`` (bf16, fp16 < float32 < float64)."""
-    return dtype in FLOATS and torch.finfo(dtype).eps > torch.finfo(than).eps
+    return dtype in _FLOATS and torch.finfo(dtype).eps > torch.finfo(than).eps
 
 
 def upcast(x, dtype: torch.dtype):
@@ -138,39 +138,39 @@ def exact_delta(new: tree.Params, old: tree.Params) -> tree.Params:
     return tree.tree_map(lambda a, b: torch.sub(upcast(a, torch.float32), upcast(b, torch.float32)), new, old)
 
 
-CASTS = {torch.Tensor.float: torch.float32, torch.Tensor.half: torch.float16, torch.Tensor.bfloat16: torch.bfloat16}
-CONVERSIONS = (torch.Tensor.to, torch.Tensor.type)
+_CASTS = {torch.Tensor.float: torch.float32, torch.Tensor.half: torch.float16, torch.Tensor.bfloat16: torch.bfloat16}
+_CONVERSIONS = (torch.Tensor.to, torch.Tensor.type)
 
 
-def casts_down(func, args, kwargs, dtype: torch.dtype) -> bool:
+def _casts_down(func, args, kwargs, dtype: torch.dtype) -> bool:
     """Whether ``func(*args, **kwargs)`` casts a ``dtype`` tensor (the computation's) to a narrower floating dtype
     (``.float()``, ``.to(torch.bfloat16)``, ``softmax(x, dtype=torch.float)`` as in Qwen2-MoE/OLMoE routers)."""
     if not (args and isinstance(args[0], torch.Tensor) and args[0].dtype == dtype):
         return False
     if kwargs.get("dtype") is not None and narrower(kwargs["dtype"], dtype):
         return True
-    if func in CASTS:
-        return narrower(CASTS[func], dtype)
-    return func in CONVERSIONS and any(isinstance(a, torch.dtype) and narrower(a, dtype) for a in args[1:])
+    if func in _CASTS:
+        return narrower(_CASTS[func], dtype)
+    return func in _CONVERSIONS and any(isinstance(a, torch.dtype) and narrower(a, dtype) for a in args[1:])
 
 
-def kept_in(args, kwargs, dtype: torch.dtype):
+def _kept_in(args, kwargs, dtype: torch.dtype):
     """``args``/``kwargs`` with every narrower floating dtype replaced by ``dtype``."""
     swap = lambda a: dtype if isinstance(a, torch.dtype) and narrower(a, dtype) else a
     return tuple(swap(a) for a in args), {k: swap(v) for k, v in kwargs.items()}
 
 
-def silu(x, inplace=False):
+def _silu(x, inplace=False):
     """x·σ(x) from primitive ops: torch's SiLU jvp calls ``silu_backward``, which has no forward-mode
     derivative, so forward-over-forward (δH₂) through ``F.silu`` fails."""
     return x * torch.sigmoid(x)
 
 
-PRIMITIVE = {torch.nn.functional.layer_norm: layer_norm, torch.nn.functional.silu: silu}
+_PRIMITIVE = {torch.nn.functional.layer_norm: _layer_norm, torch.nn.functional.silu: _silu}
 
 # Matrix products do not promote dtypes: a narrower weight (a float32 one kept by transformers in a float64 model,
 # ``_keep_in_fp32_modules``, e.g. DeepSeek-V3's router), met by an operand in the computation's dtype, is upcast.
-MATMULS = {
+_MATMULS = {
     torch.nn.functional.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.bmm,
     torch.addmm, torch.baddbmm, torch.einsum,
 }
@@ -212,11 +212,11 @@ def _is_attribute_read(func) -> bool:
 
 class Numerics(torch.overrides.TorchFunctionMode):
     """The numerics of every fprobe call, in the computation's dtype ``dtype`` (float32 or float64), whatever the model's:
-    in forward and forward-mode passes ``F.layer_norm`` and ``F.silu`` run from primitive ops (``PRIMITIVE``: correct
+    in forward and forward-mode passes ``F.layer_norm`` and ``F.silu`` run from primitive ops (``_PRIMITIVE``: correct
     second-order forward-mode derivatives; reverse-mode passes keep torch's fused kernels, whose backward is right and
     saves less); casts of ``dtype`` tensors to narrower dtypes keep ``dtype`` (Llama/Qwen RMSNorm casts to float32 and
     back to the weights' dtype, which would put a float32 floor of ~1e-8 under ΔH of a float64 model, and bf16 rounding
-    under a bf16 one; ``casts_down``); matrix products upcast narrower operands (``MATMULS``). Inside
+    under a bf16 one; ``_casts_down``); matrix products upcast narrower operands (``_MATMULS``). Inside
     ``perturbed_rounding`` each floating result is perturbed by one random rounding."""
 
     def __init__(self, dtype: torch.dtype = torch.float64):
@@ -226,14 +226,14 @@ class Numerics(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         dtype = self.dtype
-        if func in PRIMITIVE and not attention.in_reverse_mode():
-            out = PRIMITIVE[func](*args, **kwargs)
-        elif func in CASTS and casts_down(func, args, kwargs, dtype):
+        if func in _PRIMITIVE and not attention.in_reverse_mode():
+            out = _PRIMITIVE[func](*args, **kwargs)
+        elif func in _CASTS and _casts_down(func, args, kwargs, dtype):
             out = args[0]
         else:
-            if casts_down(func, args, kwargs, dtype):
-                args, kwargs = kept_in(args, kwargs, dtype)
-            if func in MATMULS and any(isinstance(a, torch.Tensor) and a.dtype == dtype for a in args):
+            if _casts_down(func, args, kwargs, dtype):
+                args, kwargs = _kept_in(args, kwargs, dtype)
+            if func in _MATMULS and any(isinstance(a, torch.Tensor) and a.dtype == dtype for a in args):
                 args = tuple(upcast(a, dtype) for a in args)
             out = func(*args, **kwargs)
         rounding = _ROUNDING.get()
@@ -241,7 +241,7 @@ class Numerics(torch.overrides.TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def autocast_off(model: torch.nn.Module, device: torch.device):
+def _autocast_off(model: torch.nn.Module, device: torch.device):
     """Within: no autocast, so that the computation's dtype is the one fprobe chose. A caller's ``torch.autocast`` is
     switched off; so is the one accelerate's mixed precision (a trainer's ``bf16=True``) wraps around ``model.forward``
     (it keeps the unwrapped method as ``model._original_forward``), which is put back on exit."""
@@ -257,13 +257,13 @@ def autocast_off(model: torch.nn.Module, device: torch.device):
             model.forward = wrapped
 
 
-def widest_dtype(model: torch.nn.Module) -> torch.dtype:
+def _widest_dtype(model: torch.nn.Module) -> torch.dtype:
     """The widest floating dtype of the model's parameters, at least float32: fprobe's calls compute in it."""
-    dtypes = {p.dtype for p in model.parameters() if p.dtype in FLOATS} | {torch.float32}
+    dtypes = {p.dtype for p in model.parameters() if p.dtype in _FLOATS} | {torch.float32}
     return min(dtypes, key=lambda d: torch.finfo(d).eps)
 
 
-def held_tensors_upcast(model: torch.nn.Module, params: Mapping, dtype: torch.dtype) -> dict:
+def _held_tensors_upcast(model: torch.nn.Module, params: Mapping, dtype: torch.dtype) -> dict:
     """Exact copies of the model's parameters outside ``params`` (frozen weights, e.g. a bf16 LoRA base) narrower than
     ``dtype``, in ``dtype``, and of its bf16/fp16 buffers, in float32 (transformers keeps buffers such as rotary
     frequencies in float32 on purpose, in a float64 model too): what ``functional_call`` runs the model with besides
@@ -273,7 +273,7 @@ def held_tensors_upcast(model: torch.nn.Module, params: Mapping, dtype: torch.dt
     return {name: x.detach().to(to) for name, x, to in frozen + buffers if narrower(x.dtype, to)}
 
 
-def check_eval_dtype(eval_dtype, widest: torch.dtype) -> None:
+def _check_eval_dtype(eval_dtype, widest: torch.dtype) -> None:
     """``eval_dtype`` must be float32 or float64, and not narrower than the model's own parameters."""
     if eval_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"eval_dtype must be torch.float32 or torch.float64 (or None: the model's own), got {eval_dtype!r}")
@@ -281,7 +281,7 @@ def check_eval_dtype(eval_dtype, widest: torch.dtype) -> None:
         raise ValueError(f"eval_dtype {eval_dtype} is narrower than the model's {widest} parameters: fprobe never computes below them")
 
 
-def base_model(model: torch.nn.Module) -> torch.nn.Module:
+def _base_model(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model itself (a PEFT model's base); TypeError for anything else."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not hasattr(base, "set_attn_implementation"):
@@ -289,7 +289,7 @@ def base_model(model: torch.nn.Module) -> torch.nn.Module:
     return base
 
 
-def check_attention_interface(model: torch.nn.Module) -> None:
+def _check_attention_interface(model: torch.nn.Module) -> None:
     """fprobe can give the model its attention only if every attention layer dispatches through
     transformers' AttentionInterface, without attention sinks (learned per-head logits, e.g. gpt-oss)."""
     sinks = [name for name, m in model.named_modules() if isinstance(getattr(m, "sinks", None), torch.Tensor)]
@@ -303,7 +303,7 @@ def check_attention_interface(model: torch.nn.Module) -> None:
             )
 
 
-EAGER_EXPERTS = "eager"
+_EAGER_EXPERTS = "eager"
 
 
 def attention_configs(model: torch.nn.Module) -> list:
@@ -333,7 +333,7 @@ def fprobe_kernels_installed(model: torch.nn.Module):
     for config, _, experts in saved:
         config._attn_implementation_internal = name
         if experts is not None:
-            config._experts_implementation_internal = EAGER_EXPERTS
+            config._experts_implementation_internal = _EAGER_EXPERTS
     try:
         yield
     finally:
@@ -359,18 +359,18 @@ def lora_config(lora):
 def fprobe_numerics(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None = None):
     """Within: every call of ``model`` runs with fprobe's numerics (``Policy.apply``'s and the sharded
     passes'): input-require-grads hooks suspended, exact float32 matmuls, fprobe's attention and eager
-    experts, no autocast, computed in ``dtype`` (``Numerics``; None: ``widest_dtype(model)``)."""
+    experts, no autocast, computed in ``dtype`` (``Numerics``; None: ``_widest_dtype(model)``)."""
     with (
-        input_require_grads_hooks_suspended(model),
-        exact_float32_matmul(device),
+        _input_require_grads_hooks_suspended(model),
+        _exact_float32_matmul(device),
         fprobe_kernels_installed(model),
-        autocast_off(model, device),
-        Numerics(widest_dtype(model) if dtype is None else dtype),
+        _autocast_off(model, device),
+        Numerics(_widest_dtype(model) if dtype is None else dtype),
     ):
         yield
 
 
-def check_not_sharded(model: torch.nn.Module) -> None:
+def _check_not_sharded(model: torch.nn.Module) -> None:
     """ValueError for a model whose trainable parameters are DTensors (FSDP2): ``functional_call`` on such a
     module runs its own all-gathered weights and silently ignores the parameters it is given, and forward-mode
     AD does not pass its all-gathers, so none of ``Policy``'s functional paths would measure what they say."""
@@ -396,17 +396,17 @@ class Policy:
     model: torch.nn.Module
     temperature: float = 1.0
     chunk_size: int | None = None  # rows of logits upcast to float64 at a time; None: sized by vocabulary (fprobe.tokens)
-    eval_dtype: torch.dtype | None = None  # the computation's dtype (float32 or float64); None: ``widest_dtype(model)``
+    eval_dtype: torch.dtype | None = None  # the computation's dtype (float32 or float64); None: ``_widest_dtype(model)``
 
     def __post_init__(self):
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.chunk_size is not None and not (isinstance(self.chunk_size, int) and self.chunk_size >= 1):
             raise ValueError(f"chunk_size must be a positive number of rows or None, got {self.chunk_size!r}")
-        check_not_sharded(self.model)
+        _check_not_sharded(self.model)
         if self.eval_dtype is not None:
-            check_eval_dtype(self.eval_dtype, widest_dtype(self.model))
-        check_attention_interface(base_model(self.model))
+            _check_eval_dtype(self.eval_dtype, _widest_dtype(self.model))
+        _check_attention_interface(_base_model(self.model))
         check_no_dropout(self.model)
         if not self.params:
             raise ValueError("the model has no trainable parameters (requires_grad=True): nothing to probe")
@@ -465,7 +465,7 @@ class Policy:
     @property
     def dtype(self) -> torch.dtype:
         """The dtype every pass computes in: ``eval_dtype``, or the widest of the parameters' (at least float32)."""
-        return widest_dtype(self.model) if self.eval_dtype is None else self.eval_dtype
+        return _widest_dtype(self.model) if self.eval_dtype is None else self.eval_dtype
 
     def evaluated_in(self, eval_dtype: torch.dtype | None) -> "Policy":
         """This policy with passes computed in ``eval_dtype`` (itself for None or its own)."""
@@ -474,7 +474,7 @@ class Policy:
     def apply(self, params: Mapping, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits [B, L, V] of the model at ``params``, divided by the temperature, computed in ``self.dtype``: narrower
         (bf16/fp16) parameters, frozen weights and buffers enter as exact ``self.dtype`` copies (memory: one such copy
-        of the narrower weights during the call), and no autocast acts (``autocast_off``)."""
+        of the narrower weights during the call), and no autocast acts (``_autocast_off``)."""
         check_no_dropout(self.model)
         check_token_ids(input_ids, self.model.get_input_embeddings().num_embeddings)
         dtype, device = self.dtype, self.device
@@ -484,7 +484,7 @@ class Policy:
             position_ids=position_ids_from_mask(attention_mask),
             use_cache=False,
         )
-        tensors = {**held_tensors_upcast(self.model, params, dtype), **{name: upcast(p, dtype) for name, p in params.items()}}
+        tensors = {**_held_tensors_upcast(self.model, params, dtype), **{name: upcast(p, dtype) for name, p in params.items()}}
         with fprobe_numerics(self.model, device, dtype):
             out = functional_call(self.model, tensors, (input_ids.to(device),), kwargs)
         logits = out.logits

@@ -25,7 +25,7 @@ OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "trainer_state.json"
 
 
-class TrainerCheckpoint(NamedTuple):
+class _TrainerCheckpoint(NamedTuple):
     """The optimizer and state of ``checkpoint-N`` (N = ``step``), with the rate ``lr`` of update N + 1."""
 
     optimizer: optim.Optimizer
@@ -100,7 +100,7 @@ def trainer_parameter_groups(model: torch.nn.Module) -> tuple[list[str], list[st
     return [n for n in trainable if n in decay], [n for n in trainable if n not in decay]
 
 
-def parameter_order(state_dict: dict, model: torch.nn.Module) -> list[str]:
+def _parameter_order(state_dict: dict, model: torch.nn.Module) -> list[str]:
     """Names of the optimizer's parameter indices 0, 1, …; ValueError if its groups are not the Trainer's split."""
     groups = trainer_parameter_groups(model)
     saved = [len(group["params"]) for group in state_dict["param_groups"]]
@@ -113,7 +113,7 @@ def parameter_order(state_dict: dict, model: torch.nn.Module) -> list[str]:
     return [name for names in groups for name in names]
 
 
-def check_shapes(state_dict: dict, names: list[str], params: dict) -> None:
+def _check_shapes(state_dict: dict, names: list[str], params: dict) -> None:
     for index, state in state_dict["state"].items():
         name = names[index]
         for key, value in state.items():
@@ -124,14 +124,14 @@ def check_shapes(state_dict: dict, names: list[str], params: dict) -> None:
                 )
 
 
-def load(folder: str | Path, policy) -> TrainerCheckpoint:
+def load(folder: str | Path, policy) -> _TrainerCheckpoint:
     """The optimizer state of ``folder`` (a ``checkpoint-N``) for ``policy`` (the model loaded from it), with
     the saved param groups' rates: the scheduler's rates for update N + 1."""
     folder = Path(folder)
     step = read_step(folder / STATE_FILE)
     state_dict = load_optimizer_state(folder / OPTIMIZER_FILE, policy.device)
-    names = parameter_order(state_dict, policy.model)
+    names = _parameter_order(state_dict, policy.model)
     params = policy.params
-    check_shapes(state_dict, names, params)
+    _check_shapes(state_dict, names, params)
     optimizer, opt_state = optim.from_torch(state_dict, names, params)
-    return TrainerCheckpoint(optimizer, opt_state, optimizer.lr, step)
+    return _TrainerCheckpoint(optimizer, opt_state, optimizer.lr, step)

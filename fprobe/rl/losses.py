@@ -64,7 +64,7 @@ def row_weights(batch: Rollouts, loss_type: LossType) -> torch.Tensor:
     raise ValueError(f"unknown loss {loss_type!r}: use one of {LOSS_TYPES}, Dapo(num_items) or RowWeights(weights)")
 
 
-def token_objectives(logp: torch.Tensor, batch: Rollouts, clip: float = 0.2) -> torch.Tensor:
+def _token_objectives(logp: torch.Tensor, batch: Rollouts, clip: float = 0.2) -> torch.Tensor:
     """Per-token clipped objective min(r_ik A_i, clip(r_ik, 1−ε, 1+ε) A_i), r_ik = exp(ℓ_ik − sg(ℓ_ik)),
     [B, L], zero off the response mask (before the row weights c_i and the sign of the loss)."""
     if batch.advantages is None:
@@ -77,8 +77,8 @@ def token_objectives(logp: torch.Tensor, batch: Rollouts, clip: float = 0.2) -> 
 
 
 def token_losses(logp: torch.Tensor, batch: Rollouts, weights: torch.Tensor, clip: float = 0.2) -> torch.Tensor:
-    """Per-token loss L_ik = −c_i · ``token_objectives``_ik, [B, L]; Σ_k L_ik = L_i of ``sequence_losses``."""
-    return -weights.to(logp.device)[:, None] * token_objectives(logp, batch, clip)
+    """Per-token loss L_ik = −c_i · ``_token_objectives``_ik, [B, L]; Σ_k L_ik = L_i of ``sequence_losses``."""
+    return -weights.to(logp.device)[:, None] * _token_objectives(logp, batch, clip)
 
 
 def sequence_losses(logp: torch.Tensor, batch: Rollouts, weights: torch.Tensor, clip: float = 0.2) -> torch.Tensor:
@@ -86,4 +86,4 @@ def sequence_losses(logp: torch.Tensor, batch: Rollouts, weights: torch.Tensor, 
 
     ``logp`` is [B, L] float64 (zero off the response mask); the batch loss is Σ_i L_i.
     """
-    return -weights.to(logp.device) * token_objectives(logp, batch, clip).sum(-1)
+    return -weights.to(logp.device) * _token_objectives(logp, batch, clip).sum(-1)

@@ -27,7 +27,7 @@ from torch.optim.optimizer import _default_to_fused_or_foreach
 
 from fprobe import tree
 
-Hyper = dict[str, float]
+_Hyper = dict[str, float]
 
 
 class AdamWState(NamedTuple):
@@ -69,33 +69,33 @@ class Optimizer(NamedTuple):
     update: Callable
     affine: Callable[..., Iterator[tuple[str, AffineTerms]]]
     lr: float
-    hyper: Callable[[str], Hyper]
+    hyper: Callable[[str], _Hyper]
 
 
-NON_NEGATIVE = ("≥ 0", lambda v: v >= 0)
-HYPER_RANGES = {  # torch.optim's own checks: a value outside makes the update divide by zero or flip
-    "lr": NON_NEGATIVE, "eps": NON_NEGATIVE, "weight_decay": NON_NEGATIVE, "momentum": NON_NEGATIVE,
+_NON_NEGATIVE = ("≥ 0", lambda v: v >= 0)
+_HYPER_RANGES = {  # torch.optim's own checks: a value outside makes the update divide by zero or flip
+    "lr": _NON_NEGATIVE, "eps": _NON_NEGATIVE, "weight_decay": _NON_NEGATIVE, "momentum": _NON_NEGATIVE,
     "beta1": ("in [0, 1)", lambda v: 0 <= v < 1), "beta2": ("in [0, 1)", lambda v: 0 <= v < 1),
 }
 
 
-def check_hyper(hyper: Hyper, where: str) -> None:
-    """Every hyperparameter a finite number within ``HYPER_RANGES``; ValueError naming it."""
+def _check_hyper(hyper: _Hyper, where: str) -> None:
+    """Every hyperparameter a finite number within ``_HYPER_RANGES``; ValueError naming it."""
     for key, value in hyper.items():
-        condition, holds = HYPER_RANGES.get(key, ("", lambda v: True))
+        condition, holds = _HYPER_RANGES.get(key, ("", lambda v: True))
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and holds(value)):
             raise ValueError(f"{where}: {key}={value!r} must be a finite number {condition}".rstrip())
 
 
-def _hyper_lookup(defaults: Hyper, groups: Mapping[str, Hyper] | None) -> Callable[[str], Hyper]:
+def _hyper_lookup(defaults: _Hyper, groups: Mapping[str, _Hyper] | None) -> Callable[[str], _Hyper]:
     groups = dict(groups or {})
-    check_hyper(defaults, "optimizer")
+    _check_hyper(defaults, "optimizer")
     for name, overrides in groups.items():
-        check_hyper(overrides, f"optimizer hyperparameters of {name!r}")
+        _check_hyper(overrides, f"optimizer hyperparameters of {name!r}")
     return lambda name: {**defaults, **groups.get(name, {})}
 
 
-def _lr_for(hyper: Hyper, base_lr: float, lr: float | None) -> float:
+def _lr_for(hyper: _Hyper, base_lr: float, lr: float | None) -> float:
     """This parameter's rate for one update: its group's rate, times lr / base_lr when ``lr`` overrides
     the base rate (an override equal to the base rate is none)."""
     if lr is None or lr == base_lr:
@@ -105,7 +105,7 @@ def _lr_for(hyper: Hyper, base_lr: float, lr: float | None) -> float:
     return hyper["lr"] * lr / base_lr if base_lr else lr
 
 
-def uses_foreach(foreach: bool | None, params: Iterable[torch.Tensor]) -> bool:
+def _uses_foreach(foreach: bool | None, params: Iterable[torch.Tensor]) -> bool:
     """torch.optim's choice of implementation: ``foreach`` as given, or for None torch's default (the
     multi-tensor path when every parameter is a plain tensor on a device with ``_foreach`` kernels)."""
     if foreach is not None:
@@ -138,7 +138,7 @@ def adamw(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 0.01,
-    groups: Mapping[str, Hyper] | None = None,
+    groups: Mapping[str, _Hyper] | None = None,
     foreach: bool | None = False,
 ) -> Optimizer:
     """AdamW as ``torch.optim.AdamW``, in torch's order:
@@ -146,7 +146,7 @@ def adamw(
     θ ← θ − (η/(1−β₁ᵗ)) · m / (√v / √(1−β₂ᵗ) + ε).
     ``groups`` maps names to per-parameter overrides of lr, beta1, beta2, eps, weight_decay and foreach
     (1.0: torch's multi-tensor path, 0.0: its single-tensor loop); ``foreach`` is the default
-    (None: torch's default for the parameters of each update, ``uses_foreach``).
+    (None: torch's default for the parameters of each update, ``_uses_foreach``).
 
     Affine form (t the new step count, P = 1 / (√v_t / √(1−β₂ᵗ) + ε) with v_t the *new* second moment):
     gain = −η(1−β₁)/(1−β₁ᵗ) · P,  momentum = −ηβ₁/(1−β₁ᵗ) · P ⊙ m_{t−1},  decay = −ηλθ.
@@ -205,7 +205,7 @@ def adamw(
         for key, names in _by_group(params, lambda n: tuple(sorted(hyper(n).items()))).items():
             h = dict(key)
             rate = _lr_for(h, lr, lr_override)
-            fast = uses_foreach(None if "foreach" not in h else bool(h["foreach"]), (params[n] for n in names))
+            fast = _uses_foreach(None if "foreach" not in h else bool(h["foreach"]), (params[n] for n in names))
             (multi_tensor if fast else single_tensor)(h, rate, names, grads, state, params, out)
         new_params, exp_avg, exp_avg_sq = _in_order(params, *out)
         steps = {name: state.step.get(name, 0) + 1 for name in params}
@@ -243,7 +243,7 @@ def sgd(
     dampening: float = 0.0,
     weight_decay: float = 0.0,
     nesterov: bool = False,
-    groups: Mapping[str, Hyper] | None = None,
+    groups: Mapping[str, _Hyper] | None = None,
     foreach: bool | None = False,
 ) -> Optimizer:
     """SGD as ``torch.optim.SGD``: d = g + λθ;  b ← d (first step) or μb + (1−τ)d;
@@ -294,7 +294,7 @@ def sgd(
         for key, names in _by_group(params, lambda n: tuple(sorted(hyper(n).items()))).items():
             h = dict(key)
             rate = _lr_for(h, lr, lr_override)
-            fast = uses_foreach(None if "foreach" not in h else bool(h["foreach"]), (params[n] for n in names))
+            fast = _uses_foreach(None if "foreach" not in h else bool(h["foreach"]), (params[n] for n in names))
             (multi_tensor if fast else single_tensor)(h, rate, names, grads, params, buffers, new_params)
         (new_params,) = _in_order(params, new_params)
         return new_params, SGDState(buffers)
@@ -331,7 +331,7 @@ def clip_by_global_norm(grads: tree.Params, max_norm: float) -> tuple[tree.Param
 _SGD_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
 
 
-def _group_hyper(group: Mapping, kind: str) -> Hyper:
+def _group_hyper(group: Mapping, kind: str) -> _Hyper:
     unsupported = [k for k in ("amsgrad", "maximize") if group.get(k)]
     if kind == "adam" and not group.get("decoupled_weight_decay", True) and group["weight_decay"]:
         unsupported.append("coupled weight decay (torch.optim.Adam)")

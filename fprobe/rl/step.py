@@ -16,10 +16,10 @@ from fprobe.rollouts import Rollouts
 from fprobe.model.tokens import TokenStats
 from fprobe.warnings import UpdateLostWarning, ZeroAdvantagesWarning, warn
 
-UPDATE_LOST_WARNING_LEVEL = 0.5  # warn when more than this fraction of the update is rounded away
+_UPDATE_LOST_WARNING_LEVEL = 0.5  # warn when more than this fraction of the update is rounded away
 
 
-def warn_if_zero_advantages(U: Rollouts) -> None:
+def _warn_if_zero_advantages(U: Rollouts) -> None:
     if U.advantages is not None and not bool(U.advantages.any()):
         warn(
             "every advantage in the update batch is 0 (constant rewards within each group, or groups of one "
@@ -28,8 +28,8 @@ def warn_if_zero_advantages(U: Rollouts) -> None:
         )
 
 
-def warn_if_update_lost(lost: float | None, params: tree.Params) -> None:
-    if lost is not None and lost > UPDATE_LOST_WARNING_LEVEL:
+def _warn_if_update_lost(lost: float | None, params: tree.Params) -> None:
+    if lost is not None and lost > _UPDATE_LOST_WARNING_LEVEL:
         dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in params.values()} - {"float32", "float64"})
         warn(
             f"{lost:.1%} of the update was rounded away by the {'/'.join(dtypes)} parameters (the step is too "
@@ -59,7 +59,7 @@ class Step:
     logp: torch.Tensor = field(repr=False)
 
 
-def check_step_options(optimizer: Optimizer, opt_state, params, lr, clip, max_grad_norm) -> None:
+def _check_step_options(optimizer: Optimizer, opt_state, params, lr, clip, max_grad_norm) -> None:
     """Before any pass: a finite, non-negative learning rate and clip range, a finite positive
     ``max_grad_norm`` (a negative one would flip the step), and an ``opt_state`` of this optimizer whose
     tensors are keyed by these parameters' names, with their shapes, dtypes and devices (a wrong shape
@@ -126,9 +126,9 @@ def rl_step(
     ``lr`` overrides the optimizer's learning rate for this step only.
     """
     params = tree.check_like(policy.params, params, "params")
-    check_step_options(optimizer, opt_state, params, lr, clip, max_grad_norm)
+    _check_step_options(optimizer, opt_state, params, lr, clip, max_grad_norm)
     tree.check_finite(params, "the value")
-    warn_if_zero_advantages(U)
+    _warn_if_zero_advantages(U)
     value, grads, stats = loss_and_grad(policy, params, U, loss, micro_batch, clip)
     if not torch.isfinite(torch.tensor(value)):
         raise FloatingPointError(f"the {loss} loss on the update batch is not finite ({value})")
@@ -137,10 +137,10 @@ def rl_step(
     clip_coef = 1.0
     if max_grad_norm is not None:
         grads, clip_coef = clip_by_global_norm(grads, max_grad_norm)
-    new_params, new_state, lost = apply_update(optimizer, grads, opt_state, params, lr)
+    new_params, new_state, lost = _apply_update(optimizer, grads, opt_state, params, lr)
     del grads  # one parameter-sized tree less at the step's peak
     tree.check_finite(new_params, "the updated value")
-    warn_if_update_lost(lost, params)
+    _warn_if_update_lost(lost, params)
     delta = exact_delta(new_params, params)
     return Step(
         params=new_params,
@@ -163,7 +163,7 @@ def _cast_tensors(state, dtype_of):
     )
 
 
-def apply_update(optimizer: Optimizer, grads, opt_state, params, lr):
+def _apply_update(optimizer: Optimizer, grads, opt_state, params, lr):
     """The one optimizer update → (new params, new state, fraction of the update lost to rounding).
 
     Float32/float64 parameters are updated in their own dtype (bit-equal to torch.optim). Lower

@@ -35,7 +35,7 @@ def stream_seed(seed: int, *path) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def row_generator(seed: int, role: str, prompt_index: int, sample_index: int, device) -> torch.Generator:
+def _row_generator(seed: int, role: str, prompt_index: int, sample_index: int, device) -> torch.Generator:
     """The random stream of one sampled row, on ``device``."""
     return torch.Generator(device=device).manual_seed(stream_seed(seed, role, prompt_index, sample_index))
 
@@ -74,7 +74,7 @@ class RowStreamSampler(LogitsProcessor):
         return torch.full_like(scores, -float("inf")).scatter_(-1, drawn, 0.0)
 
 
-def stop_token_ids(model, tokenizer) -> list[int]:
+def _stop_token_ids(model, tokenizer) -> list[int]:
     """EOS ids: the tokenizer's and those of the model's generation config (which may list several)."""
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     configured = [configured] if isinstance(configured, int) else list(configured or [])
@@ -90,13 +90,13 @@ def pad_token_id(tokenizer, eos_ids: list[int]) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
 
 
-def response_until_eos(tokens: list[int], eos_ids: list[int]) -> list[int]:
+def _response_until_eos(tokens: list[int], eos_ids: list[int]) -> list[int]:
     """The generated tokens up to and including the first EOS (all of them if none)."""
     stops = [k for k, t in enumerate(tokens) if t in eos_ids]
     return tokens[: stops[0] + 1] if stops else tokens
 
 
-def left_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _left_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) with each row right-aligned (left padding)."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -108,7 +108,7 @@ def left_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
 
 
 @contextlib.contextmanager
-def plain_generation_config(model, eos_ids: list[int], pad_id: int):
+def _plain_generation_config(model, eos_ids: list[int], pad_id: int):
     """Hide the checkpoint's ``generation_config`` (its top_k, repetition penalty, … would make the samples
     not π_θ's) behind one that sets only the special tokens; restored afterwards."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -122,7 +122,7 @@ def plain_generation_config(model, eos_ids: list[int], pad_id: int):
         base.generation_config = saved
 
 
-def generate_responses(
+def _generate_responses(
     policy,
     prompt_ids: Sequence[list[int]],
     generators: Sequence[torch.Generator],
@@ -143,10 +143,10 @@ def generate_responses(
     model, device = policy.model, policy.device
     starts = range(0, len(prompt_ids), batch_size)
     responses = []
-    with plain_generation_config(model, eos_ids, pad_id), torch.no_grad():
+    with _plain_generation_config(model, eos_ids, pad_id), torch.no_grad():
         for start in tqdm(starts, desc="generate", leave=False, disable=quiet or len(starts) < 2):
             rows = slice(start, start + batch_size)
-            ids, mask = left_padded(prompt_ids[rows], pad_id)
+            ids, mask = _left_padded(prompt_ids[rows], pad_id)
             sampler = RowStreamSampler(generators[rows], policy.temperature, top_p)
             out = model.generate(
                 input_ids=ids.to(device),
@@ -156,7 +156,7 @@ def generate_responses(
                 logits_processor=LogitsProcessorList([sampler]),
                 synced_gpus=synced_gpus,
             )
-            responses += [response_until_eos(row.tolist(), eos_ids) for row in out[:, ids.shape[1] :].cpu()]
+            responses += [_response_until_eos(row.tolist(), eos_ids) for row in out[:, ids.shape[1] :].cpu()]
     return responses
 
 
@@ -217,7 +217,7 @@ def choose_prompts(
     return eval_rows, [(p, s) for p in update_prompts for s in range(group_size)]
 
 
-def tokenize_prompts(tokenizer, records: dict[int, dict], chat_template: bool = False) -> dict[int, list[int]]:
+def _tokenize_prompts(tokenizer, records: dict[int, dict], chat_template: bool = False) -> dict[int, list[int]]:
     """Token ids of the pool's prompts ``{index: record}``, as raw text with the tokenizer's special tokens
     or in its chat template."""
     chosen = list(records.values())
@@ -229,7 +229,7 @@ def tokenize_prompts(tokenizer, records: dict[int, dict], chat_template: bool = 
     return ids
 
 
-def check_prompt_vocabulary(prompt_ids: dict[int, list[int]], vocab_size: int) -> None:
+def _check_prompt_vocabulary(prompt_ids: dict[int, list[int]], vocab_size: int) -> None:
     """Raise ``ValueError`` naming the prompts whose token ids the model has no embedding for (a tokenizer
     with added tokens, or one that belongs to another model)."""
     outside = [i for i, row in prompt_ids.items() if min(row) < 0 or max(row) >= vocab_size]
@@ -279,15 +279,15 @@ def sample(
     reward_fn = reward_functions.resolve_reward(reward)
     eval_rows, update_rows = choose_prompts(len(records), n_eval, n_update_prompts, group_size, seed, replace, eval_group_size)
     rows = [(EVAL, *r) for r in eval_rows] + [(UPDATE, *r) for r in update_rows]
-    prompt_ids = tokenize_prompts(tokenizer, {p: records[p] for _, p, _ in rows}, chat_template)
-    check_prompt_vocabulary(prompt_ids, policy.model.get_input_embeddings().num_embeddings)
-    eos_ids = stop_token_ids(policy.model, tokenizer)
+    prompt_ids = _tokenize_prompts(tokenizer, {p: records[p] for _, p, _ in rows}, chat_template)
+    _check_prompt_vocabulary(prompt_ids, policy.model.get_input_embeddings().num_embeddings)
+    eos_ids = _stop_token_ids(policy.model, tokenizer)
     pad_id = pad_token_id(tokenizer, eos_ids)
     row_prompts = [prompt_ids[p] for _, p, _ in rows]
     sharded = distributed.is_sharded(policy.model)
     mine, own = distributed.lockstep_rows(len(rows)) if sharded else (list(range(len(rows)))[distributed.local_rows(len(rows))], None)
-    generators = [row_generator(seed, *rows[i], policy.device) for i in mine]
-    responses = distributed.gather_lists(generate_responses(
+    generators = [_row_generator(seed, *rows[i], policy.device) for i in mine]
+    responses = distributed.gather_lists(_generate_responses(
         policy, [row_prompts[i] for i in mine], generators, eos_ids=eos_ids, pad_id=pad_id,
         max_new_tokens=max_new_tokens, top_p=top_p, batch_size=batch_size, quiet=quiet,
         synced_gpus=sharded and distributed.world()[1] > 1,

@@ -19,7 +19,7 @@ def is_conversation(prompt) -> bool:
     )
 
 
-def check_record(record, where: str) -> dict:
+def _check_record(record, where: str) -> dict:
     """``record`` as a new dict, or a ValueError at ``where`` if it is not a dict whose prompt is a string or a
     conversation (``is_conversation``)."""
     if not isinstance(record, dict):
@@ -32,17 +32,17 @@ def check_record(record, where: str) -> dict:
     return {**record, "prompt": [dict(m) for m in prompt]} if isinstance(prompt, list) else dict(record)
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def _read_jsonl(path: Path) -> list[dict]:
     """Records of a JSONL file, one JSON object a line; blank lines are skipped."""
     if not path.is_file():
         raise FileNotFoundError(f"prompt file not found: {path}")
-    return [check_record(record, where) for where, record in read_json_lines(path, "prompt file")]
+    return [_check_record(record, where) for where, record in read_json_lines(path, "prompt file")]
 
 
-def records_from_list(items: Sequence) -> list[dict]:
+def _records_from_list(items: Sequence) -> list[dict]:
     """Records from a list of prompt strings or dicts."""
     return [
-        {"prompt": item} if isinstance(item, str) else check_record(item, f"prompt list item {index}")
+        {"prompt": item} if isinstance(item, str) else _check_record(item, f"prompt list item {index}")
         for index, item in enumerate(items)
     ]
 
@@ -54,9 +54,9 @@ def load_prompts(source: str | os.PathLike | Sequence) -> list[dict]:
     """
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        records, origin = read_jsonl(path), str(path)
+        records, origin = _read_jsonl(path), str(path)
     elif isinstance(source, Sequence):
-        records, origin = records_from_list(source), "the given list"
+        records, origin = _records_from_list(source), "the given list"
     else:
         raise TypeError(f"prompts must be a JSONL path or a list, got {type(source).__name__}")
     if not records:

@@ -19,14 +19,14 @@ import torch
 
 from fprobe.sampling import toy
 
-Reward = Callable[[str, str, dict], float]
+_Reward = Callable[[str, str, dict], float]
 
 _NUMBER = re.compile(r"(?<![\d.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 _BOXED = "\\boxed{"
 _GSM8K_MARKER = "####"
 
 
-def last_boxed_content(text: str) -> str | None:
+def _last_boxed_content(text: str) -> str | None:
     """The content of the last ``\\boxed{...}`` (nested braces allowed); None if absent or unclosed."""
     start = text.rfind(_BOXED)
     if start < 0:
@@ -39,7 +39,7 @@ def last_boxed_content(text: str) -> str | None:
     return None
 
 
-def parse_number(text: str) -> Decimal | None:
+def _parse_number(text: str) -> Decimal | None:
     """``text`` as an exact decimal, thousands commas, ``$`` and spaces ignored; None if not a number."""
     cleaned = text.replace(",", "").replace("$", "").strip()
     try:
@@ -49,14 +49,14 @@ def parse_number(text: str) -> Decimal | None:
     return value if value.is_finite() else None
 
 
-def extract_answer(response: str) -> Decimal | None:
+def _extract_answer(response: str) -> Decimal | None:
     """The number a response gives as its answer, or None.
 
     Looks in the last ``\\boxed{...}`` (an unclosed one gives None), else after the last
     ``####`` (taking the first number there), else takes the last number anywhere in the response.
     """
     if _BOXED in response:
-        region, pick = last_boxed_content(response), 0
+        region, pick = _last_boxed_content(response), 0
         if region is None:
             return None
     elif _GSM8K_MARKER in response:
@@ -64,10 +64,10 @@ def extract_answer(response: str) -> Decimal | None:
     else:
         region, pick = response, -1
     numbers = _NUMBER.findall(region)
-    return parse_number(numbers[pick]) if numbers else None
+    return _parse_number(numbers[pick]) if numbers else None
 
 
-def expected_number(answer) -> Decimal | None:
+def _expected_number(answer) -> Decimal | None:
     """``example["answer"]`` (int, float or numeric string) as an exact decimal, or None."""
     if isinstance(answer, bool):
         return None
@@ -76,15 +76,15 @@ def expected_number(answer) -> Decimal | None:
     if isinstance(answer, float):
         return Decimal(repr(answer)) if math.isfinite(answer) else None
     if isinstance(answer, str):
-        return parse_number(answer)
+        return _parse_number(answer)
     return None
 
 
 def numeric_match(prompt: str, response: str, example: dict) -> float:
     """1.0 if the response's answer equals ``example["answer"]`` numerically, else 0.0; never raises."""
     try:
-        expected = expected_number(example.get("answer"))
-        given = extract_answer(response) if isinstance(response, str) else None
+        expected = _expected_number(example.get("answer"))
+        given = _extract_answer(response) if isinstance(response, str) else None
     except (AttributeError, TypeError, ValueError):
         return 0.0
     if expected is None or given is None:
@@ -92,10 +92,10 @@ def numeric_match(prompt: str, response: str, example: dict) -> float:
     return 1.0 if given == expected else 0.0
 
 
-BUILTIN_REWARDS: dict[str, Reward] = {"numeric": numeric_match, "toy": toy.verify}
+BUILTIN_REWARDS: dict[str, _Reward] = {"numeric": numeric_match, "toy": toy.verify}
 
 
-def load_module_file(path: Path):
+def _load_module_file(path: Path):
     """Execute a Python file as a fresh module (not registered in ``sys.modules``)."""
     spec = importlib.util.spec_from_file_location(f"fprobe_reward_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
@@ -103,7 +103,7 @@ def load_module_file(path: Path):
     return module
 
 
-def import_module_here(name: str):
+def _import_module_here(name: str):
     """``importlib.import_module(name)``, also finding a module in the current directory (which the
     installed ``fprobe`` command, unlike ``python -m``, does not put on the import path)."""
     try:
@@ -118,7 +118,7 @@ def import_module_here(name: str):
         sys.path.remove(str(Path.cwd()))
 
 
-def import_reward(spec: str) -> Reward:
+def _import_reward(spec: str) -> _Reward:
     """Import ``"module:function"`` (a module on the import path or in the current directory) or
     ``"path/to/file.py:function"``; only ever called because the user named it."""
     module_name, _, attribute = spec.rpartition(":")
@@ -128,7 +128,7 @@ def import_reward(spec: str) -> Reward:
         is_file = module_name.endswith(".py")
         if is_file and not Path(module_name).is_file():
             raise FileNotFoundError(f"no such file {module_name!r}")
-        target = load_module_file(Path(module_name)) if is_file else import_module_here(module_name)
+        target = _load_module_file(Path(module_name)) if is_file else _import_module_here(module_name)
     except Exception as error:
         raise ValueError(f"reward {spec!r}: cannot import module {module_name!r}: {error}") from error
     try:
@@ -141,7 +141,7 @@ def import_reward(spec: str) -> Reward:
     return target
 
 
-def resolve_reward(spec: str | Reward) -> Reward:
+def resolve_reward(spec: str | _Reward) -> _Reward:
     """A reward from a callable (returned as is), a built-in name, or ``"module:function"``."""
     if callable(spec):
         return spec
@@ -150,12 +150,12 @@ def resolve_reward(spec: str | Reward) -> Reward:
     if spec in BUILTIN_REWARDS:
         return BUILTIN_REWARDS[spec]
     if ":" in spec:
-        return import_reward(spec)
+        return _import_reward(spec)
     known = ", ".join(sorted(BUILTIN_REWARDS))
     raise ValueError(f"unknown reward {spec!r}; known rewards: {known}, or 'module:function'")
 
 
-def reward_name(reward: Reward) -> str:
+def _reward_name(reward: _Reward) -> str:
     """A readable name for error messages: ``module.qualname`` where available."""
     name = getattr(reward, "__qualname__", None) or getattr(reward, "__name__", None)
     module = getattr(reward, "__module__", None)
@@ -164,7 +164,7 @@ def reward_name(reward: Reward) -> str:
     return f"{module}.{name}" if module else name
 
 
-def real_number(value) -> float | None:
+def _real_number(value) -> float | None:
     """``value`` as a float if it is a real number (int, float, NumPy scalar, one-element real tensor);
     None for anything else, bools and strings such as ``"1.0"`` included."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool:
@@ -174,7 +174,7 @@ def real_number(value) -> float | None:
     return None
 
 
-def score(reward: Reward, prompts: Sequence[str], responses: Sequence[str], examples: Sequence[dict]) -> list[float]:
+def score(reward: _Reward, prompts: Sequence[str], responses: Sequence[str], examples: Sequence[dict]) -> list[float]:
     """``reward`` applied row by row; a raise, a value that is not a real number, or a non-finite one is a
     ValueError naming the row and its prompt."""
     if not len(prompts) == len(responses) == len(examples):
@@ -187,15 +187,15 @@ def score(reward: Reward, prompts: Sequence[str], responses: Sequence[str], exam
         try:
             returned = reward(prompt, response, example)
         except Exception as error:
-            raise ValueError(f"reward {reward_name(reward)} failed on row {row}: {error!r}") from error
-        value = real_number(returned)
+            raise ValueError(f"reward {_reward_name(reward)} failed on row {row}: {error!r}") from error
+        value = _real_number(returned)
         if value is None:
             raise ValueError(
-                f"reward {reward_name(reward)} returned {returned!r} ({type(returned).__name__}) on row {row} "
+                f"reward {_reward_name(reward)} returned {returned!r} ({type(returned).__name__}) on row {row} "
                 f"(prompt {prompt[:60]!r}): a reward must be a real number"
             )
         if not math.isfinite(value):
-            raise ValueError(f"reward {reward_name(reward)} returned {value} on row {row} (prompt {prompt[:60]!r})")
+            raise ValueError(f"reward {_reward_name(reward)} returned {value} on row {row} (prompt {prompt[:60]!r})")
         rewards.append(value)
     return rewards
 

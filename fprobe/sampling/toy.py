@@ -16,7 +16,7 @@ DEFAULT_DIGITS = 3
 _DIGITS_ONLY = re.compile(r"\d+")
 
 
-def random_addend(rng: random.Random, digits: int) -> int:
+def _random_addend(rng: random.Random, digits: int) -> int:
     """A number of 1 to ``digits`` digits, the length drawn uniformly first."""
     length = rng.randint(1, digits)
     low = 0 if length == 1 else 10 ** (length - 1)
@@ -30,7 +30,7 @@ def make_prompts(n: int, seed: int, digits: int = DEFAULT_DIGITS) -> list[dict]:
     rng = random.Random(seed)
     records = []
     for _ in range(n):
-        a, b = random_addend(rng, digits), random_addend(rng, digits)
+        a, b = _random_addend(rng, digits), _random_addend(rng, digits)
         records.append({"prompt": f"{a}+{b}=", "answer": str(a + b)})
     return records
 

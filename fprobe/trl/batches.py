@@ -9,8 +9,8 @@ import torch
 from fprobe.rl import losses
 from fprobe.rollouts import Rollouts
 
-TRL_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo")
-NOT_MODELLED_INPUTS = {
+_TRL_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo")
+_NOT_MODELLED_INPUTS = {
     "old_per_token_logps": "TRL kept old log-probs (num_iterations > 1, or steps_per_generation does not divide "
     "gradient_accumulation_steps): importance ratios other than 1 are not modelled",
     "ref_per_token_logps": "a KL term (beta > 0) is not modelled",
@@ -36,7 +36,7 @@ def static_skip_reason(trainer) -> str | None:
     """Why the step cross-check cannot model this run's loss, from its configuration (None if it can)."""
     args = trainer.args
     reasons = [
-        (trainer.loss_type not in TRL_LOSSES, f"loss_type {trainer.loss_type!r} is not one of {TRL_LOSSES}"),
+        (trainer.loss_type not in _TRL_LOSSES, f"loss_type {trainer.loss_type!r} is not one of {_TRL_LOSSES}"),
         (trainer.beta != 0.0, f"beta = {trainer.beta}: a KL term is not modelled"),
         (trainer.num_iterations > 1, f"num_iterations = {trainer.num_iterations}: ratios other than 1 are not modelled"),
         (trainer.use_vllm, "vLLM generation and its importance-sampling corrections are not modelled"),
@@ -62,7 +62,7 @@ def micro_batch_from_inputs(inputs: dict, accumulation_steps: int) -> MicroBatch
 
 def input_skip_reason(inputs: dict) -> str | None:
     """Why a micro-batch's loss is not one fprobe models (None if it is)."""
-    present = [why for key, why in NOT_MODELLED_INPUTS.items() if inputs.get(key) is not None]
+    present = [why for key, why in _NOT_MODELLED_INPUTS.items() if inputs.get(key) is not None]
     if present:
         return present[0]
     if inputs["advantages"].dim() != 1:

@@ -63,7 +63,7 @@ class Before(NamedTuple):
     seconds: float  # spent here, before the update
 
 
-def torch_optimizer(optimizer) -> torch.optim.Optimizer:
+def _torch_optimizer(optimizer) -> torch.optim.Optimizer:
     """The torch optimizer inside accelerate's wrapper."""
     return getattr(optimizer, "optimizer", optimizer)
 
@@ -99,7 +99,7 @@ class StepCapture(TrainerCallback):
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         self._uninstall()  # what a train() that raised (Ctrl-C, an error) left, which would count and capture twice
-        self._hook = torch_optimizer(optimizer).register_step_post_hook(self._count_update)
+        self._hook = _torch_optimizer(optimizer).register_step_post_hook(self._count_update)
         trainer, compute_loss = self.trainer, self.trainer.compute_loss
         self._own_compute_loss = vars(trainer).get("compute_loss")
 
@@ -161,7 +161,7 @@ class StepCapture(TrainerCallback):
         self._capturing = False
         start = time.perf_counter()
         step = state.global_step + 1
-        optimizer = torch_optimizer(optimizer)
+        optimizer = _torch_optimizer(optimizer)
         with self.cleaned_up_on_error():
             params = tree.tree_map(lambda p: p.detach().clone(), self.trainable())
             replay, reason = self._replayable(optimizer, params) if self.replay else (None, "check_step=False")

@@ -52,11 +52,11 @@ from fprobe.warnings import ImpreciseWarning, ShardingWarning, warn
 if TYPE_CHECKING:
     from fprobe.trl.sharded import ShardedTrlProbe
 
-PREFIX = "entropy_probe/"
+_PREFIX = "entropy_probe/"
 SE = ("h_orig_se", "h_upd_se", "delta_h_true_se", "delta_h1_se", "delta_h2_se", "ratio_se")
 LOGGED = ("h_orig", "delta_h_true", "delta_h1", "delta_h2", "ratio", "ess_fraction", "rounding_floor", "delta_l2", "lr",
           "step_rel_error", "h_orig_se", "delta_h_true_se", "delta_h1_se", "delta_h2_se", "ratio_se")
-IMPRECISE_RECORDS = 3  # consecutive records above the threshold before ImpreciseWarning
+_IMPRECISE_RECORDS = 3  # consecutive records above the threshold before ImpreciseWarning
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class ProbeSettings:
     estimate: Settings
 
 
-class EvalBatch(NamedTuple):
+class _EvalBatch(NamedTuple):
     """E, the sequence log-probs S^q of the policy q that sampled it (float64; None until measured: it is
     S(θ_k) of the step that sampled E, which that step's measurement computes), and q's step."""
 
@@ -87,7 +87,7 @@ class EvalBatch(NamedTuple):
 # checks at attach
 
 
-def check_trainer(trainer) -> bool:
+def _check_trainer(trainer) -> bool:
     """Whether the trainer's parameters are (or, with accelerate's FSDP2, will be at ``train()``) sharded by FSDP2:
     fprobe's sharded mode (``fprobe.trl.sharded``). TypeError unless ``trainer`` is a TRL GRPOTrainer; ValueError
     for accelerate's FSDP1 (flat parameters) and DeepSpeed (ZeRO's partitioned parameters and its own optimizer);
@@ -135,7 +135,7 @@ def check_eval_batch(E, model) -> None:
         )
 
 
-def open_records_file(out: Path, output_dir: str) -> None:
+def _open_records_file(out: Path, output_dir: str) -> None:
     """Open ``out`` for appending now (created, with its folders, if absent), so that a place that cannot take
     the records fails at attach and not at the first probed step: OSError where it cannot be opened,
     ValueError where it holds lines that are not JSON. Warns when it already holds records of this
@@ -153,18 +153,18 @@ def open_records_file(out: Path, output_dir: str) -> None:
              f"{steps[-1]}): those steps are not written again; remove the file for a fresh run")
 
 
-def relative_error(delta: tree.Params, reference: tree.Params) -> float | None:
+def _relative_error(delta: tree.Params, reference: tree.Params) -> float | None:
     """‖delta − reference‖ / ‖reference‖ (float64); None when the reference is 0."""
     size = float(tree.norm(reference))
     return float(tree.norm(tree.sub(delta, reference))) / size if size else None
 
 
-def worst_parameter(delta: tree.Params, reference: tree.Params) -> str:
+def _worst_parameter(delta: tree.Params, reference: tree.Params) -> str:
     """The name with the largest ‖delta − reference‖."""
     return tree.top_k(tree.sub(delta, reference), 1)[0][0]
 
 
-def sequence_logp(policy, params, E: Rollouts, micro_batch) -> torch.Tensor:
+def _sequence_logp(policy, params, E: Rollouts, micro_batch) -> torch.Tensor:
     """S_i = Σ_k ℓ_ik at ``params`` (float64)."""
     return passes.forward(policy, params, E, micro_batch).logp.sum(-1)
 
@@ -189,7 +189,7 @@ class TrlProbe:
     exactly one update has no numbers and says why in ``skipped``."""
 
     def __init__(self, trainer, facts: TrainerFacts, settings: ProbeSettings, prompts: list[dict], chat_template: bool,
-                 policy: Policy, E: EvalBatch | None):
+                 policy: Policy, E: _EvalBatch | None):
         self.trainer = trainer
         self.facts = facts
         self.settings = settings
@@ -233,16 +233,16 @@ class TrlProbe:
         )  # fprobe.sample also draws one update row, unused here
         return E
 
-    def _eval_batch(self, params, step: int) -> tuple[EvalBatch, float]:
+    def _eval_batch(self, params, step: int) -> tuple[_EvalBatch, float]:
         """A fresh E each step (``resample``), else the fixed one while the ESS fraction of the weights from its
         sampler to π_θk stays at or above the threshold, then a fresh one. Only a reused E needs S(θ_k) here."""
         fixed = self._fixed
         if fixed is not None and self._reuse:
-            logp = sequence_logp(self.policy, params, fixed.rollouts, self.settings.estimate.micro_batch)
+            logp = _sequence_logp(self.policy, params, fixed.rollouts, self.settings.estimate.micro_batch)
             ess = float(estimators.effective_sample_size(estimators.log_weights(logp, fixed.logp_sampler.to(logp.device))))
             if ess / len(logp) >= self.settings.estimate.ess_threshold:
                 return fixed, ess / len(logp)
-        return EvalBatch(self._sample(step), None, step), 1.0
+        return _EvalBatch(self._sample(step), None, step), 1.0
 
     # -- after the update: measure, cross-check, sink
 
@@ -255,7 +255,7 @@ class TrlProbe:
         record["step_seconds"] = captured.step_seconds
         self._sink(record, control)
 
-    def _measure(self, captured: CapturedStep, eval_batch: EvalBatch, sampler_ess: float, dropout: list[str]) -> dict:
+    def _measure(self, captured: CapturedStep, eval_batch: _EvalBatch, sampler_ess: float, dropout: list[str]) -> dict:
         record = {"step": captured.step, "updates": captured.updates, "lr": captured.lr, "n_eval": len(eval_batch.rollouts),
                   "eval_sampled_at": eval_batch.sampled_at, "sampler_ess_fraction": sampler_ess}
         if captured.updates != 1:
@@ -265,7 +265,7 @@ class TrlProbe:
         change = measure(self.policy, eval_batch.rollouts, captured.delta, captured.params, captured.new_params, captured.lr,
                          settings.estimate, logp_sampler=eval_batch.logp_sampler, second_order=settings.second_order)
         if self._reuse and eval_batch.logp_sampler is None:
-            self._fixed = EvalBatch(eval_batch.rollouts, change.context.rows0.logp, eval_batch.sampled_at)
+            self._fixed = _EvalBatch(eval_batch.rollouts, change.context.rows0.logp, eval_batch.sampled_at)
         measured = ("h_orig", "h_upd", "delta_h_true", "delta_h1", "delta_h2", "ess_fraction", "ess_low", "eval_dtype",
                     "rounding_floor", "rounding_floor_h1", "precision_low", *SE)
         record.update({key: getattr(change, key) for key in measured},
@@ -283,14 +283,14 @@ class TrlProbe:
         loss = losses.RowWeights(replay.row_weights)
         step = rl_step(self.policy, captured.params, replay.optimizer, replay.opt_state, replay.U, loss=loss,
                        max_grad_norm=replay.max_grad_norm, micro_batch=self.settings.estimate.micro_batch)
-        error = relative_error(step.delta, captured.delta)
+        error = _relative_error(step.delta, captured.delta)
         check = "ok" if not self.facts.low_precision else (
             f"ok (the trainer's forward ran under bf16/fp16 autocast, fprobe's replay in {str(self.policy.dtype).removeprefix('torch.')}: "
             "expect step_rel_error of that precision)")
         if error is None:
             check = f"no relative error: TRL's update is 0 (fprobe's replay: ‖Δθ‖ = {float(tree.norm(step.delta)):.3g})"
         out = {"step_check": check, "step_rel_error": error,
-               "step_rel_error_worst": None if error is None else worst_parameter(step.delta, captured.delta)}
+               "step_rel_error_worst": None if error is None else _worst_parameter(step.delta, captured.delta)}
         if self.settings.contributions:
             # on policy (ratio 1) the clip range changes neither the loss nor its derivative
             parts = decompose.decompose(change.context, step, replay.U, replay.optimizer, replay.opt_state, None, loss, 0.2,
@@ -304,11 +304,11 @@ class TrlProbe:
         self._warn_if_imprecise()
 
     def _warn_if_imprecise(self) -> None:
-        """Once per probe: an ``ImpreciseWarning`` when the last ``IMPRECISE_RECORDS`` records' se of ΔH_true all
+        """Once per probe: an ``ImpreciseWarning`` when the last ``_IMPRECISE_RECORDS`` records' se of ΔH_true all
         exceed ``rel_se_warning`` of |ΔH_true|, with the |E| that would reach it (the largest of their
         ``n_eval_for``)."""
-        threshold, recent = self.settings.rel_se_warning, self.records[-IMPRECISE_RECORDS:]
-        if threshold is None or self._warned_imprecise or len(recent) < IMPRECISE_RECORDS:
+        threshold, recent = self.settings.rel_se_warning, self.records[-_IMPRECISE_RECORDS:]
+        if threshold is None or self._warned_imprecise or len(recent) < _IMPRECISE_RECORDS:
             return
         relative = [r["delta_h_true_se"] / abs(r["delta_h_true"]) if r.get("delta_h_true_se") and r["delta_h_true"] else None
                     for r in recent]
@@ -317,7 +317,7 @@ class TrlProbe:
         self._warned_imprecise = True
         needed = max(r["n_eval_for"] for r in recent)
         warn(
-            f"the standard error of ΔH_true has stayed above {threshold:.0%} of |ΔH_true| for {IMPRECISE_RECORDS} probed "
+            f"the standard error of ΔH_true has stayed above {threshold:.0%} of |ΔH_true| for {_IMPRECISE_RECORDS} probed "
             f"steps (latest {relative[-1]:.0%} with |E| = {recent[-1]['n_eval']}): these entropy changes are mostly "
             f"sampling noise; |E| ≈ {needed} would reach {threshold:.0%} (attach(..., n_eval={needed}))",
             ImpreciseWarning,
@@ -333,10 +333,10 @@ def sink(trainer, out: Path | None, records: list[dict], record: dict, control) 
     if out is not None:
         key = {"output_dir": str(Path(trainer.args.output_dir).resolve()), "step": record["step"]}
         files.append_json_line(out, {"key": key, **record}, "key", "probe records")
-    log_to_trainer(trainer, control, {PREFIX + key: record[key] for key in LOGGED if record.get(key) is not None})
+    _log_to_trainer(trainer, control, {_PREFIX + key: record[key] for key in LOGGED if record.get(key) is not None})
 
 
-def log_to_trainer(trainer, control, logs: dict) -> None:
+def _log_to_trainer(trainer, control, logs: dict) -> None:
     """``transformers.Trainer.log``: the log history and every reporting callback get ``logs`` at this step.
     Not TRL's own ``log``, which would take and clear the metrics TRL is collecting for its next log; and
     the trainer's pending ``should_log`` (which ``on_log`` clears) is kept, so its own log still happens."""
@@ -388,7 +388,7 @@ def attach(
     """
     from fprobe.trl import sharded
 
-    sharded_mode = check_trainer(trainer)
+    sharded_mode = _check_trainer(trainer)
     if any(isinstance(c, StepCapture) for c in trainer.callback_handler.callbacks):
         raise ValueError("an fprobe probe is already attached to this trainer")
     checks.positive_int(every, "every", "steps")
@@ -421,7 +421,7 @@ def attach(
         sharded.check_settings(E, resample, second_order, contributions, gather)
         sharded.check_model(model)
         if out is not None and distributed.is_main():
-            open_records_file(Path(out), trainer.args.output_dir)
+            _open_records_file(Path(out), trainer.args.output_dir)
         probe = sharded.ShardedTrlProbe(trainer, facts, settings, records, chat_template, gather)
         trainer.add_callback(probe.capture)
         return probe
@@ -430,9 +430,9 @@ def attach(
         policy = Policy(model, temperature=facts.temperature, eval_dtype=eval_dtype)
         if E is not None:
             check_eval_batch(E, model)
-            fixed = EvalBatch(E, sequence_logp(policy, policy.params, E, micro_batch), trainer.state.global_step)
+            fixed = _EvalBatch(E, _sequence_logp(policy, policy.params, E, micro_batch), trainer.state.global_step)
     if out is not None and distributed.is_main():
-        open_records_file(Path(out), trainer.args.output_dir)
+        _open_records_file(Path(out), trainer.args.output_dir)
     probe = TrlProbe(trainer, facts, settings, records, chat_template, policy, fixed)
     trainer.add_callback(probe.capture)
     return probe

@@ -3,7 +3,7 @@
 from fprobe.sampling.prompts import is_conversation
 
 
-def is_single_user_turn(prompt) -> bool:
+def _is_single_user_turn(prompt) -> bool:
     """A conversational prompt that is one user message with text content."""
     return isinstance(prompt, list) and len(prompt) == 1 and prompt[0].get("role") == "user" and isinstance(prompt[0].get("content"), str)
 
@@ -44,7 +44,7 @@ def dataset_prompts(trainer) -> tuple[list[dict], bool]:
     prompts = list(dataset["prompt"])
     if all(isinstance(p, str) for p in prompts):
         return [{"prompt": p} for p in prompts], False
-    if all(is_single_user_turn(p) for p in prompts):
+    if all(_is_single_user_turn(p) for p in prompts):
         return [{"prompt": p[0]["content"]} for p in prompts], True
     if all(is_conversation(p) for p in prompts):
         return [{"prompt": list(p)} for p in prompts], True

@@ -32,8 +32,8 @@ from fprobe.trl import probe
 from fprobe.trl.capture import StepCapture, TrainerFacts
 from fprobe.trl.prompts import TrainerChatTemplate
 
-QUANTITIES = ("h_orig", "h_upd", "delta_h_true", "delta_h1", "ratio", "ess_fraction", "delta_l2")
-NOT_SHARDED = "skipped: the replay needs whole parameters, and this run's are sharded (FSDP2)"
+_QUANTITIES = ("h_orig", "h_upd", "delta_h_true", "delta_h1", "ratio", "ess_fraction", "delta_l2")
+_NOT_SHARDED = "skipped: the replay needs whole parameters, and this run's are sharded (FSDP2)"
 
 
 def check_settings(E, resample: bool, second_order: bool, contributions: bool, gather: bool) -> None:
@@ -60,12 +60,12 @@ def check_settings(E, resample: bool, second_order: bool, contributions: bool, g
 def check_model(model: torch.nn.Module) -> None:
     """ValueError for what the sharded mode cannot measure in a model that is sharded already (accelerate shards at
     ``train()``, which checks then): tied embeddings under native FSDP2, sharding other than FSDP2 over every rank."""
-    check_tied_embeddings(model)
+    _check_tied_embeddings(model)
     if distributed.is_sharded(model):
         sharded.check_sharded(model)
 
 
-def check_tied_embeddings(model: torch.nn.Module) -> None:
+def _check_tied_embeddings(model: torch.nn.Module) -> None:
     """ValueError for tied input and output embeddings in a model sharded by transformers' native FSDP2: after one
     optimizer step its logits are far (≈25 on a tiny Qwen2) from an unsharded replica with the same named parameters."""
     output = model.get_output_embeddings()
@@ -143,7 +143,7 @@ class ShardedTrlProbe:
     def _after_update(self, captured: CapturedStep, context: tuple, control) -> None:
         E, start, state, seconds = context
         started = time.perf_counter()
-        record = {"step": captured.step, "mode": "sharded", "quantities": list(QUANTITIES), "updates": captured.updates,
+        record = {"step": captured.step, "mode": "sharded", "quantities": list(_QUANTITIES), "updates": captured.updates,
                   "lr": captured.lr, "n_eval": len(E), "eval_sampled_at": captured.step, "sampler_ess_fraction": 1.0}
         if captured.updates != 1:
             reason = f"{captured.updates} optimizer updates in this step (exactly one expected): no numbers"
@@ -152,7 +152,7 @@ class ShardedTrlProbe:
             with self.capture.cleaned_up_on_error(), modes_kept(self.model):
                 change = sharded.after_update(self._policy(), E, start, captured.delta, self.settings.estimate.micro_batch)
             record.update(change._asdict(), delta_h2=None, ratio=change.delta_h_true / change.delta_h1 if change.delta_h1 else None,
-                          step_check=NOT_SHARDED, step_rel_error=None)
+                          step_check=_NOT_SHARDED, step_rel_error=None)
             if self.gather:
                 with self.capture.cleaned_up_on_error():
                     record.update(self._gathered_numbers(E, state))
