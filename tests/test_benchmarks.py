@@ -208,8 +208,9 @@ DOCUMENTED = re.compile(r"^\s*python benchmarks/(\w+)\.py([^#\n]*)", re.MULTILIN
 
 
 def documented_command_lines(text: str, name: str) -> list[list[str]]:
-    """The arguments of each ``python benchmarks/<name>.py ...`` line in ``text`` (comments cut off)."""
-    return [shlex.split(rest) for script, rest in DOCUMENTED.findall(text) if script == name]
+    """The arguments of each ``python benchmarks/<name>.py ...`` line in ``text`` (comments cut off, lines continued
+    with a backslash joined)."""
+    return [shlex.split(rest) for script, rest in DOCUMENTED.findall(text.replace("\\\n", " ")) if script == name]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

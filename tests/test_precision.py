@@ -81,7 +81,22 @@ def test_frozen_bf16_base_of_a_lora_adapter_is_computed_in_float32():
     assert torch.equal(ours[mask], expected[mask])
 
 
-def test_no_autocast_inside_fprobe_calls_neither_the_callers_nor_accelerates_forward_wrapper():
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate's process-wide state cleared for this test (an earlier trainer in the same process set its mixed
+    precision, which a new ``Accelerator`` may not change) and put back after it."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    saved = [(cls, dict(cls._shared_state)) for cls in (AcceleratorState, PartialState, GradientState)]
+    for cls, _ in saved:
+        cls._shared_state.clear()
+    yield
+    for cls, state in saved:
+        cls._shared_state.clear()
+        cls._shared_state.update(state)
+
+
+def test_no_autocast_inside_fprobe_calls_neither_the_callers_nor_accelerates_forward_wrapper(fresh_accelerator_state):
     from accelerate import Accelerator
 
     model = tiny_model("qwen2", torch.float32)

@@ -184,7 +184,8 @@ def perturbed_rounding(seed: int):
     by (1 + u·ξ), ξ uniform in [−1, 1] from fprobe's own generator (``seed``), u that dtype's unit roundoff — one
     random rounding of each operation (Monte Carlo arithmetic), for ``fprobe.entropy.precision``'s rounding floor.
     Narrower results (float32 rotary angles of a float64 model, from float32 buffers and positions) do not depend on
-    the parameters: their rounding is the same at θ₀ and θ₀+Δθ, so they are left as they are."""
+    the parameters: their rounding is the same at θ₀ and θ₀+Δθ, so they are left as they are; so are results that are
+    whole numbers (masks, one-hot routing tables, token counts), which no rounding touches."""
     token = _ROUNDING.set({"seed": seed, "generators": {}})
     try:
         yield
@@ -196,8 +197,8 @@ def _perturbed(out, rounding: dict, dtype: torch.dtype):
     """``out`` (a tensor, or a tuple/list of them) with its ``dtype`` tensors perturbed as ``perturbed_rounding`` says."""
     if isinstance(out, (tuple, list)):
         return type(out)(_perturbed(x, rounding, dtype) for x in out) if not hasattr(out, "_fields") else out
-    if not (isinstance(out, torch.Tensor) and out.dtype == dtype and out.numel()):
-        return out
+    if not (isinstance(out, torch.Tensor) and out.dtype == dtype and out.numel()) or bool((out == out.trunc()).all()):
+        return out  # whole numbers (masks, one-hots, counts) are exact: perturbed, a count of 1.0 could truncate to 0
     device = out.device
     generators = rounding["generators"]
     if device not in generators:
