@@ -31,7 +31,7 @@ import torch  # noqa: E402
 import fprobe  # noqa: E402
 from benchmarks import common  # noqa: E402
 from fprobe import tree  # noqa: E402
-from fprobe.model.policy import Numerics  # noqa: E402
+from fprobe.model.numerics import Numerics  # noqa: E402
 
 CHUNK = 1024
 

@@ -21,7 +21,8 @@ from fprobe.model import attention
 from fprobe.model import passes
 from fprobe import tree
 from fprobe.model.attention import fprobe_attention, mask_blocks, repeat_kv_heads
-from fprobe.model.policy import Numerics, position_ids_from_mask
+from fprobe.model.numerics import Numerics
+from fprobe.model.policy import position_ids_from_mask
 from fprobe.model.tokens import chunked_statistics, left_aligned, scatter_rows, token_stats
 
 ARCHS = ["gpt2", "llama", "qwen2"]

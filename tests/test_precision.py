@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import fprobe
 from fprobe import tree
-from fprobe.model.policy import exact_delta, perturbed_rounding
+from fprobe.model.numerics import exact_delta, perturbed_rounding
 
 
 def tiny_model(arch: str, dtype: torch.dtype):

@@ -30,7 +30,7 @@ from fprobe.trl import batches as trl_batches
 from fprobe.trl import prompts as trl_prompts
 from fprobe.trl import probe as trl_probe
 from fprobe.sampling import toy
-from fprobe.model.policy import Numerics
+from fprobe.model.numerics import Numerics
 
 TOKENIZER = AutoTokenizer.from_pretrained(str(toy.DEFAULT_MODEL_PATH))
 DATASET = Dataset.from_list(toy.make_prompts(64, 0))

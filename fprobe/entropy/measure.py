@@ -17,7 +17,7 @@ from fprobe.entropy import estimators, precision, sweep, uncertainty
 from fprobe.entropy.context import Context, batch_tensors, snis_at, tensor_versions, warn_if_low_ess
 from fprobe.entropy.settings import EstimatorOptions, Settings, settings_from
 from fprobe.model import passes
-from fprobe.model.policy import upcast
+from fprobe.model.numerics import upcast
 from fprobe.model.tokens import TokenStats
 from fprobe.records import internal
 from fprobe.rollouts import Rollouts
@@ -243,7 +243,7 @@ def measure(policy, E: Rollouts, delta, params, new_params, lr: float | None, se
 
 def _check_delta(params: tree.Params, delta) -> tree.Params:
     """``delta`` like ``params`` (``tree.check_like``), in their dtype, or in float32 for bf16/fp16 ones (``Step.delta``,
-    ``fprobe.model.policy.exact_delta``)."""
+    ``fprobe.model.numerics.exact_delta``)."""
     float32 = lambda name: isinstance(delta.get(name), torch.Tensor) and delta[name].dtype == torch.float32
     return tree.check_like({name: upcast(p, torch.float32) if float32(name) else p for name, p in params.items()}, delta, "delta")
 

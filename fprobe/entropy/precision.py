@@ -2,7 +2,7 @@
 compute in (``Policy.dtype``), estimated by Monte Carlo arithmetic, and the warning when |ΔH_true| is not well above it.
 
 One extra jvp of a few rows of E runs with every floating result of the model's operations perturbed by one random
-rounding (×(1 + u·ξ), ξ ~ U[−1, 1], u the unit roundoff of the result's dtype: ``fprobe.model.policy.perturbed_rounding``).
+rounding (×(1 + u·ξ), ξ ~ U[−1, 1], u the unit roundoff of the result's dtype: ``fprobe.model.numerics.perturbed_rounding``).
 Its per-row differences from the plain pass, d_S,i, d_H,i (statistics) and d_i (row i's part of δH₁), are two rounding
 realisations apart, so each has twice the variance of one pass's rounding error. Propagated to first order through
 Ĥ = Σ w_i H_i / Σ w_i D_i (∂Ĥ/∂H_i = w_i/ΣwD, ∂Ĥ/∂S_i = w_i (H_i − Ĥ D_i)/ΣwD through the log-weights; w_i = 1 at θ₀
@@ -27,7 +27,7 @@ import torch
 from fprobe import tree
 from fprobe.entropy import estimators
 from fprobe.model import passes
-from fprobe.model.policy import perturbed_rounding
+from fprobe.model.numerics import perturbed_rounding
 from fprobe.model.tokens import TokenStats
 from fprobe.rollouts import Rollouts
 from fprobe.warnings import PrecisionWarning, warn

@@ -9,7 +9,7 @@ import torch
 
 from fprobe.rl import losses
 from fprobe.model import passes
-from fprobe.model.policy import exact_delta
+from fprobe.model.numerics import exact_delta
 from fprobe import tree
 from fprobe.rl.optim import Optimizer, clip_by_global_norm
 from fprobe.rollouts import Rollouts

@@ -18,7 +18,7 @@ import torch
 from transformers import TrainerCallback
 
 from fprobe import distributed, tree
-from fprobe.model.policy import exact_delta
+from fprobe.model.numerics import exact_delta
 from fprobe.rl import optim
 from fprobe.rl.capture import CapturedStep, Replayable
 from fprobe.trl import batches
