@@ -14,7 +14,7 @@ def learning_rate(value, name: str = "lr") -> float:
     except (TypeError, ValueError):
         rate = math.nan
     if isinstance(value, bool) or not (math.isfinite(rate) and rate >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
     return rate
 
 

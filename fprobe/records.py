@@ -46,6 +46,11 @@ def format_number(value) -> str:
     return str(value)
 
 
+def cell(value: float | None, width: int) -> str:
+    """A number right-aligned in ``width`` columns to 4 significant digits; "—" for None."""
+    return f"{'—':>{width}}" if value is None else f"{value:>{width}.4g}"
+
+
 def table(title: str, rows: list[tuple[str, object]]) -> str:
     """A two-column text table."""
     width = max(len(name) for name, _ in rows)

@@ -124,7 +124,7 @@ class Contributions(records.Record):
                 ("relative residual", self.relative_residual),
             ],
         )
-        fmt = lambda v, w: f"{'—':>{w}}" if v is None else f"{v:>{w}.4g}"
+        fmt = records.cell
         head = f"{'row':>4} {'group':>5} {'reward':>8} {'advantage':>10} {'T':>4} {'mean logp':>10} {'δH_j':>12}"
         lines = [
             f"{r['row']:>4} {'—' if r['group'] is None else r['group']:>5} {fmt(r['reward'], 8)} {fmt(r['advantage'], 10)} "

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fprobe import records
+from fprobe import checks, records
 from fprobe import tree
 from fprobe.entropy import estimators, uncertainty
 from fprobe.entropy.context import snis_at, warn_if_low_ess
@@ -48,7 +48,7 @@ class SweepResult(records.Record):
 
     def __repr__(self) -> str:
         head = f"{'lr':>11} {'ΔH_true':>21} {'δH₁':>21} {'δH₁+δH₂':>21} {'ratio':>17} {'ESS frac':>9}"
-        fmt = lambda v, w: f"{'—':>{w}}" if v is None else f"{v:>{w}.4g}"
+        fmt = records.cell
         pm = lambda r, k, w: fmt(r[k], w) if r[f"{k}_se"] is None else f"{r[k]:.4g} ± {r[f'{k}_se']:.2g}".rjust(w)
         lines = [
             f"{fmt(r['lr'], 11)} {pm(r, 'delta_h_true', 21)} {pm(r, 'delta_h1', 21)} {pm(r, 'delta_h12', 21)} "
@@ -88,10 +88,7 @@ def sweep(change, lrs, progress: bool = False) -> SweepResult:
     if lr0 == 0:
         raise ValueError("the probe's learning rate is 0, so its Δθ = 0 cannot be rescaled to other learning rates")
     ctx = change.context
-    lrs = [float(lr) for lr in lrs]
-    bad = [lr for lr in lrs if not (math.isfinite(lr) and lr >= 0)]
-    if bad:
-        raise ValueError(f"learning rates must be finite and >= 0, got {bad}")
+    lrs = [checks.learning_rate(lr, "each learning rate of the sweep") for lr in lrs]
     if not any(lr > 0 for lr in lrs):
         raise ValueError(f"a sweep needs at least one learning rate > 0, got {lrs}")
     true, first, both, ratio, ess, low = [], [], [], [], [], []

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import optree
 import torch
 
+from fprobe import checks
 from fprobe.rl import losses
 from fprobe.model import passes
 from fprobe.model.numerics import exact_delta
@@ -60,7 +61,7 @@ class Step:
 
 
 def _check_step_options(optimizer: Optimizer, opt_state, params, lr, clip, max_grad_norm) -> None:
-    """Before any pass: a finite, non-negative learning rate and clip range, a finite positive
+    """Before any pass: a learning rate by ``fprobe.checks``' rule, a finite, non-negative clip range, a finite positive
     ``max_grad_norm`` (a negative one would flip the step), and an ``opt_state`` of this optimizer whose
     tensors are keyed by these parameters' names, with their shapes, dtypes and devices (a wrong shape
     would broadcast silently)."""
@@ -70,9 +71,7 @@ def _check_step_options(optimizer: Optimizer, opt_state, params, lr, clip, max_g
         except (TypeError, ValueError, RuntimeError):
             return float("nan")
 
-    rate = optimizer.lr if lr is None else lr
-    if not (math.isfinite(real(rate)) and real(rate) >= 0):
-        raise ValueError(f"the learning rate must be a finite number >= 0, got {rate!r}")
+    checks.learning_rate(optimizer.lr if lr is None else lr, "the learning rate")
     if not (math.isfinite(real(clip)) and real(clip) >= 0):
         raise ValueError(f"clip must be a finite number >= 0, got {clip!r}")
     if max_grad_norm is not None and not (math.isfinite(real(max_grad_norm)) and real(max_grad_norm) > 0):
