@@ -378,3 +378,21 @@ def write_json(path: str | None, payload) -> None:
         with open(tmp, "w") as f:
             json.dump(payload, f, indent=1, default=str)
         os.replace(tmp, path)
+
+
+def bare_step(model, U, micro_batch, lr: float):
+    """One dr_grpo training step the plain way: loss.backward() per micro-batch, AdamW.step() in place."""
+    device = next(model.parameters()).device
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.01)
+    normaliser = len(U) * U.max_response_length
+    for mb in U.micro_batches(micro_batch):
+        ids, attn = mb.input_ids.to(device), mb.attention_mask.to(device)
+        logits = model(ids, attention_mask=attn, position_ids=fprobe.model.policy.position_ids_from_mask(attn), use_cache=False).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
+        weights = mb.advantages.to(device, torch.float32)[:, None] * mb.response_mask[:, 1:].to(device)
+        (-(weights * logp).sum() / normaliser).backward()
+        del logits, logp
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return optimizer

@@ -17,7 +17,6 @@ import torch  # noqa: E402
 
 import fprobe  # noqa: E402
 from benchmarks import common  # noqa: E402
-from fprobe.model.policy import position_ids_from_mask  # noqa: E402
 
 LR = 1e-5
 
@@ -29,23 +28,6 @@ def make_setup(arch, size, lora, dtype, device, n, length, seed=0):
     return policy, common.make_rollouts(n, length, vocab, seed=seed + 1), common.make_rollouts(n, length, vocab, seed=seed + 2)
 
 
-def bare_step(model, U, micro_batch):
-    """One dr_grpo training step the plain way: loss.backward() per micro-batch, AdamW.step() in place."""
-    device = next(model.parameters()).device
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=0.01)
-    normaliser = len(U) * U.max_response_length
-    for mb in U.micro_batches(micro_batch):
-        ids, attn = mb.input_ids.to(device), mb.attention_mask.to(device)
-        logits = model(ids, attention_mask=attn, position_ids=position_ids_from_mask(attn), use_cache=False).logits
-        logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
-        weights = mb.advantages.to(device, torch.float32)[:, None] * mb.response_mask[:, 1:].to(device)
-        (-(weights * logp).sum() / normaliser).backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return optimizer
-
-
 def memory_worker(setup_args, method, micro_batch, device):
     policy, U, E = make_setup(*setup_args)
     one_row = U.select(slice(0, 1))
@@ -55,7 +37,7 @@ def memory_worker(setup_args, method, micro_batch, device):
         fprobe.token_stats(policy, policy.params, one_row)
     meter = common.MemoryMeter(device).start()
     if method == "bare step":
-        kept = bare_step(policy.model, U, micro_batch)
+        kept = common.bare_step(policy.model, U, micro_batch, LR)
     else:
         kept = fprobe.probe(policy, E, U, opt, micro_batch=micro_batch, method="grad" if method == "probe (grad)" else "jvp")
     result = meter.stop()

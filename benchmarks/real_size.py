@@ -76,24 +76,6 @@ def adamw():
     return fprobe.optim.adamw(lr=LR, weight_decay=0.01, **extra)
 
 
-def bare_step(model, U, micro_batch):
-    """One dr_grpo training step the plain way: loss.backward() per micro-batch, AdamW.step() in place."""
-    device = next(model.parameters()).device
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=0.01)
-    normaliser = len(U) * U.max_response_length
-    for mb in U.micro_batches(micro_batch):
-        ids, attn = mb.input_ids.to(device), mb.attention_mask.to(device)
-        logits = model(ids, attention_mask=attn, position_ids=position_ids_from_mask(attn), use_cache=False).logits
-        logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
-        weights = mb.advantages.to(device, torch.float32)[:, None] * mb.response_mask[:, 1:].to(device)
-        (-(weights * logp).sum() / normaliser).backward()
-        del logits, logp
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return optimizer
-
-
 def bare_forward(model, E, micro_batch):
     """The model's logits over E, no graph (the trainer's forward on its own attention)."""
     device = next(model.parameters()).device
@@ -123,7 +105,7 @@ def time_mode(args, lora):
     delta = delta_of(policy, U, mb)
     opt = adamw()
     methods = {
-        "bare step": lambda: bare_step(policy.model, U, mb),
+        "bare step": lambda: common.bare_step(policy.model, U, mb, LR),
         "rl_step": lambda: fprobe.rl_step(policy, policy.params, opt, opt.init(policy.params), U, micro_batch=mb),
         "bare forward": lambda: bare_forward(policy.model, E, mb),
         "forward": lambda: passes.forward(policy, policy.params, E, mb),
@@ -156,7 +138,7 @@ def memory_worker(args, lora, method):
     meter = common.MemoryMeter(args.device).start()
     opt = adamw()
     if method == "bare step":
-        kept = bare_step(policy.model, U, mb)
+        kept = common.bare_step(policy.model, U, mb, LR)
     elif method == "rl_step":
         kept = fprobe.rl_step(policy, policy.params, opt, opt.init(policy.params), U, micro_batch=mb)
     elif method == "probe":
