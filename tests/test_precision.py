@@ -127,6 +127,20 @@ def test_exact_delta_is_the_float64_difference_of_bf16_weights():
     assert not torch.equal((new["w"] - old["w"]).double(), exact)
 
 
+def test_exact_delta_into_reuses_only_matching_memory():
+    """``into``: the difference lands in the given tensor where shape and dtype agree (the step's dead gradient), and
+    equals the plain difference; a bf16 weight's float32 Δθ and a mismatched shape get fresh tensors."""
+    g = torch.Generator().manual_seed(0)
+    old = {"a": torch.randn(5, generator=g), "b": torch.randn(3, generator=g).bfloat16(), "c": torch.randn(2, generator=g)}
+    new = {k: v + 0.1 for k, v in old.items()}
+    into = {"a": torch.empty(5), "b": torch.empty(3, dtype=torch.bfloat16), "c": torch.empty(4)}
+    delta = exact_delta(new, old, into=into)
+    assert all(torch.equal(delta[k], exact_delta(new, old)[k]) for k in old)
+    assert delta["a"].data_ptr() == into["a"].data_ptr()
+    assert delta["b"].dtype == torch.float32 and delta["b"].data_ptr() != into["b"].data_ptr()
+    assert delta["c"].data_ptr() != into["c"].data_ptr()
+
+
 def test_eval_dtype_must_be_float32_or_float64_and_not_below_the_weights():
     model32, model64 = tiny_model("gpt2", torch.float32), tiny_model("gpt2", torch.float64)
     assert fprobe.Policy(model32, eval_dtype=torch.float64).dtype == torch.float64

@@ -49,11 +49,20 @@ def upcast(x, dtype: torch.dtype):
     return x.to(dtype) if isinstance(x, torch.Tensor) and narrower(x.dtype, dtype) else x
 
 
-def exact_delta(new: tree.Params, old: tree.Params) -> tree.Params:
+def exact_delta(new: tree.Params, old: tree.Params, into: tree.Params | None = None) -> tree.Params:
     """Δθ = new − old in float32 at least. The difference of two bf16/fp16 values is exact in float32 (unless one is
     below 2⁻¹⁶ of the other, where it rounds by 2⁻²⁴ of itself), but not in their own dtype (a weight that crosses
-    zero or changes by more than half of itself)."""
-    return tree.tree_map(lambda a, b: torch.sub(upcast(a, torch.float32), upcast(b, torch.float32)), new, old)
+    zero or changes by more than half of itself). ``into``: a tree the caller no longer needs (the step's gradient),
+    whose tensors receive the differences where shape and dtype agree: one parameter-sized allocation less."""
+
+    def difference(name: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        a, b = upcast(a, torch.float32), upcast(b, torch.float32)
+        out = None if into is None else into.get(name)
+        if out is not None and out.shape == a.shape and out.dtype == torch.result_type(a, b) and out.device == a.device:
+            return torch.sub(a, b, out=out)
+        return torch.sub(a, b)
+
+    return {name: difference(name, new[name], old[name]) for name in new}
 
 
 _CASTS = {torch.Tensor.float: torch.float32, torch.Tensor.half: torch.float16, torch.Tensor.bfloat16: torch.bfloat16}

@@ -119,6 +119,25 @@ def _zero_start(x: torch.Tensor) -> torch.Tensor:
     return x.new_zeros(()).expand_as(x)
 
 
+def _scratch(tensors: list[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``like(x)``: an uninitialised tensor shaped like ``x``, carved from one buffer per dtype and device sized for
+    the largest of ``tensors``, for a temporary that dies before the next one is made (AdamW's denominator in
+    torch's single-tensor loop): the same values as a fresh tensor, without a parameter tree's worth of fresh
+    memory (on a CPU, the page faults of fresh memory cost more than the arithmetic)."""
+    sizes: dict[tuple, int] = {}
+    for x in tensors:
+        sizes[x.dtype, x.device] = max(sizes.get((x.dtype, x.device), 0), x.numel())
+    buffers: dict[tuple, torch.Tensor] = {}
+
+    def like(x: torch.Tensor) -> torch.Tensor:
+        key = (x.dtype, x.device)
+        if key not in buffers or buffers[key].numel() < x.numel():
+            buffers[key] = torch.empty(max(sizes.get(key, 0), x.numel()), dtype=x.dtype, device=x.device)
+        return buffers[key][: x.numel()].view(x.shape)
+
+    return like
+
+
 def _by_group(params: Mapping[str, torch.Tensor], key: Callable[[str], tuple]) -> dict[tuple, list[str]]:
     """Names grouped by ``key(name)`` (their hyperparameters), in order of first appearance."""
     groups: dict[tuple, list[str]] = {}
@@ -162,6 +181,7 @@ def adamw(
     def single_tensor(h, rate, names, grads, state, params, out):
         """torch's ``_single_tensor_adam`` for one group, functionally; writes into the ``out`` trees."""
         new_params, exp_avg, exp_avg_sq = out
+        scratch = _scratch([params[n] for n in names])
         for name in names:
             p, g, step = params[name], grads[name], state.step.get(name, 0) + 1
             decayed = h["weight_decay"] != 0
@@ -172,7 +192,7 @@ def adamw(
             v = _zero_start(g).addcmul(g, g, value=1 - h["beta2"]) if v_start is None else (
                 (v_start * h["beta2"]).addcmul_(g, g, value=1 - h["beta2"]))
             step_size = rate / (1 - h["beta1"] ** float(step))
-            denom = v.sqrt().div_((1 - h["beta2"] ** float(step)) ** 0.5).add_(h["eps"])
+            denom = torch.sqrt(v, out=scratch(v)).div_((1 - h["beta2"] ** float(step)) ** 0.5).add_(h["eps"])
             new_params[name] = p.addcdiv_(m, denom, value=-step_size) if decayed else p.addcdiv(m, denom, value=-step_size)
             exp_avg[name], exp_avg_sq[name] = m, v
 

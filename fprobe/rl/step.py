@@ -137,10 +137,10 @@ def rl_step(
     if max_grad_norm is not None:
         grads, clip_coef = clip_by_global_norm(grads, max_grad_norm)
     new_params, new_state, lost = _apply_update(optimizer, grads, opt_state, params, lr)
-    del grads  # one parameter-sized tree less at the step's peak
     tree.check_finite(new_params, "the updated value")
     _warn_if_update_lost(lost, params)
-    delta = exact_delta(new_params, params)
+    delta = exact_delta(new_params, params, into=grads)  # the gradient's memory, no longer needed, holds Δθ
+    del grads
     return Step(
         params=new_params,
         opt_state=new_state,
