@@ -50,15 +50,19 @@ SHAPES = {  # hidden, layers, heads, KV heads, MLP, vocabulary
 LR = 1e-5
 
 
+def config_of(shape: str, bos: int = 0, eos: int = 1, pad: int | None = None) -> Qwen2Config:
+    """A Qwen2 configuration of ``shape`` (Qwen2.5's tied embeddings and rotary base) with these special tokens."""
+    return Qwen2Config(**SHAPES[shape], max_position_embeddings=4096, tie_word_embeddings=True, rope_theta=1e6,
+                       bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
+
+
 def build(shape: str, device, lora: bool, rank: int = 16):
     """A random Qwen2 of ``shape`` on ``device`` (SDPA attention, as a trainer holds it), optionally with LoRA on q/v."""
     from peft import LoraConfig, get_peft_model
 
-    config = Qwen2Config(**SHAPES[shape], max_position_embeddings=4096, tie_word_embeddings=True, rope_theta=1e6,
-                         bos_token_id=0, eos_token_id=1)
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa").eval()
+        model = AutoModelForCausalLM.from_config(config_of(shape), dtype=torch.float32, attn_implementation="sdpa").eval()
     if lora:
         config = LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
         model = get_peft_model(model, config).eval()

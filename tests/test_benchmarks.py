@@ -21,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
-SCRIPTS = ("jvp_vs_grad", "probe_vs_imperative", "scaling", "long_sequences", "probe_memory", "real_size", "decompose_cost")
+SCRIPTS = ("jvp_vs_grad", "probe_vs_imperative", "scaling", "long_sequences", "probe_memory", "real_size", "decompose_cost", "trl_cost")
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +105,15 @@ def test_decompose_cost_quick(quick_runs):
     stdout, result = result_of(quick_runs, "decompose_cost")
     assert result["relative_residual"] < 1e-10, "the per-sequence parts must sum to δH₁"
     assert "contributions() / (vjp on E + jvp on U)" in stdout
+
+
+def test_trl_cost_quick(quick_runs):
+    stdout, result = result_of(quick_runs, "trl_cost")
+    records = result["records"]
+    assert [r["step"] for r in records] == [1, 2], "every step of the quick run is probed"
+    assert all(r["delta_l2"] > 0 and r["delta_h_true"] is not None for r in records), "a real update, measured"
+    ratios = sorted(r["probe_seconds"] / r["step_seconds"] for r in records)
+    assert result["ratio"] == pytest.approx(sum(ratios) / 2) and "median probe / step" in stdout
 
 
 class Parsed(Exception):
