@@ -135,6 +135,9 @@ def test_bf16_weights_are_measured_in_the_eval_dtype(runs):
     want = fprobe.entropy_change(policy, E, exact_delta(theta_k1, theta_k), params=theta_k, new_params=theta_k1, micro_batch=None)
     for rank in ranks:
         assert rank["resharded"]
+        # fprobe's numerics change no operation FSDP2 runs itself (all-gathers, copy-in/out, resharding); the spy sees
+        # them (with a mixed-precision param_dtype it finds FSDP2's cast of forward inputs, _cast_fp_tensor)
+        assert rank["altered_in_fsdp2"] == set()
         got, plain = rank["records"]["upcast"], rank["records"]["bf16 activations"]
         assert got["eval_dtype"] == "torch.float64" and abs(want.delta_h_true) > 1e-5
         assert abs(got["h_orig"] - want.h_orig) <= 1e-12 and abs(got["delta_h_true"] - want.delta_h_true) <= 1e-12

@@ -11,6 +11,7 @@ runs' final shards, losses and optimizer states.
 no-grad forward leaves parameters gathered, whether ``reshard`` frees them, and ``fprobe.Policy``'s refusal.
 """
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -93,6 +94,30 @@ def engine(model_dir: str, out_dir: Path) -> None:
     torch.save({"probed": probed, "plain": plain, "E": E}, out_dir / f"rank{dist.get_rank()}.pt")
 
 
+@contextlib.contextmanager
+def altered_in_fsdp2():
+    """Within: the FSDP2 functions (``torch.distributed.fsdp._fully_shard``) from which fprobe's ``Numerics`` is handed a
+    torch function it changes (a cast kept in the computation's dtype, an upcast matmul or lookup), as a set of names."""
+    import traceback
+
+    from fprobe.model import numerics
+
+    found, original = set(), numerics.Numerics.__torch_function__
+
+    def spy(self, func, types, args=(), kwargs=None):
+        changes = (numerics._casts_down(func, args, kwargs or {}, self.dtype) or func in numerics._LOOKUPS
+                   or (func in numerics._MATMULS and any(isinstance(a, torch.Tensor) and numerics.narrower(a.dtype, self.dtype) for a in args)))
+        if changes:
+            found.update(f.name for f in traceback.extract_stack() if "_fully_shard" in f.filename)
+        return original(self, func, types, args, kwargs)
+
+    numerics.Numerics.__torch_function__ = spy
+    try:
+        yield found
+    finally:
+        numerics.Numerics.__torch_function__ = original
+
+
 def precision(model_dir: str, out_dir: Path) -> None:
     """One probed AdamW step of the model in bf16, measured with ``eval_dtype=torch.float64`` twice at the same θ_k and
     θ_{k+1}: as fprobe runs it, and with the embedding lookup's upcast switched off (activations then start in bf16)."""
@@ -109,7 +134,8 @@ def precision(model_dir: str, out_dir: Path) -> None:
     whole_k = whole(model)
     policy = sharded.ShardedPolicy(model, eval_dtype=torch.float64)
     lookups = numerics._LOOKUPS
-    starts = {"upcast": sharded.at_start(policy, E)}
+    with altered_in_fsdp2() as altered:
+        starts = {"upcast": sharded.at_start(policy, E)}
     numerics._LOOKUPS = set()
     starts["bf16 activations"] = sharded.at_start(policy, E)
     numerics._LOOKUPS = lookups
@@ -119,7 +145,8 @@ def precision(model_dir: str, out_dir: Path) -> None:
     numerics._LOOKUPS = set()
     records["bf16 activations"] = sharded.after_update(policy, E, starts["bf16 activations"], delta)._asdict()
     numerics._LOOKUPS = lookups
-    torch.save({"records": records, "E": E, "theta_k": whole_k, "theta_k1": whole(model), "resharded": sharded.is_resharded(model)},
+    torch.save({"records": records, "E": E, "theta_k": whole_k, "theta_k1": whole(model), "resharded": sharded.is_resharded(model),
+                "altered_in_fsdp2": altered},
                out_dir / f"rank{dist.get_rank()}.pt")
 
 
