@@ -104,6 +104,47 @@ def test_sharded_records_equal_single_process_fprobe(engine_runs, arch):
             assert abs(got["delta_h1"] - want.delta_h1) <= 1e-6 * abs(want.delta_h1), "δH₁ agrees to rounding, not by luck"
             assert got["delta_l2"] == pytest.approx(float(fprobe.tree.norm(delta)), rel=1e-12)
             assert got["ess_fraction"] == pytest.approx(want.ess_fraction, rel=1e-12)
+            assert_se_equal_single_process(got, want)
+
+
+def assert_se_equal_single_process(got: dict, want) -> None:
+    """The sharded record's standard errors are single-process fprobe's (the same functions of the gathered rows);
+    δH₁'s and the ratio's are None with the reason the gradient path gives (method='grad' in one process)."""
+    from fprobe.entropy import uncertainty
+
+    assert got["se_units"] == want.se_units
+    for name in ("h_orig", "h_upd", "delta_h_true"):
+        assert want.__dict__[f"{name}_se"] > 0 and abs(got[f"{name}_se"] - want.__dict__[f"{name}_se"]) <= 1e-10 * want.__dict__[f"{name}_se"], name
+    assert got["delta_h1_se"] is None and got["ratio_se"] is None and got["delta_h2_se"] is None
+    assert set(got["se_undefined"]) == {"delta_h1", "ratio"}
+    assert all(uncertainty.GRADIENT_PATH in got["se_undefined"][k] and uncertainty.GRADIENT_PATH in uncertainty.GRAD_METHOD for k in ("delta_h1", "ratio"))
+
+
+def test_bf16_weights_are_measured_in_the_eval_dtype(runs):
+    """A bf16 Qwen2 sharded in bf16, eval_dtype=torch.float64: h_orig, ΔH_true and their se equal single-process fprobe
+    (eval_dtype=torch.float64 on the same bf16 θ_k, θ_{k+1} and E) to 1e-12; with the embedding lookup's upcast off
+    (activations from bf16) they differ by far more, so this test can fail. δH₁ by the gradient path has ∇Ĥ in bf16
+    (FSDP2's .grad and reduce-scatter in the parameters' dtype): within 1e-2 relative of the float64 jvp (measured 9e-4),
+    where bf16 activations miss it by over 5%."""
+    from fprobe.model.numerics import exact_delta
+
+    ranks = [torch.load(runs["root"] / "precision" / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    theta_k, theta_k1, E = ranks[0]["theta_k"], ranks[0]["theta_k1"], ranks[0]["E"]
+    assert all(p.dtype == torch.bfloat16 for p in theta_k.values())
+    policy = fprobe.Policy.from_pretrained(runs["models"]["qwen2"], dtype=torch.bfloat16, eval_dtype=torch.float64)
+    want = fprobe.entropy_change(policy, E, exact_delta(theta_k1, theta_k), params=theta_k, new_params=theta_k1, micro_batch=None)
+    for rank in ranks:
+        assert rank["resharded"]
+        # fprobe's numerics change no operation FSDP2 runs itself (all-gathers, copy-in/out, resharding); the spy sees
+        # them (with a mixed-precision param_dtype it finds FSDP2's cast of forward inputs, _cast_fp_tensor)
+        assert rank["altered_in_fsdp2"] == set()
+        got, plain = rank["records"]["upcast"], rank["records"]["bf16 activations"]
+        assert got["eval_dtype"] == "torch.float64" and abs(want.delta_h_true) > 1e-5
+        assert abs(got["h_orig"] - want.h_orig) <= 1e-12 and abs(got["delta_h_true"] - want.delta_h_true) <= 1e-12
+        assert abs(got["delta_h_true_se"] - want.delta_h_true_se) <= 1e-12
+        assert abs(plain["h_orig"] - want.h_orig) > 1e-8 and abs(plain["delta_h_true"] - want.delta_h_true) > 1e-9
+        assert abs(got["delta_h1"] - want.delta_h1) <= 1e-2 * abs(want.delta_h1)
+        assert abs(plain["delta_h1"] - want.delta_h1) > 5e-2 * abs(want.delta_h1)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -196,6 +237,8 @@ def test_trl_sharded_records_equal_single_process_fprobe(trl_run):
             assert abs(got["delta_h_true"] - want.delta_h_true) <= 1e-10
             assert abs(got["delta_h1"] - want.delta_h1) <= 1e-10 and abs(got["delta_h1"] - want.delta_h1) <= 1e-6 * abs(want.delta_h1)
             assert got["step_check"].startswith("skipped: the replay needs whole parameters")
+            assert got["eval_dtype"] == "torch.float64"
+            assert_se_equal_single_process(got, want)
     lines = [json.loads(line) for line in (root / "probe.jsonl").read_text().splitlines()]
     assert [line["delta_h1"] for line in lines] == [r["delta_h1"] for r in records]
 
@@ -225,6 +268,9 @@ def test_gather_adds_the_jvp_and_second_order_from_whole_parameters_on_rank_0(tr
         want = fprobe.entropy_change(policy, E, {n: theta_k1[n] - theta_k[n] for n in theta_k}, params=theta_k, new_params=theta_k1,
                                      second_order=True, micro_batch=None)
         assert abs(record["delta_h1_jvp"] - want.delta_h1) <= 1e-12
+        for name in ("h_orig", "delta_h_true", "delta_h1", "delta_h2", "ratio"):  # with gather=True, every se of one process
+            assert record[f"{name}_se"] == pytest.approx(want.__dict__[f"{name}_se"], rel=1e-10), name
+        assert record["se_undefined"] == {} and {"delta_h1_se", "ratio_se"} <= set(record["quantities"])
         assert abs(record["delta_h1"] - record["delta_h1_jvp"]) <= 1e-10
         assert record["delta_h2"] == pytest.approx(want.delta_h2, rel=1e-9, abs=1e-15)
 

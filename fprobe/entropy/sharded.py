@@ -26,13 +26,15 @@ import torch
 
 from fprobe import distributed
 from fprobe import tree
-from fprobe.entropy import estimators
+from fprobe.entropy import estimators, uncertainty
 from fprobe.model import attention, passes
-from fprobe.model.policy import check_no_dropout, fprobe_numerics, position_ids_from_mask
+from fprobe.model.policy import check_no_dropout, computation_dtype, fprobe_numerics, position_ids_from_mask
 from fprobe.model.tokens import TokenStats, token_stats
 from fprobe.rollouts import Rollouts, check_token_ids
 
 DEFAULT_MICRO_BATCH = passes.DEFAULT_MICRO_BATCH
+GRADIENT_PATH = (f"sharded parameters (FSDP2): {uncertainty.GRADIENT_PATH}; gather=True adds its standard error "
+                 "(by jvp on rank 0's whole parameters)")
 
 
 @dataclass(frozen=True, eq=False)
@@ -41,17 +43,26 @@ class ShardedPolicy:
 
     It has ``fprobe.Policy``'s ``apply``, ``device``, ``model``, ``temperature`` and ``chunk_size``, so that
     fprobe's token statistics and sampling run on it, except that ``apply`` takes no parameters (``params``
-    must be None): the module runs its own, gathered by FSDP2."""
+    must be None): the module runs its own, gathered by FSDP2. Its passes compute in ``dtype`` (``eval_dtype``, else
+    the widest parameter dtype and at least float32, as ``fprobe.Policy``): FSDP2's gathered parameters cannot be
+    swapped for upcast copies, so ``fprobe.model.numerics.Numerics`` upcasts the embedding lookup's output, after
+    which matrix products upcast the narrower weights they meet and elementwise operations promote."""
 
     model: torch.nn.Module
     temperature: float = 1.0
     chunk_size: int | None = None
+    eval_dtype: torch.dtype | None = None
 
     def __post_init__(self):
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         check_sharded(self.model)
         check_no_dropout(self.model)
+        computation_dtype(self.model, self.eval_dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return computation_dtype(self.model, self.eval_dtype)
 
     @property
     def device(self) -> torch.device:
@@ -64,7 +75,7 @@ class ShardedPolicy:
         check_no_dropout(self.model)
         check_token_ids(input_ids, self.model.get_input_embeddings().num_embeddings)
         attention_mask = attention_mask.to(self.device)
-        with fprobe_numerics(self.model, self.device):
+        with fprobe_numerics(self.model, self.device, self.dtype):
             logits = self.model(
                 input_ids.to(self.device), attention_mask=attention_mask,
                 position_ids=position_ids_from_mask(attention_mask), use_cache=False,
@@ -195,7 +206,10 @@ class _AtStart(NamedTuple):
 
 
 class _ShardedChange(NamedTuple):
-    """Ĥ at θ_k and θ_{k+1}, ΔH_true by SNIS, δH₁ = ⟨∇Ĥ(θ_k), Δθ⟩, the ESS fraction at θ_{k+1}, ‖Δθ‖."""
+    """Ĥ at θ_k and θ_{k+1}, ΔH_true by SNIS, δH₁ = ⟨∇Ĥ(θ_k), Δθ⟩, the ESS fraction at θ_{k+1}, ‖Δθ‖, the dtype
+    the passes computed in; the standard errors over E's independent units (``fprobe.entropy.uncertainty`` on the
+    gathered rows: the single-process values), δH₁'s and the ratio's None (``se_undefined`` says why:
+    ``GRADIENT_PATH``), δH₂'s None (not computed)."""
 
     h_orig: float
     h_upd: float
@@ -203,6 +217,15 @@ class _ShardedChange(NamedTuple):
     delta_h1: float
     ess_fraction: float
     delta_l2: float
+    eval_dtype: str
+    h_orig_se: float | None
+    h_upd_se: float | None
+    delta_h_true_se: float | None
+    delta_h1_se: float | None
+    delta_h2_se: float | None
+    ratio_se: float | None
+    se_units: int
+    se_undefined: dict
 
 
 def at_start(policy: ShardedPolicy, E: Rollouts, micro_batch=DEFAULT_MICRO_BATCH) -> _AtStart:
@@ -219,9 +242,14 @@ def after_update(policy: ShardedPolicy, E: Rollouts, start: _AtStart, delta: tre
     this rank's shards of Δθ = θ_{k+1} − θ_k (names as the trainable parameters')."""
     rows0 = estimators.rows(start.stats0)
     h0 = float(estimators.snis_value(rows0.logp, rows0.entropy, rows0.logp, start.denom))
-    new = estimators.snis(estimators.rows(forward(policy, E, micro_batch)), rows0.logp, start.denom)
+    moved = estimators.rows(forward(policy, E, micro_batch))
+    new = estimators.snis(moved, rows0.logp, start.denom)
+    errors = uncertainty.of_statistics(start.stats0, E.response_mask, groups=E.group_ids, moved=moved,
+                                       missing=dict.fromkeys(("n1", "m1"), GRADIENT_PATH))
+    se = {f"{name}_se": errors.se.get(name) for name in uncertainty.ESTIMATES}
     return _ShardedChange(h0, float(new.value), float(new.value) - h0, dot(start.gradient, delta), float(new.ess_fraction),
-                         math.sqrt(dot(delta, delta)))
+                          math.sqrt(dot(delta, delta)), str(policy.dtype), **se, se_units=errors.n_units,
+                          se_undefined=errors.undefined)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -78,7 +78,8 @@ def along_the_step(scale: float) -> tuple[dict, dict]:
 
 
 _ONE_UNIT = "E holds one independent unit ({}): a standard error needs at least two"
-GRAD_METHOD = "method='grad' gives δH₁ as one ∇Ĥ·Δθ, without per-sequence tangents; method='jvp' gives its standard error"
+GRADIENT_PATH = "δH₁ is one ∇Ĥ·Δθ (the gradient path), without per-sequence tangents"
+GRAD_METHOD = f"method='grad': {GRADIENT_PATH}; method='jvp' gives its standard error"
 
 
 class _StandardErrors(NamedTuple):

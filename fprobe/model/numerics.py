@@ -102,6 +102,11 @@ _MATMULS = {
     torch.addmm, torch.baddbmm, torch.einsum,
 }
 
+# An embedding lookup's output starts the activations in the computation's dtype when the weights cannot be swapped for
+# upcast copies (an FSDP2 module runs its own gathered parameters): the lookup is a copy, so its upcast output equals
+# the lookup of an upcast weight, without a copy of the whole table.
+_LOOKUPS = {torch.nn.functional.embedding}
+
 _ROUNDING = contextvars.ContextVar("fprobe_perturbed_rounding", default=None)
 
 
@@ -144,7 +149,8 @@ class Numerics(torch.overrides.TorchFunctionMode):
     second-order forward-mode derivatives; reverse-mode passes keep torch's fused kernels, whose backward is right and
     saves less); casts of ``dtype`` tensors to narrower dtypes keep ``dtype`` (Llama/Qwen RMSNorm casts to float32 and
     back to the weights' dtype, which would put a float32 floor of ~1e-8 under ΔH of a float64 model, and bf16 rounding
-    under a bf16 one; ``_casts_down``); matrix products upcast narrower operands (``_MATMULS``). Inside
+    under a bf16 one; ``_casts_down``); matrix products upcast narrower operands (``_MATMULS``); embedding lookups return
+    ``dtype`` (``_LOOKUPS``), so that the activations of a model with narrower weights compute in ``dtype``. Inside
     ``perturbed_rounding`` each floating result is perturbed by one random rounding."""
 
     def __init__(self, dtype: torch.dtype = torch.float64):
@@ -164,6 +170,8 @@ class Numerics(torch.overrides.TorchFunctionMode):
             if func in _MATMULS and any(isinstance(a, torch.Tensor) and a.dtype == dtype for a in args):
                 args = tuple(upcast(a, dtype) for a in args)
             out = func(*args, **kwargs)
+            if func in _LOOKUPS:
+                out = upcast(out, dtype)
         rounding = _ROUNDING.get()
         return out if rounding is None or _is_attribute_read(func) else _perturbed(out, rounding, dtype)
 

@@ -117,6 +117,16 @@ def _check_eval_dtype(eval_dtype, widest: torch.dtype) -> None:
         raise ValueError(f"eval_dtype {eval_dtype} is narrower than the model's {widest} parameters: fprobe never computes below them")
 
 
+def computation_dtype(model: torch.nn.Module, eval_dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype fprobe's passes on ``model`` compute in: ``eval_dtype`` (float32 or float64, not narrower than the
+    parameters: ValueError otherwise), else the widest parameter dtype, at least float32."""
+    widest = _widest_dtype(model)
+    if eval_dtype is None:
+        return widest
+    _check_eval_dtype(eval_dtype, widest)
+    return eval_dtype
+
+
 def _base_model(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model itself (a PEFT model's base); TypeError for anything else."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -240,8 +250,7 @@ class Policy:
         if self.chunk_size is not None and not (isinstance(self.chunk_size, int) and self.chunk_size >= 1):
             raise ValueError(f"chunk_size must be a positive number of rows or None, got {self.chunk_size!r}")
         _check_not_sharded(self.model)
-        if self.eval_dtype is not None:
-            _check_eval_dtype(self.eval_dtype, _widest_dtype(self.model))
+        computation_dtype(self.model, self.eval_dtype)
         _check_attention_interface(_base_model(self.model))
         check_no_dropout(self.model)
         if not self.params:
@@ -301,7 +310,7 @@ class Policy:
     @property
     def dtype(self) -> torch.dtype:
         """The dtype every pass computes in: ``eval_dtype``, or the widest of the parameters' (at least float32)."""
-        return _widest_dtype(self.model) if self.eval_dtype is None else self.eval_dtype
+        return computation_dtype(self.model, self.eval_dtype)
 
     def evaluated_in(self, eval_dtype: torch.dtype | None) -> "Policy":
         """This policy with passes computed in ``eval_dtype`` (itself for None or its own)."""

@@ -23,7 +23,7 @@ import torch
 
 from fprobe import distributed, tree
 from fprobe.entropy.measure import measure
-from fprobe.entropy import sharded
+from fprobe.entropy import sharded, uncertainty
 from fprobe.model.policy import Policy, modes_kept
 from fprobe.rl.capture import CapturedStep
 from fprobe.rollouts import Rollouts
@@ -84,8 +84,11 @@ class ShardedTrlProbe:
     trains; ``capture`` is the callback on the trainer (``fprobe.trl.capture.StepCapture`` on this rank's shards:
     its θ_k, θ_{k+1} and Δθ are local). A record: ``step``, ``mode`` ("sharded"), ``quantities``, ``updates``,
     ``lr``, ``n_eval``, ``h_orig``, ``h_upd``, ``delta_h_true``, ``delta_h1`` (gradient path), ``delta_h2`` (None),
-    ``ratio``, ``ess_fraction``, ``delta_l2``, ``step_check`` (why the replay was skipped), ``probe_seconds``,
-    ``step_seconds``; with ``gather``, ``delta_h1_jvp`` and ``delta_h2`` (when asked). A step without exactly one
+    ``ratio``, ``ess_fraction``, ``delta_l2``, ``eval_dtype`` (what the passes computed in), the standard errors
+    ``h_orig_se`` … ``ratio_se`` with ``se_units``, ``se_undefined`` (why one is None: δH₁'s and the ratio's without
+    ``gather``) and ``n_eval_for``, ``step_check`` (why the replay was skipped), ``probe_seconds``, ``step_seconds``;
+    with ``gather``, ``delta_h1_jvp``, ``delta_h2`` (when asked) and the jvp path's ``delta_h1_se``, ``ratio_se``
+    (and ``delta_h2_se``). A step without exactly one
     optimizer update has no numbers and says why in ``skipped``."""
 
     def __init__(self, trainer, facts: TrainerFacts, settings: probe.ProbeSettings, prompts: list[dict], chat_template: bool,
@@ -109,7 +112,7 @@ class ShardedTrlProbe:
         return self.trainer.model
 
     def _policy(self) -> sharded.ShardedPolicy:
-        return sharded.ShardedPolicy(self.model, temperature=self.facts.temperature)
+        return sharded.ShardedPolicy(self.model, temperature=self.facts.temperature, eval_dtype=self.settings.estimate.eval_dtype)
 
     def _local_shards(self) -> dict:
         """This rank's shards of the trainable parameters (views), by name."""
@@ -132,9 +135,10 @@ class ShardedTrlProbe:
         try:
             E, _ = generate.sample(
                 policy, tokenizer, self.prompts,
-                n_eval=self.settings.n_eval, n_update_prompts=1, group_size=1, reward=lambda *_: 0.0,
-                max_new_tokens=self.facts.max_completion_length, seed=generate.stream_seed(self.settings.seed, "trl", step),
-                replace=self.settings.n_eval > len(self.prompts), chat_template=self.chat_template,
+                n_eval=self.settings.n_eval, eval_group_size=self.settings.eval_group_size, n_update_prompts=1, group_size=1,
+                reward=lambda *_: 0.0, max_new_tokens=self.facts.max_completion_length,
+                seed=generate.stream_seed(self.settings.seed, "trl", step),
+                replace=self.settings.n_eval // self.settings.eval_group_size > len(self.prompts), chat_template=self.chat_template,
             )
         finally:
             sharded.reshard(self.model)
@@ -151,19 +155,24 @@ class ShardedTrlProbe:
         else:
             with self.capture.cleaned_up_on_error(), modes_kept(self.model):
                 change = sharded.after_update(self._policy(), E, start, captured.delta, self.settings.estimate.micro_batch)
+            rel_se = self.settings.rel_se_warning
             record.update(change._asdict(), delta_h2=None, ratio=change.delta_h_true / change.delta_h1 if change.delta_h1 else None,
-                          step_check=_NOT_SHARDED, step_rel_error=None)
+                          step_check=_NOT_SHARDED, step_rel_error=None,
+                          n_eval_for=None if rel_se is None else uncertainty.rows_for(rel_se, change.delta_h_true, change.delta_h_true_se, len(E)))
             if self.gather:
                 with self.capture.cleaned_up_on_error():
                     record.update(self._gathered_numbers(E, state))
+                record["se_undefined"] = {k: v for k, v in record["se_undefined"].items() if record[f"{k}_se"] is None}
                 record["quantities"] += [key for key in ("delta_h1_jvp", "delta_h2") if record[key] is not None]
+            record["quantities"] += [key for key in probe.SE if record[key] is not None]
         record["probe_seconds"] = seconds + time.perf_counter() - started
         record["step_seconds"] = captured.step_seconds
         probe.sink(self.trainer, self.settings.out, self.records, record, control)
 
     def _gathered_numbers(self, E: Rollouts, state_k: dict | None) -> dict:
-        """δH₁ by jvp (``delta_h1_jvp``) and δH₂ (when asked) from the whole θ_k and θ_{k+1}, by fprobe's
-        single-process measurement (``fprobe.entropy.measure``) on rank 0's unsharded replica, broadcast to every rank."""
+        """δH₁ by jvp (``delta_h1_jvp``), δH₂ (when asked) and their and the ratio's standard errors from the whole θ_k
+        and θ_{k+1}, by fprobe's single-process measurement (``fprobe.entropy.measure``) on rank 0's unsharded replica,
+        broadcast to every rank."""
         state_k1 = sharded.gathered_state(self.model)
         numbers = None
         if distributed.is_main():
@@ -173,5 +182,6 @@ class ShardedTrlProbe:
             with distributed.alone():
                 change = measure(Policy(self._replica, temperature=self.facts.temperature), E, tree.sub(theta_k1, theta_k),
                                  theta_k, theta_k1, None, self.settings.estimate, second_order=self.settings.second_order)
-            numbers = {"delta_h1_jvp": change.delta_h1, "delta_h2": change.delta_h2}
+            numbers = {"delta_h1_jvp": change.delta_h1, "delta_h2": change.delta_h2, "delta_h1_se": change.delta_h1_se,
+                       "delta_h2_se": change.delta_h2_se, "ratio_se": change.ratio_se}
         return distributed.broadcast_from_main(numbers)

@@ -11,6 +11,7 @@ runs' final shards, losses and optimizer states.
 no-grad forward leaves parameters gathered, whether ``reshard`` frees them, and ``fprobe.Policy``'s refusal.
 """
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -93,6 +94,62 @@ def engine(model_dir: str, out_dir: Path) -> None:
     torch.save({"probed": probed, "plain": plain, "E": E}, out_dir / f"rank{dist.get_rank()}.pt")
 
 
+@contextlib.contextmanager
+def altered_in_fsdp2():
+    """Within: the FSDP2 functions (``torch.distributed.fsdp._fully_shard``) from which fprobe's ``Numerics`` is handed a
+    torch function it changes (a cast kept in the computation's dtype, an upcast matmul or lookup), as a set of names."""
+    import traceback
+
+    from fprobe.model import numerics
+
+    found, original = set(), numerics.Numerics.__torch_function__
+
+    def spy(self, func, types, args=(), kwargs=None):
+        changes = (numerics._casts_down(func, args, kwargs or {}, self.dtype) or func in numerics._LOOKUPS
+                   or (func in numerics._MATMULS and any(isinstance(a, torch.Tensor) and numerics.narrower(a.dtype, self.dtype) for a in args)))
+        if changes:
+            found.update(f.name for f in traceback.extract_stack() if "_fully_shard" in f.filename)
+        return original(self, func, types, args, kwargs)
+
+    numerics.Numerics.__torch_function__ = spy
+    try:
+        yield found
+    finally:
+        numerics.Numerics.__torch_function__ = original
+
+
+def precision(model_dir: str, out_dir: Path) -> None:
+    """One probed AdamW step of the model in bf16, measured with ``eval_dtype=torch.float64`` twice at the same θ_k and
+    θ_{k+1}: as fprobe runs it, and with the embedding lookup's upcast switched off (activations then start in bf16)."""
+    from fprobe.model import numerics
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, distributed_config=DistributedConfig(fsdp_size=2))
+    E = make_batch(n=5, width=10, seed=4, with_advantages=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    U = make_batch(n=4, width=10, seed=200 + dist.get_rank())
+    policy_gradient_loss(model, U).backward()
+    model.eval()
+    theta_k = {n: p.detach().to_local().clone() for n, p in model.named_parameters()}
+    whole_k = whole(model)
+    policy = sharded.ShardedPolicy(model, eval_dtype=torch.float64)
+    lookups = numerics._LOOKUPS
+    with altered_in_fsdp2() as altered:
+        starts = {"upcast": sharded.at_start(policy, E)}
+    numerics._LOOKUPS = set()
+    starts["bf16 activations"] = sharded.at_start(policy, E)
+    numerics._LOOKUPS = lookups
+    optimizer.step()
+    delta = numerics.exact_delta({n: p.detach().to_local() for n, p in model.named_parameters()}, theta_k)
+    records = {"upcast": sharded.after_update(policy, E, starts["upcast"], delta)._asdict()}
+    numerics._LOOKUPS = set()
+    records["bf16 activations"] = sharded.after_update(policy, E, starts["bf16 activations"], delta)._asdict()
+    numerics._LOOKUPS = lookups
+    torch.save({"records": records, "E": E, "theta_k": whole_k, "theta_k1": whole(model), "resharded": sharded.is_resharded(model),
+                "altered_in_fsdp2": altered},
+               out_dir / f"rank{dist.get_rank()}.pt")
+
+
 def uneven(model_dir: str, out_dir: Path) -> None:
     model = load(model_dir).eval()
     policy = sharded.ShardedPolicy(model)
@@ -122,11 +179,12 @@ def main(out_dir: str, qwen2: str, llama: str, untied_adder: str, tied_adder: st
 
     dist.init_process_group("gloo")
     out = Path(out_dir)
-    for folder in ("qwen2", "llama", "uneven", "trl"):
+    for folder in ("qwen2", "llama", "precision", "uneven", "trl"):
         (out / folder).mkdir(parents=True, exist_ok=True)
     try:
         for name, model_dir in (("qwen2", qwen2), ("llama", llama)):
             engine(model_dir, out / name)
+        precision(qwen2, out / "precision")
         uneven(qwen2, out / "uneven")
         sharded_trl.run(untied_adder, tied_adder, out / "trl")
     finally:
