@@ -97,10 +97,16 @@ def detach(a: Mapping) -> Params:
     return {name: x.detach() for name, x in a.items()}
 
 
+def leaf_sum(values: Params) -> torch.Tensor:
+    """Σ of one float64 scalar per leaf, in the tree's leaf order (so that sums made a leaf at a time, in any order, round
+    as ``vdot`` rounds)."""
+    leaves = optree.tree_leaves(values)
+    return torch.stack(leaves).sum() if leaves else torch.zeros((), dtype=torch.float64)
+
+
 def vdot(a: Params, b: Params) -> torch.Tensor:
     """⟨a, b⟩ accumulated in float64."""
-    leaves = optree.tree_leaves(tree_map(lambda x, y: torch.vdot(x.double().flatten(), y.double().flatten()), a, b))
-    return torch.stack(leaves).sum() if leaves else torch.zeros((), dtype=torch.float64)
+    return leaf_sum(tree_map(lambda x, y: torch.vdot(x.double().flatten(), y.double().flatten()), a, b))
 
 
 def leaf_norms(a: Params) -> Params:
