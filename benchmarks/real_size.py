@@ -48,6 +48,8 @@ SHAPES = {  # hidden, layers, heads, KV heads, MLP, vocabulary
                  intermediate_size=128, vocab_size=1000),
 }
 LR = 1e-5
+SWEEP = (0.25 * LR, 0.5 * LR, 2 * LR, 4 * LR)  # the memory run's sweep
+MEMORY_METHODS = ("bare step", "rl_step", "probe", "second_order", "sweep", "contributions")
 
 
 def config_of(shape: str, bos: int = 0, eos: int = 1, pad: int | None = None) -> Qwen2Config:
@@ -131,11 +133,17 @@ def time_mode(args, lora):
                 tree=sum(p.numel() * p.element_size() for p in policy.params.values()))
 
 
+def size_of(args, lora) -> dict:
+    """The mode's record without timings (``--no-time``): its trained parameters and their bytes."""
+    params = build(args.shape, "meta", lora).params
+    return {"mode": "lora" if lora else "full", "trained": sum(p.numel() for p in params.values()),
+            "tree": sum(p.numel() * p.element_size() for p in params.values())}
+
+
 def memory_worker(args, lora, method):
     """Peak memory of one method above the set-up (model, batches), in this fresh process."""
     policy, E, U = setup_of(args, lora)
     mb = args.micro_batch
-    delta = delta_of(policy, U, mb) if method == "contributions" else None
     one = U.select(slice(0, 1))
     bare_forward(policy.model, one, 1)  # lazy library set-up, outside the meter
     fprobe.token_stats(policy, policy.params, one)
@@ -147,16 +155,19 @@ def memory_worker(args, lora, method):
         kept = fprobe.rl_step(policy, policy.params, opt, opt.init(policy.params), U, micro_batch=mb)
     elif method == "probe":
         kept = fprobe.probe(policy, E, U, opt, micro_batch=mb)
+    elif method == "second_order":
+        kept = fprobe.probe(policy, E, U, opt, micro_batch=mb, second_order=True)
+    elif method == "sweep":
+        kept = fprobe.probe(policy, E, U, opt, micro_batch=mb).sweep(SWEEP)
     else:
-        del delta
-        kept = fprobe.probe(policy, E, U, opt, micro_batch=mb, keep_step=True).contributions()
+        kept = fprobe.probe(policy, E, U, opt, micro_batch=mb).contributions()
     peak = meter.stop()["extra_bytes"]
     del kept
     return peak
 
 
 def memory_mode(args, lora, runner) -> dict:
-    return {method: runner(memory_worker, args, lora, method) for method in ("bare step", "rl_step", "probe", "contributions")}
+    return {method: runner(memory_worker, args, lora, method) for method in MEMORY_METHODS}
 
 
 def probe_timings(args):
@@ -183,6 +194,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--no-time", action="store_true", help="peak memory only: no timed passes, no LoRA probe")
     p.add_argument("--memory-modes", default=None, help="modes whose peak memory is measured (default: --modes)")
     p.add_argument("--no-second-order", action="store_true", help="skip δH₂'s jvp of jvp")
     p.add_argument("--fprobe-root", default=None, help="measure the fprobe package under this directory")
@@ -202,18 +214,12 @@ def main(argv=None):
         runner.wait()
     records = []
     for mode in args.modes.split(","):
-        record = time_mode(args, mode == "lora")
+        record = size_of(args, mode == "lora") if args.no_time else time_mode(args, mode == "lora")
         if runner is not None and mode in (args.memory_modes or args.modes).split(","):
             record["memory"] = memory_mode(args, mode == "lora", runner)
         records.append(record)
-    names = list(records[0]["times"])
-    print(common.table(["mode", "trained", *[f"{n} [s]" for n in names]],
-                       [[r["mode"], f"{r['trained'] / 1e6:.1f}M", *[f"{r['times'][n]:.2f}" for n in names]] for r in records],
-                       "time (median; CPU time of the one thread on a CPU, wall time on a GPU)"))
-    ratio_names = list(records[0]["ratios"])
-    print()
-    print(common.table(["mode", *ratio_names], [[r["mode"], *[f"{r['ratios'][n]:.2f}" for n in ratio_names]] for r in records],
-                       "ratios, measured side by side"))
+    if not args.no_time:
+        print_times(records)
     if runner is not None:
         measured = [r for r in records if "memory" in r]
         methods = list(measured[0]["memory"])
@@ -225,6 +231,9 @@ def main(argv=None):
         print()
         print(common.table(["mode", "tree MiB", *[f"{m} MiB" for m in methods], *[f"{m} / (step + tree)" for m in methods[1:]]],
                            rows, "peak memory above the set-up, each in a fresh process"))
+    if args.no_time:
+        common.write_json(args.json, {"device": device, "shape": args.shape, "records": records})
+        return records
     res, timings = probe_timings(args)
     print()
     print(common.table(["phase (LoRA probe)", "wall [s]"], [[k, f"{v:.2f}"] for k, v in timings.items()]))
@@ -232,6 +241,17 @@ def main(argv=None):
     common.write_json(args.json, dict(device=device, shape=args.shape, records=records, timings=timings,
                                       ratio=res.ratio, delta_h1=res.delta_h1, delta_h_true=res.delta_h_true))
     return records
+
+
+def print_times(records) -> None:
+    names = list(records[0]["times"])
+    print(common.table(["mode", "trained", *[f"{n} [s]" for n in names]],
+                       [[r["mode"], f"{r['trained'] / 1e6:.1f}M", *[f"{r['times'][n]:.2f}" for n in names]] for r in records],
+                       "time (median; CPU time of the one thread on a CPU, wall time on a GPU)"))
+    ratio_names = list(records[0]["ratios"])
+    print()
+    print(common.table(["mode", *ratio_names], [[r["mode"], *[f"{r['ratios'][n]:.2f}" for n in ratio_names]] for r in records],
+                       "ratios, measured side by side"))
 
 
 if __name__ == "__main__":

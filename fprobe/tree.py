@@ -100,28 +100,33 @@ def detach(a: Mapping) -> Params:
 _CHUNK = 1 << 20  # entries per float64 chunk of a reduction: a few MiB of temporaries whatever the tensor's size
 
 
-def _dot64(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """⟨x, y⟩ accumulated in float64, 2²⁰ entries at a time: no float64 copy of a whole tensor (at 0.5B
-    parameters two such copies of a gradient tree were 8 GB of fresh memory, a quarter of a step's time on a CPU)."""
+def dot64(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """⟨x, y⟩ of two tensors accumulated in float64, 2²⁰ entries at a time: no float64 copy of a whole tensor (at
+    0.5B parameters two such copies of a gradient tree were 8 GB of fresh memory, a quarter of a step's time on a CPU)."""
     parts = [torch.vdot(a.double(), b.double()) for a, b in zip(x.reshape(-1).split(_CHUNK), y.reshape(-1).split(_CHUNK))]
     return torch.stack(parts).sum() if parts else torch.zeros((), dtype=torch.float64, device=x.device)
 
 
+def leaf_sum(values: Params) -> torch.Tensor:
+    """Σ of one float64 scalar per leaf, in the tree's leaf order (so that sums made a leaf at a time, in any order, round
+    as ``vdot`` rounds)."""
+    leaves = optree.tree_leaves(values)
+    return torch.stack(leaves).sum() if leaves else torch.zeros((), dtype=torch.float64)
+
+
 def vdot(a: Params, b: Params) -> torch.Tensor:
     """⟨a, b⟩ accumulated in float64."""
-    leaves = optree.tree_leaves(tree_map(_dot64, a, b))
-    return torch.stack(leaves).sum() if leaves else torch.zeros((), dtype=torch.float64)
+    return leaf_sum(tree_map(dot64, a, b))
 
 
 def leaf_norms(a: Params) -> Params:
     """‖a_name‖₂ per leaf, in float64."""
-    return tree_map(lambda x: _dot64(x, x).sqrt(), a)
+    return tree_map(lambda x: dot64(x, x).sqrt(), a)
 
 
 def norm(a: Params) -> torch.Tensor:
     """Global L2 norm √Σ‖a_name‖², in float64."""
-    leaves = optree.tree_leaves(tree_map(lambda x: _dot64(x, x), a))
-    return torch.stack(leaves).sum().sqrt() if leaves else torch.zeros((), dtype=torch.float64)
+    return leaf_sum(tree_map(lambda x: dot64(x, x), a)).sqrt()
 
 
 def top_k(a: Params, k: int = 10) -> list[tuple[str, float]]:

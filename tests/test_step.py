@@ -16,6 +16,7 @@ import fprobe
 from fprobe.model import passes
 from fprobe.rl import losses
 from fprobe import tree
+from fprobe.rl import step as step_module
 from fprobe.rl.step import loss_and_grad
 from fprobe.rollouts import Rollouts
 
@@ -286,6 +287,32 @@ def test_micro_batch_size_does_not_change_the_step(load_policy, opt):
         step = fprobe.rl_step(policy, params, opt, state, batch, micro_batch=size)
         assert relative(step.delta, full.delta) <= 1e-12, size
         assert abs(step.grad_norm - full.grad_norm) <= 1e-12 * full.grad_norm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("opt", [fprobe.optim.adamw(lr=1e-3, weight_decay=0.1), fprobe.optim.adamw(lr=1e-3, foreach=True),
+                                 fprobe.optim.sgd(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.01, foreach=True),
+                                 fprobe.optim.sgd(lr=1e-2, momentum=0.8, dampening=0.1)],
+                         ids=["adamw", "adamw_foreach", "sgd_nesterov_foreach", "sgd"])
+def test_the_step_one_parameter_at_a_time_is_rl_step_bit_for_bit(load_policy, opt, dtype):
+    """rl_step_by_parameter's states and Δθ, in any order, are rl_step's (from a warm state: non-zero moments)."""
+    policy = load_policy("gpt2", dtype)
+    batch = make_batch(n=5, width=10, seed=23)
+    params, state = warm_state(policy, opt, policy.params, batch)
+    whole = fprobe.rl_step(policy, params, opt, state, batch, max_grad_norm=1e-2)
+    order = list(reversed(params))
+    parts = step_module.rl_step_by_parameter(policy, params, opt, state, batch, order=order, max_grad_norm=1e-2)
+    assert (parts.lr, parts.clip_coef) == (whole.lr, whole.clip_coef) and torch.equal(parts.logp, whole.logp)
+    seen = []
+    for update in parts.updates:
+        seen.append(update.name)
+        assert torch.equal(update.delta, whole.delta[update.name]), update.name
+        for slot, now, kept in zip(update.new_state._fields, update.new_state, whole.opt_state):
+            assert list(now) == [update.name] and (now[update.name] == kept[update.name] if slot == "step" else
+                                                    torch.equal(now[update.name], kept[update.name])), (slot, update.name)
+        for now, before in zip(update.state, state):
+            assert {n: v for n, v in before.items() if n == update.name}.keys() == now.keys()
+    assert seen == order
 
 
 # ---------------------------------------------------------------------------------------------

@@ -147,15 +147,18 @@ class Contributions(records.Record):
         return plot_token_contributions(self, row, path, labels)
 
 
-def decompose(context, step, U: Rollouts, optimizer, start_state, delta_h1: float | None, loss, clip: float, *,
+def decompose(context, take_step, U: Rollouts, optimizer, delta_h1: float | None, loss, clip: float, *,
               micro_batch: int | None = None, progress: bool = False) -> Contributions:
     """Exact per-sequence and per-token parts of δH₁ of one RL step (see the module docstring).
 
-    ``context``: θ₀ and Ĥ's linear functional on E (``fprobe.entropy.context.Context``); ``step``: the
-    ``rl_step`` taken from θ₀ and ``start_state`` on U with ``optimizer``, ``loss`` and ``clip`` (its row weights
-    c_j are the loss's); ``delta_h1``: δH₁ along the step's Δθ (None: ⟨∇Ĥ, Δθ⟩ from this decomposition's own gradient). ``micro_batch``: rows per pass (None: the whole
-    batch). Cost: one vjp of Ĥ's linear functional on E (u = ∇Ĥ) and one jvp of U's token log-probs along
-    gain ⊙ u; no per-sample gradient is materialised. Returns the ``Contributions``.
+    ``context``: θ₀ and Ĥ's linear functional on E (``fprobe.entropy.context.Context``); ``take_step(order)``: the
+    ``rl_step`` taken from θ₀ on U with ``optimizer``, ``loss`` and ``clip`` (its row weights c_j are the loss's), as a
+    ``fprobe.rl.step.StepByParameter`` whose updates come in ``order`` (``rl_step_by_parameter``, or ``by_parameter``
+    of a kept step); it is called once ∇Ĥ is computed. ``delta_h1``: δH₁ along the step's Δθ (None: ⟨∇Ĥ, Δθ⟩ from
+    this decomposition's own gradient). ``micro_batch``: rows per pass (None: the whole batch). Cost: one vjp of Ĥ's
+    linear functional on E (u = ∇Ĥ) and one jvp of U's token log-probs along gain ⊙ u; no per-sample gradient is
+    materialised. Memory: u becomes gain ⊙ u in place, one parameter at a time, smallest first (so that the largest
+    parameters' float64 temporaries meet a step whose other gradients are gone). Returns the ``Contributions``.
     """
     if U.advantages is None:
         raise ValueError("the update batch has no advantages")
@@ -164,21 +167,38 @@ def decompose(context, step, U: Rollouts, optimizer, start_state, delta_h1: floa
     timings = {}
 
     start = time.perf_counter()
-    _, grad_h, _ = passes.gradient(policy, params, ctx.E, passes.linear_functional(ctx.alpha, ctx.beta), micro_batch, progress)
+    _, tangent, _ = passes.gradient(policy, params, ctx.E, passes.linear_functional(ctx.alpha, ctx.beta), micro_batch, progress)
     timings["vjp_E"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    tangent, momentum, decay = {}, torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-    for name, terms in optimizer.affine(start_state, step.opt_state, params, step.lr):
-        u = grad_h[name].double()
-        tangent[name] = (u * terms.gain).to(params[name].dtype)
+    step = take_step(sorted(params, key=lambda name: params[name].numel()))
+    timings["step"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    momenta, decays, along_delta = {}, {}, {}
+    for update in step.updates:
+        name = update.name
+        u = tangent[name].double()
+        along_delta[name] = tree.dot64(u, update.delta)
+        ((_, terms),) = optimizer.affine(update.state, update.new_state, {name: params[name]}, step.lr)
+        del update
         if terms.momentum is not None:
-            momentum = momentum + torch.vdot(u.flatten(), terms.momentum.flatten())
+            momenta[name] = tree.dot64(u, terms.momentum)
         if terms.decay is not None:
-            decay = decay + torch.vdot(u.flatten(), terms.decay.flatten())
-    delta_h1_grad = float(tree.vdot(grad_h, step.delta))
+            decays[name] = tree.dot64(u, terms.decay)
+        gain = terms.gain
+        del terms
+        tangent[name] = (gain.mul_(u) if isinstance(gain, torch.Tensor) else u.mul_(gain)).to(params[name].dtype)
+        del u, gain
+    missing = [name for name in params if name not in along_delta]
+    if missing:
+        raise ValueError(f"the step's updates miss parameters {missing[:8]}")
+    momentum, decay = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    for name in params:  # summed in the parameters' order, whatever order the updates came in
+        momentum = momentum + momenta[name] if name in momenta else momentum
+        decay = decay + decays[name] if name in decays else decay
+    delta_h1_grad = float(tree.leaf_sum(along_delta))  # ⟨∇Ĥ, Δθ⟩ as tree.vdot sums it
     delta_h1 = delta_h1_grad if delta_h1 is None else float(delta_h1)
-    del grad_h
     timings["parts"] = time.perf_counter() - start
 
     start = time.perf_counter()

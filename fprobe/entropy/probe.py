@@ -4,6 +4,8 @@ import time
 from dataclasses import dataclass
 from typing import ClassVar, Literal, Unpack
 
+import torch
+
 from fprobe import records, tree
 from fprobe.entropy import decompose, estimators, predictors
 from fprobe.entropy.context import batch_tensors, tensor_versions
@@ -11,7 +13,13 @@ from fprobe.entropy.measure import EntropyChange, Row, check_eval_batch, measure
 from fprobe.entropy.settings import EstimatorOptions, settings_from
 from fprobe.records import internal
 from fprobe.rl.optim import Optimizer
-from fprobe.rl.step import Step, rl_step
+from fprobe.rl.step import (
+    Step,
+    StepByParameter,
+    by_parameter,
+    rl_step,
+    rl_step_by_parameter,
+)
 from fprobe.rollouts import Rollouts
 
 
@@ -85,6 +93,21 @@ class ProbeResult(records.Record):
         """The optimizer state the step started from (a fresh ``optimizer.init`` when none was given)."""
         return self.optimizer.init(self.step_params) if self.opt_state is None else self.opt_state
 
+    def _replay_options(self) -> dict:
+        """The probe's step's options, to take it again from θ₀, the starting state and U."""
+        return {"lr": self.lr_given, "loss": self.loss_type, "clip": self.clip, "max_grad_norm": self.max_grad_norm,
+                "micro_batch": self.context.settings.micro_batch}
+
+    def _check_replayed(self, difference: float) -> None:
+        """‖Δθ_replayed − Δθ‖ within 1e-6 ‖Δθ‖, or RuntimeError (a changed model or a non-deterministic kernel would
+        make the decomposition wrong)."""
+        if difference > 1e-6 * self.delta_l2:
+            raise RuntimeError(
+                f"replaying the probe's step gave a different Δθ (relative difference {difference / self.delta_l2:.2g}): "
+                "the model's parameters changed since the probe, or a kernel is not deterministic; "
+                "probe with keep_step=True to keep the step"
+            )
+
     def replay_step(self) -> Step:
         """The probe's step: the kept one (``keep_step=True``), or the same ``rl_step`` taken again from
         θ₀, the starting state and U; its Δθ must equal the probe's (a changed model or a
@@ -92,26 +115,39 @@ class ProbeResult(records.Record):
         self.context.check_unchanged()
         if self.step is not None:
             return self.step
-        step = rl_step(
-            self.step_policy, self.step_params, self.optimizer, self.start_state, self.U, lr=self.lr_given,
-            loss=self.loss_type, clip=self.clip, max_grad_norm=self.max_grad_norm, micro_batch=self.context.settings.micro_batch,
-        )
-        difference = float(tree.norm(tree.sub(step.delta, self.delta_named)))
-        if difference > 1e-6 * self.delta_l2:
-            raise RuntimeError(
-                f"replaying the probe's step gave a different Δθ (relative difference {difference / self.delta_l2:.2g}): "
-                "the model's parameters changed since the probe, or a kernel is not deterministic; "
-                "probe with keep_step=True to keep the step"
-            )
+        step = rl_step(self.step_policy, self.step_params, self.optimizer, self.start_state, self.U, **self._replay_options())
+        self._check_replayed(float(tree.norm(tree.sub(step.delta, self.delta_named))))
         return step
+
+    def _step_by_parameter(self, order) -> StepByParameter:
+        """The probe's step one parameter at a time in ``order``: the kept one, or replayed by ``rl_step_by_parameter``
+        (no new parameter tree, each gradient dropped once used), its Δθ checked as ``replay_step`` checks it once
+        every update is through."""
+        if self.step is not None:
+            return by_parameter(self.step, self.start_state, order)
+        step = rl_step_by_parameter(self.step_policy, self.step_params, self.optimizer, self.start_state, self.U,
+                                    order=order, **self._replay_options())
+
+        def checked():
+            differences = {}
+            for update in step.updates:
+                difference = update.delta - self.delta_named[update.name]
+                differences[update.name] = tree.dot64(difference, difference)
+                del difference
+                yield update
+            self._check_replayed(float(tree.leaf_sum({n: differences[n] for n in self.delta_named}).sqrt()))
+
+        return step._replace(updates=checked())
 
     def contributions(self, micro_batch: int | None | Literal["probe"] = "probe", progress: bool = False):
         """Exact per-sequence and per-token parts of δH₁ (see ``fprobe.entropy.decompose``); without
-        ``keep_step=True`` this first replays the step (``replay_step``)."""
+        ``keep_step=True`` this replays the step one parameter at a time (as ``replay_step``, and checked as it is,
+        without holding its new parameters)."""
         micro_batch = self.context.settings.micro_batch if micro_batch == "probe" else micro_batch
         self.context.settings.replace(micro_batch=micro_batch)  # checked before the step is replayed
+        self.context.check_unchanged()
         return decompose.decompose(
-            self.context, self.replay_step(), self.U, self.optimizer, self.start_state, self.delta_h1,
+            self.context, self._step_by_parameter, self.U, self.optimizer, self.delta_h1,
             self.loss_type, self.clip, micro_batch=micro_batch, progress=progress,
         )
 

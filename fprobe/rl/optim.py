@@ -237,12 +237,13 @@ def adamw(
         step_size = rate / (1 - h["beta1"] ** t)
         # float64 temporaries of this one parameter only, each made once and then updated in place
         precond = new_state.exp_avg_sq[name].double().sqrt().div_((1 - h["beta2"] ** t) ** 0.5).add_(h["eps"]).reciprocal_()
-        gain = precond * (-step_size * (1 - h["beta1"]))
         m = state.exp_avg.get(name)
+        moved = m is not None and bool(m.any())
+        gain = precond * (-step_size * (1 - h["beta1"])) if moved else precond.mul_(-step_size * (1 - h["beta1"]))
         return AffineTerms(
             gain=gain,
-            momentum=precond.mul_(m).mul_(-step_size * h["beta1"]) if m is not None and bool(m.any()) else None,
-            decay=p.double() * (-rate * h["weight_decay"]) if h["weight_decay"] != 0 else None,
+            momentum=precond.mul_(m).mul_(-step_size * h["beta1"]) if moved else None,
+            decay=p.to(torch.float64, copy=True).mul_(-rate * h["weight_decay"]) if h["weight_decay"] != 0 else None,
         )
 
     def affine(state: AdamWState, new_state: AdamWState, params, lr_override: float | None = None):
@@ -329,8 +330,8 @@ def sgd(
             kappa, momentum = (1.0 + mu if nesterov else 1.0), None
         else:
             kappa = 1.0 + mu * (1 - h["dampening"]) if nesterov else 1 - h["dampening"]
-            momentum = buffer.double() * (-rate * (mu * mu if nesterov else mu))
-        decay = p.double() * (-rate * kappa * h["weight_decay"]) if h["weight_decay"] != 0 else None
+            momentum = buffer.to(torch.float64, copy=True).mul_(-rate * (mu * mu if nesterov else mu))
+        decay = p.to(torch.float64, copy=True).mul_(-rate * kappa * h["weight_decay"]) if h["weight_decay"] != 0 else None
         return AffineTerms(-rate * kappa, momentum, decay)
 
     def affine(state: SGDState, new_state: SGDState, params, lr_override: float | None = None):

@@ -1,8 +1,9 @@
 """One policy-gradient step as a pure function: (params, opt_state, U) -> (new params, new state, Δθ)."""
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import optree
 import torch
@@ -107,6 +108,30 @@ def loss_and_grad(
     return passes.gradient(policy, params, U, batch_loss, micro_batch, with_entropy=False)
 
 
+class _Gradient(NamedTuple):
+    value: float
+    grads: tree.Params
+    logp: torch.Tensor
+    grad_norm: float
+    clip_coef: float
+
+
+def _step_gradient(policy, params, optimizer, opt_state, U, lr, loss, clip, max_grad_norm, micro_batch) -> _Gradient:
+    """The checks before a step, then its (clipped) gradient on U: what ``rl_step`` and ``rl_step_by_parameter`` share."""
+    _check_step_options(optimizer, opt_state, params, lr, clip, max_grad_norm)
+    tree.check_finite(params, "the value")
+    _warn_if_zero_advantages(U)
+    value, grads, stats = loss_and_grad(policy, params, U, loss, micro_batch, clip)
+    if not torch.isfinite(torch.tensor(value)):
+        raise FloatingPointError(f"the {loss} loss on the update batch is not finite ({value})")
+    tree.check_finite(grads, "the gradient")
+    grad_norm = float(tree.norm(grads))
+    clip_coef = 1.0
+    if max_grad_norm is not None:
+        grads, clip_coef = clip_by_global_norm(grads, max_grad_norm)
+    return _Gradient(value, grads, stats.logp, grad_norm, clip_coef)
+
+
 def rl_step(
     policy,
     params: tree.Params,
@@ -125,17 +150,8 @@ def rl_step(
     ``lr`` overrides the optimizer's learning rate for this step only.
     """
     params = tree.check_like(policy.params, params, "params")
-    _check_step_options(optimizer, opt_state, params, lr, clip, max_grad_norm)
-    tree.check_finite(params, "the value")
-    _warn_if_zero_advantages(U)
-    value, grads, stats = loss_and_grad(policy, params, U, loss, micro_batch, clip)
-    if not torch.isfinite(torch.tensor(value)):
-        raise FloatingPointError(f"the {loss} loss on the update batch is not finite ({value})")
-    tree.check_finite(grads, "the gradient")
-    grad_norm = float(tree.norm(grads))
-    clip_coef = 1.0
-    if max_grad_norm is not None:
-        grads, clip_coef = clip_by_global_norm(grads, max_grad_norm)
+    value, grads, logp, grad_norm, clip_coef = _step_gradient(policy, params, optimizer, opt_state, U, lr, loss, clip,
+                                                              max_grad_norm, micro_batch)
     new_params, new_state, lost = _apply_update(optimizer, grads, opt_state, params, lr)
     tree.check_finite(new_params, "the updated value")
     _warn_if_update_lost(lost, params)
@@ -151,8 +167,64 @@ def rl_step(
         grad_norm=grad_norm,
         clip_coef=clip_coef,
         update_lost=lost,
-        logp=stats.logp,
+        logp=logp,
     )
+
+
+class Update(NamedTuple):
+    """One parameter's share of a step: its name, the optimizer state before and after restricted to it
+    (``restrict``), and its Δθ."""
+
+    name: str
+    state: object
+    new_state: object
+    delta: torch.Tensor
+
+
+class StepByParameter(NamedTuple):
+    """A step's scalars and U's token log-probs at θ₀, with its ``updates`` one parameter at a time (an iterator)."""
+
+    lr: float
+    clip_coef: float
+    logp: torch.Tensor
+    updates: Iterator[Update]
+
+
+def restrict(state, names) -> object:
+    """An optimizer state (a NamedTuple of name-keyed mappings, or None) restricted to ``names``."""
+    if state is None:
+        return None
+    return type(state)(*({n: v[n] for n in names if n in v} if isinstance(v, Mapping) else v for v in state))
+
+
+def by_parameter(step: Step, opt_state, order) -> StepByParameter:
+    """A whole ``Step`` taken from ``opt_state``, as its updates one parameter at a time in ``order``."""
+    updates = (Update(n, restrict(opt_state, [n]), restrict(step.opt_state, [n]), step.delta[n]) for n in order)
+    return StepByParameter(step.lr, step.clip_coef, step.logp, updates)
+
+
+def rl_step_by_parameter(
+    policy, params: tree.Params, optimizer: Optimizer, opt_state, U: Rollouts, *, order, lr: float | None = None,
+    loss: losses.LossType = "dr_grpo", clip: float = 0.2, max_grad_norm: float | None = None, micro_batch: int | None = None,
+) -> StepByParameter:
+    """``rl_step``'s gradient pass, then its update one parameter at a time in ``order`` as ``updates`` is iterated:
+    the same values bit for bit (the optimizers update each parameter by itself, on torch's kernels for one
+    tensor or a list alike), for what needs the step's states but never its whole new parameter tree. Each
+    gradient is dropped once its parameter is updated; nothing of the new parameters is kept. (With
+    ``foreach=None``, torch's choice of kernels is made per parameter: it differs from ``rl_step``'s only in a
+    param group that mixes devices.)"""
+    params = tree.check_like(policy.params, params, "params")
+    _, grads, logp, _, clip_coef = _step_gradient(policy, params, optimizer, opt_state, U, lr, loss, clip, max_grad_norm,
+                                                  micro_batch)
+
+    def updates() -> Iterator[Update]:
+        for name in order:
+            one, state = {name: params[name]}, restrict(opt_state, [name])
+            new_params, new_state, _ = _apply_update(optimizer, {name: grads.pop(name)}, state, one, lr)
+            tree.check_finite(new_params, "the updated value")
+            yield Update(name, state, new_state, exact_delta(new_params, one)[name])
+
+    return StepByParameter(optimizer.lr if lr is None else lr, clip_coef, logp, updates())
 
 
 def _cast_tensors(state, dtype_of):

@@ -42,7 +42,7 @@ from fprobe.model import passes
 from fprobe.model.policy import Policy, active_dropout, modes_kept
 from fprobe.rl import losses
 from fprobe.rl.capture import CapturedStep
-from fprobe.rl.step import rl_step
+from fprobe.rl.step import by_parameter, rl_step
 from fprobe.rollouts import Rollouts
 from fprobe.sampling import generate
 from fprobe.trl.capture import StepCapture, TrainerFacts, trainer_facts
@@ -293,7 +293,8 @@ class TrlProbe:
                "step_rel_error_worst": None if error is None else _worst_parameter(step.delta, captured.delta)}
         if self.settings.contributions:
             # on policy (ratio 1) the clip range changes neither the loss nor its derivative
-            parts = decompose.decompose(change.context, step, replay.U, replay.optimizer, replay.opt_state, None, loss, 0.2,
+            parts = decompose.decompose(change.context, lambda order: by_parameter(step, replay.opt_state, order), replay.U,
+                                        replay.optimizer, None, loss, 0.2,
                                         micro_batch=self.settings.estimate.micro_batch)
             out["contributions"] = {"delta_h1": parts.delta_h1, "momentum": parts.momentum, "decay": parts.decay,
                                     "per_sequence": parts.per_sequence.tolist()}
