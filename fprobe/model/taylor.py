@@ -132,24 +132,25 @@ def _wrap(value, first, second):
     return jet(value, first, second)
 
 
+def _filled(a, k: int):
+    """Component k of a slot's tensor (or list of them), zeros where it has none."""
+    if isinstance(a, (list, tuple)):
+        return [_filled(x, k) for x in a]
+    p = parts(a)
+    return torch.zeros_like(p.value) if p[k] is None else p[k]
+
+
+def _present(a, k: int) -> bool:
+    return any(_present(x, k) for x in a) if isinstance(a, (list, tuple)) else parts(a)[k] is not None
+
+
 def _linear(func, slots: tuple[int, ...], args, kwargs):
     """A linear op in the arguments at ``slots`` (a tensor or a list of tensors each): each derivative through the op,
-    with zeros for the tensors in those slots that lack it."""
-    value = func(*[_component(a, 0) if i in slots else a for i, a in enumerate(args)], **kwargs)
-    out = [value]
-    for k in (1, 2):
-        def pick(a):
-            if isinstance(a, (list, tuple)):
-                return [pick(x) for x in a]
-            p = parts(a)
-            return torch.zeros_like(p.value) if p[k] is None else p[k]
-        def present(a):
-            return any(present(x) for x in a) if isinstance(a, (list, tuple)) else parts(a)[k] is not None
-        if any(present(args[i]) for i in slots if i < len(args)):
-            out.append(func(*[pick(a) if i in slots else a for i, a in enumerate(args)], **kwargs))
-        else:
-            out.append(None)
-    return _wrap(*out)
+    with zeros for the tensors in those slots that lack it (None where none has it)."""
+    through = lambda k: func(*[(_filled(a, k) if k else _component(a, 0)) if i in slots else a for i, a in enumerate(args)],
+                             **kwargs)
+    derivative = lambda k: through(k) if any(_present(args[i], k) for i in slots if i < len(args)) else None
+    return _wrap(through(0), derivative(1), derivative(2))
 
 
 # op → the positions of the arguments it is linear in (jointly)
@@ -180,7 +181,7 @@ def _bilinear(func, x, y):
 def _div(func, x, y, rounding_mode=None):
     """x / y; a jet y through x · (1/y)."""
     if rounding_mode is not None:
-        return _values_only(func, (x, y), dict(rounding_mode=rounding_mode))
+        return _values_only(func, (x, y), {"rounding_mode": rounding_mode})
     if not isinstance(y, Jet):
         return _linear(func, (0,), (x, y), {})
     return jet(func(parts(x).value, y.parts.value), *_derivatives(aten.mul.Tensor, x, _reciprocal(aten.reciprocal.default, y)))
