@@ -1,4 +1,4 @@
-"""Micro-batched passes of a policy over a batch: forward, forward-mode (jvp, jvp of jvp) and
+"""Micro-batched passes of a policy over a batch: forward, forward-mode (jvp; second order by a Taylor pass) and
 reverse-mode (gradient of a functional of the token statistics). Each returns [n, L] tensors for the
 whole batch, so peak memory is set by the micro-batch, not by the batch. Under torch.distributed
 each rank runs its block of rows; statistics are gathered and gradients all-reduced here."""

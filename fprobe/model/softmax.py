@@ -18,7 +18,8 @@ on CPU these were the largest excess over a backward pass. Inside ``cheap_jvp()`
 The same derivatives to rounding. Values are torch's own ops, bit for bit, and so are reverse-mode
 gradients of ``softmax`` (``_softmax_backward_data``, as autograd). Outside ``cheap_jvp()`` nothing
 changes: these rules treat their saved outputs as constants under an outer jvp, so forward over
-forward (δH₂) must not, and does not, use them.
+forward must not, and does not, use them. δH₂'s second-order Taylor pass (``fprobe.model.taylor``) has its own
+rules; the closed form for the token statistics of a jet of logits is here (``_taylor_statistics``).
 """
 
 import contextlib
