@@ -3,8 +3,8 @@ at a short L: fprobe's attention (query blocks in forward and forward-mode passe
 in the step's reverse pass) against the whole-matrix attention it replaced (``[B, H, L, L]`` scores
 and transformers' ``[B, 1, L, L]`` eager mask in every pass).
 
-Passes: ``forward`` (the statistics at θ, as for ΔH_true), ``jvp`` (δH₁), ``jvp2`` (δH₂, forward over
-forward), ``step`` (``fprobe.rl_step``: the gradient of the loss on the batch, then AdamW).
+Passes: ``forward`` (the statistics at θ, as for ΔH_true), ``jvp`` (δH₁), ``jvp2`` (δH₂, the second-order
+Taylor pass), ``step`` (``fprobe.rl_step``: the gradient of the loss on the batch, then AdamW).
 
     python benchmarks/long_sequences.py          # ~15 min on 2 CPU cores: 1m Qwen2, 2 rows, L = 512…4096
     python benchmarks/long_sequences.py --device cuda --size 15m --lengths 1024,2048,4096,8192

@@ -6,7 +6,7 @@ Timed side by side in one run (``common.time_interleaved``: rounds in rotated or
 - ``rl_step`` against a bare torch step — forward+backward of U on the model's own SDPA attention
   (log-probs in float32, as a trainer) plus ``torch.optim.AdamW.step`` in place (torch's default
   implementation, which fprobe's optimizer then follows: single-tensor on CPU, foreach on CUDA);
-- δH₁'s jvp on E and δH₂'s jvp of jvp against a bare forward of E (``model(ids).logits``, no grad);
+- δH₁'s jvp on E and δH₂'s second-order pass (``passes.jet(order=2)``) against a bare forward of E (``model(ids).logits``, no grad);
 - fprobe's forward (ΔH_true's pass) against the same bare forward.
 Peak memory, each in a fresh process: the bare step, ``rl_step``, ``fprobe.probe`` and its
 ``contributions()``, against a bare step plus one parameter tree (the Δθ a probe must hold).
@@ -196,7 +196,7 @@ def main(argv=None):
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-time", action="store_true", help="peak memory only: no timed passes, no LoRA probe")
     p.add_argument("--memory-modes", default=None, help="modes whose peak memory is measured (default: --modes)")
-    p.add_argument("--no-second-order", action="store_true", help="skip δH₂'s jvp of jvp")
+    p.add_argument("--no-second-order", action="store_true", help="skip δH₂'s second-order pass")
     p.add_argument("--fprobe-root", default=None, help="measure the fprobe package under this directory")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)

@@ -120,7 +120,7 @@ _OPTIONS = (
     _Option("--loss", dict(choices=LOSS_TYPES, default="dr_grpo")),
     _Option("--predictors", dict(action="store_true", help="also score the published entropy-change predictors "
            "against Δh on U (fprobe.predictors)")),
-    _Option("--second-order", dict(action="store_true", help="also compute δH₂ (forward over forward)")),
+    _Option("--second-order", dict(action="store_true", help="also compute δH₂ (a second-order Taylor pass)")),
     _Option("--dtype", dict(choices=("bfloat16", "float32", "float64"), help="model dtype; default float64 on CPU, "
            "float32 on GPU")),
     _Option("--eval-dtype", dict(choices=("float32", "float64"), help="dtype fprobe's passes compute in (float64: on a "

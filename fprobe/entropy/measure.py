@@ -1,7 +1,7 @@
 """The one measurement on E along any Δθ: ``entropy_change`` → ``EntropyChange``.
 
 ΔH_true = Ĥ(θ₀+Δθ) − Ĥ(θ₀) by SNIS at the new parameters (``functional_call``, the model untouched),
-δH₁ = d/dε Ĥ(θ₀+εΔθ)|₀ by one jvp (or ∇Ĥ · Δθ), δH₂ = ½ d²/dε² by forward over forward, with
+δH₁ = d/dε Ĥ(θ₀+εΔθ)|₀ by one jvp (or ∇Ĥ · Δθ), δH₂ = ½ d²/dε² by a second-order Taylor pass, with
 Ĥ(θ) = Σ_i w_i H_i / Σ_i w_i D_i and log w_i = S_i(θ) − S_i^q, q the policy that sampled E: π_θ₀ itself
 (every w_i(θ₀) = 1), or an earlier policy when E is reused (``logp_sampler`` = S^q).
 """
@@ -41,7 +41,8 @@ class _FirstOrder(NamedTuple):
 def first_order(policy, params, delta, E: Rollouts, settings: Settings, second_order: bool = False, progress: bool = False,
                 timings: dict | None = None, logp_ref: torch.Tensor | None = None) -> _FirstOrder:
     """δH₁ = d/dε Ĥ(θ₀+εΔθ)|₀ by one jvp (``method="jvp"``) or as ∇Ĥ · Δθ (``"grad"``: a forward and a
-    vjp of the same linear functional); δH₂ = ½ d²/dε² by forward over forward when ``second_order``.
+    vjp of the same linear functional); δH₂ = ½ d²/dε² from the same pass, second-order
+    (``passes.jet(order=2)``), when ``second_order``.
     ``logp_ref``: S^q of the policy that sampled E (None: θ₀). ``timings`` (if given) receives the seconds
     of each pass."""
     timings = {} if timings is None else timings

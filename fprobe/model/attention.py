@@ -1,6 +1,6 @@
 """fprobe's own attention, registered with transformers under the name ``"fprobe"``.
 
-Forward passes and forward-mode AD (the jvp of δH₁, the jvp of jvp of δH₂) compute
+Forward passes and forward-mode AD (the jvp of δH₁, the second-order Taylor pass of δH₂) compute
 softmax(Q Kᵀ·s + M) V in query blocks, in the input's dtype, from plain differentiable ops:
 S_b = Q_b Kᵀ·s + M_b, P_b = softmax(S_b), O_b = P_b V. Forward-mode AD frees each block and its
 tangent before the next, so memory is O(B·H·b·L), never [B, H, L, L]: linear in L at a fixed block.

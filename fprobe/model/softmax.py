@@ -18,13 +18,16 @@ on CPU these were the largest excess over a backward pass. Inside ``cheap_jvp()`
 The same derivatives to rounding. Values are torch's own ops, bit for bit, and so are reverse-mode
 gradients of ``softmax`` (``_softmax_backward_data``, as autograd). Outside ``cheap_jvp()`` nothing
 changes: these rules treat their saved outputs as constants under an outer jvp, so forward over
-forward (δH₂) must not, and does not, use them.
+forward must not, and does not, use them. δH₂'s second-order Taylor pass (``fprobe.model.taylor``) has its own
+rules; the closed form for the token statistics of a jet of logits is here (``_taylor_statistics``).
 """
 
 import contextlib
 import contextvars
 
 import torch
+
+from fprobe.model import taylor
 
 _CHEAP = contextvars.ContextVar("fprobe_cheap_softmax_jvp", default=False)
 
@@ -178,9 +181,39 @@ class _LogpEntropy(torch.autograd.Function):
         raise RuntimeError("fprobe.softmax.logp_and_entropy is for first-order forward mode only (cheap_jvp)")
 
 
+def _taylor_statistics(logits: taylor.Jet, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Jets of (ℓ, h) of a jet of logits z, in closed form from π and π log π (L = log π, ⟨a, b⟩ = Σ_v a_v b_v):
+    μ̇ = ⟨π, ż⟩, σ² = ⟨π, ż²⟩ − μ̇², μ̈ = ⟨π, z̈⟩ + σ²;  ℓ̇ = ż_y − μ̇,  ℓ̈ = z̈_y − μ̈;
+    ḣ = −⟨πL, ż⟩ − μ̇ h,  ḧ = −(⟨πL, ż²⟩ − 2 μ̇ ⟨πL, ż⟩ − μ̇² h) − ⟨πL, z̈⟩ − μ̈ h − σ².
+    Sums as batched dot products (no [N, V] temporaries but ż²); values bit for bit ``_chunk_statistics``'."""
+    z0, z1, z2 = taylor.parts(logits)
+    logp, entropy, probs, plogp = _chunk_statistics(z0, targets)
+    column = lambda z: None if z is None else z.double()[:, :, None]
+    z1, z2 = column(z1), column(z2)
+    dot = lambda a, z: torch.bmm(a[:, None, :], z)[:, 0, 0]
+    at_target = lambda z: z[:, :, 0].gather(-1, targets[:, None])[:, 0]
+    logp1 = entropy1 = logp2 = entropy2 = None
+    if z1 is not None:
+        mean1, cross1, square = dot(probs, z1), dot(plogp, z1), z1 * z1
+        variance = dot(probs, square) - mean1 * mean1
+        logp1, entropy1 = at_target(z1) - mean1, -cross1 - mean1 * entropy
+        mean2 = variance if z2 is None else dot(probs, z2) + variance
+        entropy2 = -(dot(plogp, square) - 2 * mean1 * cross1 - mean1 * mean1 * entropy) - mean2 * entropy - variance
+        entropy2 = entropy2 if z2 is None else entropy2 - dot(plogp, z2)
+    elif z2 is not None:
+        mean2 = dot(probs, z2)
+        entropy2 = -dot(plogp, z2) - mean2 * entropy
+    if z2 is not None or z1 is not None:
+        logp2 = -mean2 if z2 is None else at_target(z2) - mean2
+    return taylor.jet(logp, logp1, logp2), taylor.jet(entropy, entropy1, entropy2)
+
+
 def logp_and_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ℓ, h) of [N, V] logits in float64; with the fused first-order jvp rule inside ``cheap_jvp()``,
-    and a backward pass that recomputes from the logits when a gradient is being taken."""
+    """(ℓ, h) of [N, V] logits in float64; with the fused first-order jvp rule inside ``cheap_jvp()``, the closed-form
+    second-order rule on a ``taylor.Jet``, and a backward pass that recomputes from the logits when a gradient is
+    being taken."""
+    if isinstance(logits, taylor.Jet):
+        return _taylor_statistics(logits, targets)
     if _CHEAP.get():
         return _LogpEntropy.apply(logits, targets)
     if torch.is_grad_enabled() and logits.requires_grad:
