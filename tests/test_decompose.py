@@ -99,7 +99,8 @@ def affine_trees(result) -> dict[str, tree.Params]:
     params, step = result.context.params, result.replay_step()
     terms = dict(result.optimizer.affine(result.start_state, step.opt_state, params, step.lr))
     full = lambda name, x: torch.zeros_like(params[name], dtype=torch.float64) + (0.0 if x is None else x)
-    return {part: {name: full(name, getattr(terms[name], part)) for name in params} for part in ("gain", "momentum", "decay")}
+    trees = {part: {name: full(name, getattr(terms[name], part)) for name in params} for part in ("gain", "momentum")}
+    return trees | {"decay": {name: terms[name].decay_rate * params[name].double() for name in params}}
 
 
 def plain_entropy_gradient(policy, params, E):

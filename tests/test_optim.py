@@ -271,9 +271,10 @@ def test_a_lazy_first_step_equals_a_zero_filled_one(foreach):
     assert all(m.is_contiguous() and m.stride() == (3, 1) for m in [*state.exp_avg.values(), *state.exp_avg_sq.values()])
 
 
-def rebuilt_update(terms: optim.AffineTerms, g: torch.Tensor) -> torch.Tensor:
-    """gain ⊙ g + momentum + decay, absent terms taken as zero."""
-    return sum((t for t in (terms.momentum, terms.decay) if t is not None), terms.gain * g.double())
+def rebuilt_update(terms: optim.AffineTerms, g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """gain ⊙ g + momentum + decay_rate · θ, an absent momentum taken as zero."""
+    rebuilt = terms.gain * g.double() + terms.decay_rate * p.double()
+    return rebuilt if terms.momentum is None else rebuilt + terms.momentum
 
 
 AFFINE_CONFIGS = [("adamw", "adamw")] + [("sgd", config) for config in SGD_CONFIGS]
@@ -295,8 +296,8 @@ def test_affine_form_reproduces_every_update(load_policy, kind, config):
             delta = new_params[name] - p
             # Δθ is a difference of rounded parameters: its rounding is relative to |θ|, not to |Δθ|
             bound = 1e-15 * float(p.abs().max()) + 1e-12 * float(delta.abs().max())
-            assert float((rebuilt_update(affine[name], g[name]) - delta).abs().max()) <= bound, (k, name)
-            assert (affine[name].decay is None) == (fopt.hyper(name)["weight_decay"] == 0)
+            assert float((rebuilt_update(affine[name], g[name], p) - delta).abs().max()) <= bound, (k, name)
+            assert (affine[name].decay_rate == 0) == (fopt.hyper(name)["weight_decay"] == 0)
         has_momentum = k > 0 and fopt.hyper("")["beta1" if kind == "adamw" else "momentum"] != 0
         assert any(t.momentum is not None for t in affine.values()) == has_momentum
         params, state = new_params, new_state

@@ -3,14 +3,14 @@
 Which samples of U drive the entropy change? δH₁ = ⟨u, Δθ⟩ with u = ∇Ĥ(θ₀) on E, Ĥ the SNIS
 estimator of the entropy at θ₀ + Δθ (exactly the linear functional of E's token statistics whose
 contraction with the jvp tangents gives δH₁). Each optimizer writes its update as an affine function
-of the (clipped) full-batch gradient g = c · Σ_j ∇L_j, given the states before and after the step
-(``Optimizer.affine``; the formulas live with each optimizer in ``fprobe.optim``):
+of the (clipped) full-batch gradient g = c · Σ_j ∇L_j, given the states before and after the step, with λ_d
+the multiple of θ₀ that weight decay subtracts (−ηλ for AdamW; ``Optimizer.affine``; the formulas live with each optimizer in ``fprobe.optim``):
 
-    Δθ = gain ⊙ g + momentum + decay                                                      (1)
+    Δθ = gain ⊙ g + momentum + λ_d θ₀                                                      (1)
 
 so that, exactly,
 
-    δH₁ = ⟨u, momentum⟩ + ⟨u, decay⟩ + Σ_j δH_j,   δH_j = c · ⟨gain ⊙ u, ∇L_j⟩,          (2)
+    δH₁ = ⟨u, momentum⟩ + λ_d ⟨u, θ₀⟩ + Σ_j δH_j,   δH_j = c · ⟨gain ⊙ u, ∇L_j⟩,          (2)
 
 and, with L_j = Σ_k L_jk (``losses.token_losses``) and ℓ̇_jk = ⟨∇ℓ_jk, gain ⊙ u⟩,
 δH_jk = c · (∂L_jk/∂ℓ_jk) ℓ̇_jk, which on policy (ratio 1) is c · (−c_j A_j) · ℓ̇_jk; Σ_k δH_jk = δH_j.
@@ -18,8 +18,8 @@ Rows with A_j = 0 contribute exactly zero.
 
 Cost: one reverse-mode pass (vjp) on E for u, and one forward-mode pass (jvp) on U along gain ⊙ u
 for ℓ̇ of every token at once; the rest is tensor algebra on [B, L] and parameter-sized trees.
-No per-sample gradient is ever materialised. Parameter-sized float64 temporaries are made one
-parameter at a time.
+No per-sample gradient is ever materialised. Parameter-sized float64 temporaries (the optimizer's gain and
+momentum) are made one parameter at a time.
 """
 
 import time
@@ -178,17 +178,17 @@ def decompose(context, take_step, U: Rollouts, optimizer, delta_h1: float | None
     momenta, decays, along_delta = {}, {}, {}
     for update in step.updates:
         name = update.name
-        u = tangent[name].double()
+        u = tangent[name]  # ∇Ĥ of this parameter; the float64 dots upcast it a chunk at a time
         along_delta[name] = tree.dot64(u, update.delta)
         ((_, terms),) = optimizer.affine(update.state, update.new_state, {name: params[name]}, step.lr)
         del update
         if terms.momentum is not None:
             momenta[name] = tree.dot64(u, terms.momentum)
-        if terms.decay is not None:
-            decays[name] = tree.dot64(u, terms.decay)
+        if terms.decay_rate:
+            decays[name] = terms.decay_rate * tree.dot64(u, params[name])
         gain = terms.gain
         del terms
-        tangent[name] = (gain.mul_(u) if isinstance(gain, torch.Tensor) else u.mul_(gain)).to(params[name].dtype)
+        tangent[name] = (gain.mul_(u) if isinstance(gain, torch.Tensor) else u.double().mul_(gain)).to(params[name].dtype)
         del u, gain
     missing = [name for name in params if name not in along_delta]
     if missing:

@@ -16,6 +16,7 @@ from fprobe.rl.optim import Optimizer
 from fprobe.rl.step import (
     Step,
     StepByParameter,
+    Update,
     by_parameter,
     rl_step,
     rl_step_by_parameter,
@@ -128,13 +129,15 @@ class ProbeResult(records.Record):
         step = rl_step_by_parameter(self.step_policy, self.step_params, self.optimizer, self.start_state, self.U,
                                     order=order, **self._replay_options())
 
-        def checked():
-            differences = {}
-            for update in step.updates:
-                difference = update.delta - self.delta_named[update.name]
-                differences[update.name] = tree.dot64(difference, difference)
-                del difference
-                yield update
+        differences = {}
+
+        def recorded(update: Update) -> Update:
+            difference = update.delta - self.delta_named[update.name]
+            differences[update.name] = tree.dot64(difference, difference)
+            return update
+
+        def checked():  # ``yield from map``: no reference to an update outlives the caller's
+            yield from map(recorded, step.updates)
             self._check_replayed(float(tree.leaf_sum({n: differences[n] for n in self.delta_named}).sqrt()))
 
         return step._replace(updates=checked())

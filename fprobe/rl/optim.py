@@ -14,7 +14,7 @@ trainer's optimizer whichever it ran. States are lazy, as torch's: a parameter t
 step has no moment tensors yet (its first step reads them as zeros without filling any).
 
 Each factory also writes its update as an affine function of the gradient g it received,
-``affine(state, new_state, params, lr=None)``: Δθ = gain ⊙ g + momentum + decay, exactly, given the
+``affine(state, new_state, params, lr=None)``: Δθ = gain ⊙ g + momentum + decay_rate · θ, exactly, given the
 states before and after the step (``fprobe.decompose`` splits δH₁ over U's sequences with it).
 """
 
@@ -44,22 +44,23 @@ class SGDState(NamedTuple):
 
 
 class AffineTerms(NamedTuple):
-    """One parameter's update as an affine function of its gradient g: Δθ = gain ⊙ g + momentum + decay.
+    """One parameter's update as an affine function of its gradient g: Δθ = gain ⊙ g + momentum + decay_rate · θ.
 
-    Float64; ``gain`` a float or a tensor shaped like the parameter, ``momentum`` and ``decay`` tensors,
-    or None where they are zero.
+    ``gain`` a float or a float64 tensor shaped like the parameter; ``momentum`` a float64 tensor, or None where it
+    is zero; ``decay_rate`` a float (0.0 without weight decay): the decay term is that multiple of θ itself, so no
+    copy of θ is made.
     """
 
     gain: float | torch.Tensor
     momentum: torch.Tensor | None
-    decay: torch.Tensor | None
+    decay_rate: float
 
 
 class Optimizer(NamedTuple):
     """``init(params) -> state``; ``update(grads, state, params, lr=None) -> (new_params, state)``;
     ``affine(state, new_state, params, lr=None)`` -> ``(name, AffineTerms)`` per parameter, lazily (one
     parameter's float64 temporaries at a time): the update that took ``state`` to ``new_state`` with
-    the same ``lr``, written as Δθ = gain ⊙ g + momentum + decay in the gradient g it received.
+    the same ``lr``, written as Δθ = gain ⊙ g + momentum + decay_rate · θ in the gradient g it received.
 
     ``lr`` is the base learning rate; ``hyper(name)`` the hyperparameters of one parameter.
     """
@@ -168,7 +169,7 @@ def adamw(
     (None: torch's default for the parameters of each update, ``_uses_foreach``).
 
     Affine form (t the new step count, P = 1 / (√v_t / √(1−β₂ᵗ) + ε) with v_t the *new* second moment):
-    gain = −η(1−β₁)/(1−β₁ᵗ) · P,  momentum = −ηβ₁/(1−β₁ᵗ) · P ⊙ m_{t−1},  decay = −ηλθ.
+    gain = −η(1−β₁)/(1−β₁ᵗ) · P,  momentum = −ηβ₁/(1−β₁ᵗ) · P ⊙ m_{t−1},  decay_rate = −ηλ.
     v_t contains g², so Δθ is not linear in g; it is exactly affine in g once P is taken from the step."""
     defaults = dict(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay)
     if foreach is not None:
@@ -231,7 +232,7 @@ def adamw(
         steps = {name: state.step.get(name, 0) + 1 for name in params}
         return new_params, AdamWState(steps, exp_avg, exp_avg_sq)
 
-    def terms(name: str, p: torch.Tensor, state: AdamWState, new_state: AdamWState, lr_override) -> AffineTerms:
+    def terms(name: str, state: AdamWState, new_state: AdamWState, lr_override) -> AffineTerms:
         h = hyper(name)
         rate, t = _lr_for(h, lr, lr_override), float(new_state.step[name])
         step_size = rate / (1 - h["beta1"] ** t)
@@ -243,7 +244,7 @@ def adamw(
         return AffineTerms(
             gain=gain,
             momentum=precond.mul_(m).mul_(-step_size * h["beta1"]) if moved else None,
-            decay=p.to(torch.float64, copy=True).mul_(-rate * h["weight_decay"]) if h["weight_decay"] != 0 else None,
+            decay_rate=-rate * h["weight_decay"],
         )
 
     def affine(state: AdamWState, new_state: AdamWState, params, lr_override: float | None = None):
@@ -253,7 +254,7 @@ def adamw(
                 f"optimizer states do not belong to one step: parameter {stale!r} went from step "
                 f"{state.step.get(stale, 0)} to {new_state.step.get(stale, 0)}"
             )
-        return ((name, terms(name, p, state, new_state, lr_override)) for name, p in params.items())
+        return ((name, terms(name, state, new_state, lr_override)) for name in params)
 
     return Optimizer("adamw", init, update, affine, lr, hyper)
 
@@ -273,7 +274,7 @@ def sgd(
 
     Affine form, with κ the factor of d in the step: no momentum, κ = 1; first step with momentum (the
     buffer becomes d), κ = 1 + μ (Nesterov) or 1; with a buffer b, κ = 1 + μ(1−τ) (Nesterov) or 1 − τ and
-    momentum = −ημ²b (Nesterov) or −ημb. Then gain = −ηκ and decay = −ηκλθ (coupled weight decay)."""
+    momentum = −ημ²b (Nesterov) or −ημb. Then gain = −ηκ and decay_rate = −ηκλ (coupled weight decay)."""
     defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=float(nesterov))
     if foreach is not None:
         defaults["foreach"] = float(foreach)
@@ -320,7 +321,7 @@ def sgd(
         (new_params,) = _in_order(params, new_params)
         return new_params, SGDState(buffers)
 
-    def terms(name: str, p: torch.Tensor, state: SGDState, lr_override) -> AffineTerms:
+    def terms(name: str, state: SGDState, lr_override) -> AffineTerms:
         h = hyper(name)
         rate, mu, nesterov = _lr_for(h, lr, lr_override), h["momentum"], bool(h["nesterov"])
         buffer = state.momentum_buffer.get(name) if mu != 0 else None
@@ -331,12 +332,11 @@ def sgd(
         else:
             kappa = 1.0 + mu * (1 - h["dampening"]) if nesterov else 1 - h["dampening"]
             momentum = buffer.to(torch.float64, copy=True).mul_(-rate * (mu * mu if nesterov else mu))
-        decay = p.to(torch.float64, copy=True).mul_(-rate * kappa * h["weight_decay"]) if h["weight_decay"] != 0 else None
-        return AffineTerms(-rate * kappa, momentum, decay)
+        return AffineTerms(-rate * kappa, momentum, -rate * kappa * h["weight_decay"])
 
     def affine(state: SGDState, new_state: SGDState, params, lr_override: float | None = None):
         # SGD's affine form needs only the state before the step (its momentum buffers)
-        return ((name, terms(name, p, state, lr_override)) for name, p in params.items())
+        return ((name, terms(name, state, lr_override)) for name in params)
 
     return Optimizer("sgd", init, update, affine, lr, hyper)
 

@@ -124,8 +124,9 @@ def _step_gradient(policy, params, optimizer, opt_state, U, lr, loss, clip, max_
     value, grads, stats = loss_and_grad(policy, params, U, loss, micro_batch, clip)
     if not torch.isfinite(torch.tensor(value)):
         raise FloatingPointError(f"the {loss} loss on the update batch is not finite ({value})")
-    tree.check_finite(grads, "the gradient")
     grad_norm = float(tree.norm(grads))
+    if not math.isfinite(grad_norm):  # a finite float64 norm proves every entry finite: the entry-wise check runs only here
+        tree.check_finite(grads, "the gradient")
     clip_coef = 1.0
     if max_grad_norm is not None:
         grads, clip_coef = clip_by_global_norm(grads, max_grad_norm)
@@ -153,15 +154,18 @@ def rl_step(
     value, grads, logp, grad_norm, clip_coef = _step_gradient(policy, params, optimizer, opt_state, U, lr, loss, clip,
                                                               max_grad_norm, micro_batch)
     new_params, new_state, lost = _apply_update(optimizer, grads, opt_state, params, lr)
-    tree.check_finite(new_params, "the updated value")
-    _warn_if_update_lost(lost, params)
-    delta = exact_delta(new_params, params, into=grads)  # the gradient's memory, no longer needed, holds Δθ
+    delta = exact_delta(new_params, params, into=_dead(grads, new_params, new_state))  # Δθ in the spent gradient's memory
     del grads
+    delta_l2 = float(tree.norm(delta))
+    if not math.isfinite(delta_l2):  # θ₀ is finite, so a finite Δθ proves the new θ finite
+        tree.check_finite(new_params, "the updated value")
+        tree.check_finite(delta, "Δθ")
+    _warn_if_update_lost(lost, params)
     return Step(
         params=new_params,
         opt_state=new_state,
         delta=delta,
-        delta_l2=float(tree.norm(delta)),
+        delta_l2=delta_l2,
         lr=optimizer.lr if lr is None else lr,
         loss=value,
         grad_norm=grad_norm,
@@ -210,21 +214,28 @@ def rl_step_by_parameter(
     """``rl_step``'s gradient pass, then its update one parameter at a time in ``order`` as ``updates`` is iterated:
     the same values bit for bit (the optimizers update each parameter by itself, on torch's kernels for one
     tensor or a list alike), for what needs the step's states but never its whole new parameter tree. Each
-    gradient is dropped once its parameter is updated; nothing of the new parameters is kept. (With
-    ``foreach=None``, torch's choice of kernels is made per parameter: it differs from ``rl_step``'s only in a
+    gradient is dropped once its parameter is updated (its memory holds that parameter's Δθ); nothing of the new
+    parameters is kept. (With ``foreach=None``, torch's choice of kernels is made per parameter: it differs from ``rl_step``'s only in a
     param group that mixes devices.)"""
     params = tree.check_like(policy.params, params, "params")
     _, grads, logp, _, clip_coef = _step_gradient(policy, params, optimizer, opt_state, U, lr, loss, clip, max_grad_norm,
                                                   micro_batch)
 
-    def updates() -> Iterator[Update]:
-        for name in order:
-            one, state = {name: params[name]}, restrict(opt_state, [name])
-            new_params, new_state, _ = _apply_update(optimizer, {name: grads.pop(name)}, state, one, lr)
-            tree.check_finite(new_params, "the updated value")
-            yield Update(name, state, new_state, exact_delta(new_params, one)[name])
+    def update_of(name: str) -> Update:
+        one, state, g = {name: params[name]}, restrict(opt_state, [name]), grads.pop(name)
+        new_params, new_state, _ = _apply_update(optimizer, {name: g}, state, one, lr)
+        tree.check_finite(new_params, "the updated value")
+        return Update(name, state, new_state, exact_delta(new_params, one, into=_dead({name: g}, new_params, new_state))[name])
 
-    return StepByParameter(optimizer.lr if lr is None else lr, clip_coef, logp, updates())
+    # map, not a generator: nothing of an update stays referenced here once the caller has let it go
+    return StepByParameter(optimizer.lr if lr is None else lr, clip_coef, logp, map(update_of, order))
+
+
+def _dead(grads: tree.Params, *results) -> tree.Params:
+    """The gradients whose memory none of ``results`` (the update's new parameters and state) shares: spent once the
+    update is made, so they may receive Δθ (an optimizer of one's own may keep g itself as a state)."""
+    kept = {x.untyped_storage().data_ptr() for x in optree.tree_leaves(results) if isinstance(x, torch.Tensor)}
+    return {name: g for name, g in grads.items() if g.untyped_storage().data_ptr() not in kept}
 
 
 def _cast_tensors(state, dtype_of):
