@@ -47,6 +47,7 @@ ARCHS = {
     "olmo3": {},
     "starcoder2": dict(sliding_window=4),
     "gpt_bigcode": {},  # multi-query
+    "falcon": dict(head_dim=None),  # multi-query, parallel block (routed through AttentionInterface since transformers 5.x)
     "granite": {},  # attention/residual/logit multipliers
     "qwen3": {},
     "smollm3": dict(no_rope_layer_interval=2),  # NoPE layers
@@ -188,10 +189,8 @@ def test_model_left_as_found(arch_setup, arch):
 
 # ---- architectures fprobe cannot run ----
 
-NOT_ROUTED = {  # attention not dispatched through AttentionInterface (alibi: Bloom, MPT, Falcon's alibi=True)
+NOT_ROUTED = {  # attention not dispatched through AttentionInterface (alibi: Bloom, MPT)
     "bloom": {},
-    "falcon": dict(head_dim=None),
-    "falcon_alibi": dict(head_dim=None, alibi=True),
     "mpt": dict(d_model=32, n_heads=4, n_layers=2, head_dim=None),
     "gpt_neo": dict(attention_types=[[["global", "local"], 1]], window_size=4),
     "xglm": {},
@@ -200,7 +199,7 @@ NOT_ROUTED = {  # attention not dispatched through AttentionInterface (alibi: Bl
 
 @pytest.mark.parametrize("arch", NOT_ROUTED)
 def test_attention_outside_the_interface_is_refused_at_policy(arch):
-    model = build(arch.removesuffix("_alibi"), **NOT_ROUTED[arch]).double().eval()
+    model = build(arch, **NOT_ROUTED[arch]).double().eval()
     with pytest.raises(TypeError, match="AttentionInterface"):
         fprobe.Policy(model)
 
@@ -220,6 +219,10 @@ def doge():
     return build("doge").double().eval()
 
 
+def falcon_alibi():
+    return build("falcon", head_dim=None, alibi=True).double().eval()
+
+
 def recurrent_gemma():
     return build("recurrent_gemma").double().eval()
 
@@ -228,6 +231,8 @@ UNSUPPORTED_LATE = {  # model, the error it raises at the first call, and why it
     "doge": (doge, AttributeError, "Doge's attention code reads attention_mask as a tensor (prepare_dynamic_mask: "
              "attention_mask.dtype), which only shows when it runs: the first call fails with fprobe's message that the "
              "model reads the mask as a tensor; Policy(...) cannot see it beforehand"),
+    "falcon_alibi": (falcon_alibi, AttributeError, "Falcon with alibi=True adds its position bias to the attention "
+                     "mask in the model's forward (causal_mask.dtype, masked_fill): the mask must be a tensor there"),
 }
 
 
