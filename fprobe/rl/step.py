@@ -1,5 +1,6 @@
 """One policy-gradient step as a pure function: (params, opt_state, U) -> (new params, new state, Δθ)."""
 
+import functools
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -52,13 +53,17 @@ class Step:
     params: tree.Params
     opt_state: object
     delta: tree.Params
-    delta_l2: float
     lr: float
     loss: float
     grad_norm: float
     clip_coef: float
     update_lost: float | None
     logp: torch.Tensor = field(repr=False)
+
+    @functools.cached_property
+    def delta_l2(self) -> float:
+        """‖Δθ‖₂ in float64, computed on first use (a pass over a parameter tree that a step need not pay for)."""
+        return float(tree.norm(self.delta))
 
 
 def _check_step_options(optimizer: Optimizer, opt_state, params, lr, clip, max_grad_norm) -> None:
@@ -156,8 +161,7 @@ def rl_step(
     new_params, new_state, lost = _apply_update(optimizer, grads, opt_state, params, lr)
     delta = exact_delta(new_params, params, into=_dead(grads, new_params, new_state))  # Δθ in the spent gradient's memory
     del grads
-    delta_l2 = float(tree.norm(delta))
-    if not math.isfinite(delta_l2):  # θ₀ is finite, so a finite Δθ proves the new θ finite
+    if not tree.all_finite(delta.values()):  # θ₀ is finite, so a finite Δθ proves the new θ finite
         tree.check_finite(new_params, "the updated value")
         tree.check_finite(delta, "Δθ")
     _warn_if_update_lost(lost, params)
@@ -165,7 +169,6 @@ def rl_step(
         params=new_params,
         opt_state=new_state,
         delta=delta,
-        delta_l2=delta_l2,
         lr=optimizer.lr if lr is None else lr,
         loss=value,
         grad_norm=grad_norm,
