@@ -15,6 +15,7 @@ Peak memory, each in a fresh process: the bare step, ``rl_step``, ``fprobe.probe
     python benchmarks/real_size.py --device cuda --n-eval 2048 --n-update 64 --prompt 128 --response 128 --micro-batch 32
     python benchmarks/real_size.py --shape 50m                 # the same structure at 50M (iterating)
     python benchmarks/real_size.py --fprobe-root DIR           # another checkout of fprobe (before/after)
+    python benchmarks/real_size.py --methods "bare step,rl_step" --no-memory   # a subset of the timed passes
     python benchmarks/real_size.py --quick                     # a tiny shape (smoke test, CI)
 """
 
@@ -49,6 +50,7 @@ SHAPES = {  # hidden, layers, heads, KV heads, MLP, vocabulary
 }
 LR = 1e-5
 SWEEP = (0.25 * LR, 0.5 * LR, 2 * LR, 4 * LR)  # the memory run's sweep
+TIMED_METHODS = ("bare step", "rl_step", "bare forward", "forward", "jvp", "jvp2")
 MEMORY_METHODS = ("bare step", "rl_step", "probe", "second_order", "sweep", "contributions")
 
 
@@ -119,15 +121,12 @@ def time_mode(args, lora):
     }
     if not args.no_second_order:
         methods["jvp2"] = lambda: passes.jet(policy, policy.params, delta, E, 2, mb)
+    if args.methods:
+        methods = {name: methods[name] for name in args.methods.split(",")}
     cpu = torch.device(args.device).type == "cpu"  # one thread: its CPU time is steadier than wall time on a busy machine
     times = common.time_interleaved(methods, args.repeats, args.warmup, args.device, time.process_time if cpu else time.perf_counter)
-    ratios = {
-        "rl_step / bare step": times["rl_step"] / times["bare step"],
-        "forward / bare forward": times["forward"] / times["bare forward"],
-        "jvp / bare forward": times["jvp"] / times["bare forward"],
-    }
-    if "jvp2" in times:
-        ratios["jvp2 / jvp"] = times["jvp2"] / times["jvp"]
+    pairs = (("rl_step", "bare step"), ("forward", "bare forward"), ("jvp", "bare forward"), ("jvp2", "jvp"))
+    ratios = {f"{a} / {b}": times[a] / times[b] for a, b in pairs if a in times and b in times}
     return dict(mode="lora" if lora else "full", times=times, ratios=ratios,
                 trained=sum(p.numel() for p in policy.params.values()),
                 tree=sum(p.numel() * p.element_size() for p in policy.params.values()))
@@ -197,9 +196,14 @@ def main(argv=None):
     p.add_argument("--no-time", action="store_true", help="peak memory only: no timed passes, no LoRA probe")
     p.add_argument("--memory-modes", default=None, help="modes whose peak memory is measured (default: --modes)")
     p.add_argument("--no-second-order", action="store_true", help="skip δH₂'s second-order pass")
+    p.add_argument("--methods", default=None,
+                   help=f"time only these (comma-separated: {', '.join(TIMED_METHODS)})")
     p.add_argument("--fprobe-root", default=None, help="measure the fprobe package under this directory")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    unknown = [m for m in (args.methods or "").split(",") if m and m not in TIMED_METHODS]
+    if unknown:
+        p.error(f"--methods: unknown {unknown}; choose from {', '.join(TIMED_METHODS)}")
     if args.quick:
         args.shape, args.n_eval, args.n_update, args.prompt, args.response, args.micro_batch = "tiny", 4, 4, 8, 16, 2
     if args.threads and torch.device(args.device).type == "cpu":

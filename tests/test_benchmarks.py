@@ -101,6 +101,19 @@ def test_real_size_quick(quick_runs):
     assert {"step", "jvp"} <= set(result["timings"]) and "probe (total)" in stdout
 
 
+def test_real_size_times_only_the_methods_asked():
+    """``--methods`` times a subset (the step against the bare step, for a quick before/after) and forms only the
+    ratios whose two passes it timed; a method it does not know is a usage error."""
+    real_size = importlib.import_module("benchmarks.real_size")
+    argv = ["--quick", "--methods", "bare step,rl_step", "--no-memory", "--repeats", "1", "--warmup", "0", "--modes", "full",
+            "--threads", "0"]  # 0: leave this process's thread count alone
+    with contextlib.redirect_stdout(io.StringIO()):
+        (record,) = real_size.main(argv)
+        with pytest.raises(SystemExit):
+            real_size.main(["--quick", "--methods", "rl_step,jvp3"])
+    assert set(record["times"]) == {"bare step", "rl_step"} and set(record["ratios"]) == {"rl_step / bare step"}
+
+
 def test_decompose_cost_quick(quick_runs):
     stdout, result = result_of(quick_runs, "decompose_cost")
     assert result["relative_residual"] < 1e-10, "the per-sequence parts must sum to δH₁"
