@@ -16,11 +16,13 @@ Peak memory, each in a fresh process: the bare step, ``rl_step``, ``fprobe.probe
     python benchmarks/real_size.py --shape 50m                 # the same structure at 50M (iterating)
     python benchmarks/real_size.py --fprobe-root DIR           # another checkout of fprobe (before/after)
     python benchmarks/real_size.py --methods "bare step,rl_step" --no-memory   # a subset of the timed passes
+    python benchmarks/real_size.py --thp                        # CPU memory on huge pages: few page faults, steadier times
     python benchmarks/real_size.py --quick                     # a tiny shape (smoke test, CI)
 """
 
 import argparse
 import inspect
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 if "--fprobe-root" in sys.argv:  # measure another checkout's fprobe with this script
     sys.path.insert(0, sys.argv[sys.argv.index("--fprobe-root") + 1])
+if "--thp" in sys.argv:  # torch's CPU allocator reads this once, at its first allocation
+    os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
 
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, Qwen2Config  # noqa: E402
@@ -199,6 +203,8 @@ def main(argv=None):
     p.add_argument("--methods", default=None,
                    help=f"time only these (comma-separated: {', '.join(TIMED_METHODS)})")
     p.add_argument("--fprobe-root", default=None, help="measure the fprobe package under this directory")
+    p.add_argument("--thp", action="store_true", help="CPU tensors of 2 MiB and more on transparent huge pages "
+                   "(torch's THP_MEM_ALLOC_ENABLE=1): far fewer page faults of fresh memory, for every method alike")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     unknown = [m for m in (args.methods or "").split(",") if m and m not in TIMED_METHODS]
@@ -210,7 +216,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     runner = None if args.no_memory else common.Isolated(inline=args.quick).start()
     device = torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else "cpu"
-    print(f"# fprobe at a real size — {device}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), float32; "
+    thp = ", huge-page CPU allocations (THP_MEM_ALLOC_ENABLE=1)" if os.environ.get("THP_MEM_ALLOC_ENABLE") == "1" else ""
+    print(f"# fprobe at a real size — {device}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), float32{thp}; "
           f"fprobe from {Path(fprobe.__file__).parent}\n")
     print(f"shape {args.shape} {SHAPES[args.shape]}, |E| = {args.n_eval}, |U| = {args.n_update}, "
           f"{args.prompt} prompt + {args.response} response tokens, micro-batch {args.micro_batch}\n")
