@@ -23,6 +23,7 @@ Peak memory, each in a fresh process: the bare step, ``rl_step``, ``fprobe.probe
 import argparse
 import inspect
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -128,12 +129,33 @@ def time_mode(args, lora):
     if args.methods:
         methods = {name: methods[name] for name in args.methods.split(",")}
     cpu = torch.device(args.device).type == "cpu"  # one thread: its CPU time is steadier than wall time on a busy machine
+    if cpu:  # each call's CPU time split into the arithmetic's (user) and the kernel's (system: page faults of fresh memory)
+        methods, split = _recording_cpu_split(methods)
     times = common.time_interleaved(methods, args.repeats, args.warmup, args.device, time.process_time if cpu else time.perf_counter)
     pairs = (("rl_step", "bare step"), ("forward", "bare forward"), ("jvp", "bare forward"), ("jvp2", "jvp"))
     ratios = {f"{a} / {b}": times[a] / times[b] for a, b in pairs if a in times and b in times}
+    if cpu:
+        user = {name: statistics.median(u for u, _ in calls[-args.repeats:]) for name, calls in split.items()}
+        times |= {f"{name} (system)": statistics.median(k for _, k in calls[-args.repeats:]) for name, calls in split.items()}
+        ratios |= {f"{a} / {b} (user)": user[a] / user[b] for a, b in pairs if a in user and b in user}
     return dict(mode="lora" if lora else "full", times=times, ratios=ratios,
                 trained=sum(p.numel() for p in policy.params.values()),
                 tree=sum(p.numel() * p.element_size() for p in policy.params.values()))
+
+
+def _recording_cpu_split(methods: dict) -> tuple[dict, dict[str, list[tuple[float, float]]]]:
+    """``methods`` wrapped to record each call's (user, system) CPU time of this process, and the lists they fill."""
+    split = {name: [] for name in methods}
+
+    def recording(name, fn):
+        def call():
+            before = os.times()
+            fn()
+            after = os.times()
+            split[name].append((after.user - before.user, after.system - before.system))
+        return call
+
+    return {name: recording(name, fn) for name, fn in methods.items()}, split
 
 
 def size_of(args, lora) -> dict:
