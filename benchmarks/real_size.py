@@ -137,7 +137,7 @@ def time_mode(args, lora):
     if cpu:
         user = {name: statistics.median(u for u, _ in calls[-args.repeats:]) for name, calls in split.items()}
         times |= {f"{name} (system)": statistics.median(k for _, k in calls[-args.repeats:]) for name, calls in split.items()}
-        ratios |= {f"{a} / {b} (user)": user[a] / user[b] for a, b in pairs if a in user and b in user}
+        ratios |= {f"{a} / {b} (user)": common.ratio(user[a], user[b]) for a, b in pairs if a in user and b in user}
     return dict(mode="lora" if lora else "full", times=times, ratios=ratios,
                 trained=sum(p.numel() for p in policy.params.values()),
                 tree=sum(p.numel() * p.element_size() for p in policy.params.values()))
@@ -283,7 +283,7 @@ def print_times(records) -> None:
                        "time (median; CPU time of the one thread on a CPU, wall time on a GPU)"))
     ratio_names = list(records[0]["ratios"])
     print()
-    print(common.table(["mode", *ratio_names], [[r["mode"], *[f"{r['ratios'][n]:.2f}" for n in ratio_names]] for r in records],
+    print(common.table(["mode", *ratio_names], [[r["mode"], *[common.fmt(r['ratios'][n], '.2f') for n in ratio_names]] for r in records],
                        "ratios, measured side by side"))
 
 

@@ -345,3 +345,36 @@ def test_a_model_folder_without_weights_is_not_called_uncached(tmp_path, checkpo
     with pytest.raises(FileNotFoundError) as error:
         fprobe.Policy.from_pretrained(folder)
     assert "local cache" not in str(error.value) and str(folder) in str(error.value)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2", "llama"])
+def test_the_lm_head_runs_from_the_first_predicting_position_on(load_policy, arch, monkeypatch):
+    """The token statistics ask the model for logits from the first position that predicts a response token on (the
+    shortest prompt's last token, rows left-aligned): the LM head sees only those positions, and every statistic equals
+    the one read from the logits of all positions (float64)."""
+    from fprobe.model import tokens
+
+    policy, E = load_policy(arch), make_batch(n=5, width=12, seed=3)
+    prompts = [int(E.attention_mask[i].nonzero()[0]) for i in range(len(E))]
+    prompts = [int(E.response_mask[i].nonzero()[0]) - first for i, first in enumerate(prompts)]
+    widths = []
+    hook = policy.model.get_output_embeddings().register_forward_pre_hook(lambda m, args: widths.append(args[0].shape[1]))
+    try:
+        sliced = fprobe.token_stats(policy, policy.params, E)
+        monkeypatch.setattr(tokens, "_first_predicting_position", lambda predicting: 0)
+        whole = fprobe.token_stats(policy, policy.params, E)
+    finally:
+        hook.remove()
+    assert widths == [E.input_ids.shape[1] - (min(prompts) - 1), E.input_ids.shape[1]]
+    for a, b in zip(sliced, whole):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_a_model_without_logits_to_keep_has_its_logits_sliced(load_policy, monkeypatch):
+    """Where the model's forward takes no ``logits_to_keep``, ``apply(keep_last=k)`` slices the whole logits."""
+    from fprobe.model import policy as policy_module
+
+    policy, E = load_policy("qwen2"), make_batch(n=3, width=10, seed=4)
+    monkeypatch.setattr(policy_module, "_takes_logits_to_keep", lambda model: False)
+    last4 = policy.apply(policy.params, E.input_ids, E.attention_mask, keep_last=4)
+    assert torch.equal(last4, policy.apply(policy.params, E.input_ids, E.attention_mask)[:, -4:])

@@ -28,7 +28,7 @@ from fprobe import distributed
 from fprobe import tree
 from fprobe.entropy import estimators, uncertainty
 from fprobe.model import attention, passes
-from fprobe.model.policy import check_no_dropout, computation_dtype, fprobe_numerics, position_ids_from_mask
+from fprobe.model.policy import check_no_dropout, computation_dtype, fprobe_numerics, last_logits, position_ids_from_mask
 from fprobe.model.tokens import TokenStats, token_stats
 from fprobe.rollouts import Rollouts, check_token_ids
 
@@ -68,18 +68,18 @@ class ShardedPolicy:
     def device(self) -> torch.device:
         return distributed.local_part(next(self.model.parameters())).device
 
-    def apply(self, params, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Logits [B, L, V] of the module at the parameters it holds, divided by the temperature."""
+    def apply(self, params, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_last: int = 0) -> torch.Tensor:
+        """Logits [B, L, V] of the module at the parameters it holds, divided by the temperature (``keep_last``: as
+        ``Policy.apply``)."""
         if params is not None:
             raise ValueError("a sharded model runs at the parameters it holds: params must be None")
         check_no_dropout(self.model)
         check_token_ids(input_ids, self.model.get_input_embeddings().num_embeddings)
         attention_mask = attention_mask.to(self.device)
         with fprobe_numerics(self.model, self.device, self.dtype):
-            logits = self.model(
-                input_ids.to(self.device), attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask), use_cache=False,
-            ).logits
+            forward = lambda **head: self.model(input_ids.to(self.device), attention_mask=attention_mask,
+                                                position_ids=position_ids_from_mask(attention_mask), use_cache=False, **head)
+            logits = last_logits(forward, self.model, keep_last)
         return logits if self.temperature == 1.0 else logits / self.temperature
 
 

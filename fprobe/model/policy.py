@@ -7,6 +7,7 @@ tree, names as in ``model.named_parameters()``), frozen weights and buffers stay
 
 import contextlib
 import dataclasses
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,21 @@ def computation_dtype(model: torch.nn.Module, eval_dtype: torch.dtype | None = N
         return widest
     _check_eval_dtype(eval_dtype, widest)
     return eval_dtype
+
+
+def last_logits(forward, model: torch.nn.Module, keep_last: int) -> torch.Tensor:
+    """The logits of ``forward(**head)``'s output at the last ``keep_last`` positions (all of them for 0): the LM head runs
+    on those positions alone where ``model`` takes transformers' ``logits_to_keep``; elsewhere the logits are sliced."""
+    if keep_last > 0 and _takes_logits_to_keep(model):
+        return forward(logits_to_keep=keep_last).logits
+    logits = forward().logits
+    return logits[:, -keep_last:] if keep_last > 0 else logits
+
+
+def _takes_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the causal LM's forward takes transformers' ``logits_to_keep`` (its LM head then runs on those positions)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def _base_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -316,10 +332,12 @@ class Policy:
         """This policy with passes computed in ``eval_dtype`` (itself for None or its own)."""
         return self if eval_dtype in (None, self.eval_dtype) else dataclasses.replace(self, eval_dtype=eval_dtype)
 
-    def apply(self, params: Mapping, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def apply(self, params: Mapping, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_last: int = 0) -> torch.Tensor:
         """Logits [B, L, V] of the model at ``params``, divided by the temperature, computed in ``self.dtype``: narrower
         (bf16/fp16) parameters, frozen weights and buffers enter as exact ``self.dtype`` copies (memory: one such copy
-        of the narrower weights during the call), and no autocast acts (``autocast_off``)."""
+        of the narrower weights during the call), and no autocast acts (``autocast_off``). ``keep_last`` > 0: the logits
+        of the last ``keep_last`` positions only, [B, keep_last, V] (the LM head runs on those positions alone where the
+        model takes transformers' ``logits_to_keep``)."""
         check_no_dropout(self.model)
         check_token_ids(input_ids, self.model.get_input_embeddings().num_embeddings)
         dtype, device = self.dtype, self.device
@@ -331,6 +349,6 @@ class Policy:
         )
         tensors = {**_held_tensors_upcast(self.model, params, dtype), **{name: upcast(p, dtype) for name, p in params.items()}}
         with fprobe_numerics(self.model, device, dtype):
-            out = functional_call(self.model, tensors, (input_ids.to(device),), kwargs)
-        logits = out.logits
+            forward = lambda **head: functional_call(self.model, tensors, (input_ids.to(device),), kwargs | head)
+            logits = last_logits(forward, self.model, keep_last)
         return logits if self.temperature == 1.0 else logits / self.temperature

@@ -66,9 +66,11 @@ def token_stats(policy, params, batch: Rollouts, with_entropy: bool = True) -> T
     attention_mask = batch.attention_mask.to(device)
     aligned = lambda x: left_aligned(x.to(device), attention_mask)
     ids, response = aligned(batch.input_ids), aligned(batch.response_mask)
-    logits = policy.apply(params, ids, aligned(attention_mask))
     predicting = response[:, 1:]
     targets = ids[:, 1:][predicting]
+    start = _first_predicting_position(predicting)  # no logits before it: the LM head skips the prompts' shared part
+    logits = policy.apply(params, ids, aligned(attention_mask), keep_last=ids.shape[1] - start)
+    predicting = predicting[:, start:]
     if torch.is_grad_enabled() and logits.requires_grad:  # reverse mode: the backward of a gather per chunk
         # would write a whole [B·L, V] gradient per chunk, so the predicting rows are gathered once
         logp, entropy = chunked_statistics(logits[:, :-1][predicting], targets, policy.chunk_size, with_entropy)
@@ -78,6 +80,12 @@ def token_stats(policy, params, batch: Rollouts, with_entropy: bool = True) -> T
         logp, entropy = chunked_statistics(logits.flatten(0, 1), targets, policy.chunk_size, with_entropy, rows)
     mask = batch.response_mask.to(device)
     return TokenStats(scatter_rows(logp, mask), None if entropy is None else scatter_rows(entropy, mask))
+
+
+def _first_predicting_position(predicting: torch.Tensor) -> int:
+    """The first position (column) at which any row predicts a response token (0 for none)."""
+    columns = predicting.any(0).nonzero()
+    return int(columns[0, 0]) if len(columns) else 0
 
 
 def scatter_rows(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
