@@ -378,3 +378,17 @@ def test_a_model_without_logits_to_keep_has_its_logits_sliced(load_policy, monke
     monkeypatch.setattr(policy_module, "_takes_logits_to_keep", lambda model: False)
     last4 = policy.apply(policy.params, E.input_ids, E.attention_mask, keep_last=4)
     assert torch.equal(last4, policy.apply(policy.params, E.input_ids, E.attention_mask)[:, -4:])
+
+
+def test_a_model_that_ignores_logits_to_keep_still_gives_the_last_positions(load_policy, monkeypatch):
+    """A forward that takes ``logits_to_keep`` but returns every position's logits: ``apply(keep_last=k)`` still gives
+    the last k."""
+    from fprobe.model import policy as policy_module
+
+    policy, E = load_policy("gpt2"), make_batch(n=3, width=10, seed=5)
+    forward, ignored = policy.model.forward, []
+    monkeypatch.setattr(policy_module, "_takes_logits_to_keep", lambda model: True)
+    monkeypatch.setattr(policy.model, "forward", lambda *a, logits_to_keep=0, **kw: ignored.append(logits_to_keep) or forward(*a, **kw))
+    last3 = policy.apply(policy.params, E.input_ids, E.attention_mask, keep_last=3)
+    assert ignored == [3] and last3.shape[1] == 3
+    assert torch.equal(last3, policy.apply(policy.params, E.input_ids, E.attention_mask)[:, -3:])

@@ -131,10 +131,10 @@ def computation_dtype(model: torch.nn.Module, eval_dtype: torch.dtype | None = N
 def last_logits(forward, model: torch.nn.Module, keep_last: int) -> torch.Tensor:
     """The logits of ``forward(**head)``'s output at the last ``keep_last`` positions (all of them for 0): the LM head runs
     on those positions alone where ``model`` takes transformers' ``logits_to_keep``; elsewhere the logits are sliced."""
-    if keep_last > 0 and _takes_logits_to_keep(model):
-        return forward(logits_to_keep=keep_last).logits
-    logits = forward().logits
-    return logits[:, -keep_last:] if keep_last > 0 else logits
+    if keep_last <= 0:
+        return forward().logits
+    logits = forward(logits_to_keep=keep_last).logits if _takes_logits_to_keep(model) else forward().logits
+    return logits[:, -keep_last:]  # a view; it also serves a model that takes logits_to_keep but keeps every position
 
 
 def _takes_logits_to_keep(model: torch.nn.Module) -> bool:
