@@ -403,3 +403,29 @@ def test_the_cheap_linear_rule_leaves_autocast_to_torch():
                 outs.append(forward_ad.unpack_dual(torch.nn.functional.linear(dual, weight)))
     (value, tangent), (cheap_value, cheap_tangent) = outs
     assert cheap_value.dtype == torch.bfloat16 and torch.equal(cheap_value, value) and torch.equal(cheap_tangent, tangent)
+
+
+class _Ops(TorchDispatchMode):
+    """Records the aten ops that run."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_linear_layer_on_a_strided_view_runs_one_matrix_product():
+    """The positions ``logits_to_keep`` keeps are a strided view of the hidden states; within fprobe's numerics
+    ``F.linear`` gets them contiguous, so it runs one matrix product (torch runs a view as a batched product over an
+    expanded weight) and gives what it gives on a contiguous copy, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(2, 9, 16, generator=g), torch.randn(40, 16, generator=g)
+    kept = hidden[:, -5:]
+    assert not kept.is_contiguous()
+    with Numerics(torch.float32), _Ops() as ops:
+        out = torch.nn.functional.linear(kept, weight)
+    assert "aten.bmm" not in ops.names and "aten.mm" in ops.names
+    assert torch.equal(out, torch.nn.functional.linear(kept.contiguous(), weight))
