@@ -137,15 +137,19 @@ def last_logits(forward, model: torch.nn.Module, keep_last: int) -> torch.Tensor
     return logits[:, -keep_last:]  # a view; it also serves a model that takes logits_to_keep but keeps every position
 
 
+def without_adapter(model: torch.nn.Module) -> torch.nn.Module:
+    """A PEFT model's base model; any other model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _takes_logits_to_keep(model: torch.nn.Module) -> bool:
     """Whether the causal LM's forward takes transformers' ``logits_to_keep`` (its LM head then runs on those positions)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return "logits_to_keep" in inspect.signature(without_adapter(model).forward).parameters
 
 
 def _base_model(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model itself (a PEFT model's base); TypeError for anything else."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = without_adapter(model)
     if not hasattr(base, "set_attn_implementation"):
         raise TypeError(f"{type(base).__name__} is not a transformers model: fprobe needs a transformers causal LM")
     return base

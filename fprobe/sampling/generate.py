@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 
 from fprobe import distributed
+from fprobe.model.policy import without_adapter
 from fprobe.sampling import prompts as prompt_records
 from fprobe.sampling import rewards as reward_functions
 from fprobe.rollouts import Rollouts
@@ -111,7 +112,7 @@ def _left_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tens
 def _plain_generation_config(model, eos_ids: list[int], pad_id: int):
     """Hide the checkpoint's ``generation_config`` (its top_k, repetition penalty, … would make the samples
     not π_θ's) behind one that sets only the special tokens; restored afterwards."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = without_adapter(model)
     saved = base.generation_config
     base.generation_config = GenerationConfig(
         eos_token_id=eos_ids, pad_token_id=pad_id, bos_token_id=saved.bos_token_id
