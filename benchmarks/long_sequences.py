@@ -27,7 +27,7 @@ from benchmarks import common  # noqa: E402
 from fprobe.model import attention  # noqa: E402
 from fprobe.model import passes  # noqa: E402
 from fprobe import tree  # noqa: E402
-from fprobe.model.softmax import softmax  # noqa: E402
+from fprobe.model.jvp_rules import softmax  # noqa: E402
 
 PASSES = ("forward", "jvp", "jvp2", "step")
 PROMPT = 16

@@ -317,22 +317,22 @@ def test_chunk_size_and_skipping_the_entropy_change_no_value(model_dir):
 
 
 def test_reverse_mode_statistics_recompute_from_the_logits_with_autograds_gradient():
-    from fprobe.model import softmax
+    from fprobe.model import vocab
 
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(20, 50, generator=g, requires_grad=True)
     targets = torch.randint(0, 50, (20,), generator=g)
     w_logp, w_entropy = (torch.randn(20, generator=g, dtype=torch.float64) for _ in range(2))
-    plain = softmax._chunk_statistics(logits, targets)
-    ours = softmax.logp_and_entropy(logits, targets)
+    plain = vocab._values(vocab._exponentials(logits), targets)  # autograd through the formulas themselves
+    ours = vocab.logp_and_entropy(logits, targets)
     assert torch.equal(ours[0], plain[0]) and torch.equal(ours[1], plain[1])
     grad = lambda stats: torch.autograd.grad((w_logp * stats[0]).sum() + (w_entropy * stats[1]).sum(), logits)[0]
     torch.testing.assert_close(grad(ours), grad(plain), rtol=1e-6, atol=1e-9)  # float32 logits
     logp_grad = lambda value: torch.autograd.grad((w_logp * value).sum(), logits)[0]
-    plain_logp = softmax._chunk_statistics(logits, targets)[0]
-    assert torch.equal(logp_grad(softmax.logp(logits, targets)), logp_grad(plain_logp)), "ℓ's gradient is autograd's, bit for bit"
+    plain_logp = vocab._values(vocab._exponentials(logits, products=False), targets)[0]
+    assert torch.equal(logp_grad(vocab.logp(logits, targets)), logp_grad(plain_logp)), "ℓ's gradient is autograd's, bit for bit"
     small = torch.randn(4, 6, generator=g, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradgradcheck(lambda z: softmax.logp_and_entropy(z, targets[:4] % 6), (small,))
+    assert torch.autograd.gradgradcheck(lambda z: vocab.logp_and_entropy(z, targets[:4] % 6), (small,))
 
 
 # --- a model folder without weights

@@ -91,7 +91,7 @@ def test_an_op_without_a_rule_falls_back_to_the_nested_jvp(load_policy, batch):
 def test_closed_form_token_statistics_equal_torch_rules():
     """ℓ, h of a chunk of logits with random first and second derivatives against the nested jvp of
     z(ε) = z + ε ż + ε²/2 z̈ through torch's log-softmax."""
-    from fprobe.model import softmax
+    from fprobe.model import vocab
 
     g = torch.Generator().manual_seed(0)
     z, z1, z2 = (3 * torch.randn(5, 40, generator=g, dtype=torch.float64) for _ in range(3))
@@ -104,7 +104,7 @@ def test_closed_form_token_statistics_equal_torch_rules():
     zero = torch.zeros((), dtype=torch.float64)
     one = torch.ones((), dtype=torch.float64)
     (_, first), (_, second) = torch.func.jvp(lambda e: torch.func.jvp(stats, (e,), (one,)), (zero,), (one,))
-    ours = softmax.logp_and_entropy(taylor.Jet(z, z1, z2), targets)
+    ours = vocab.logp_and_entropy(taylor.Jet(z, z1, z2), targets)
     for jet, d1, d2 in zip(ours, first, second):
         assert _relative(taylor.parts(jet).first, d1) < 1e-13
         assert _relative(taylor.parts(jet).second, d2) < 1e-13

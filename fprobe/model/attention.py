@@ -29,7 +29,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, prepare_padding_mask, sdpa_mask
 
-from fprobe.model.softmax import softmax
+from fprobe.model.jvp_rules import softmax
 
 NAME = "fprobe"
 

@@ -8,7 +8,7 @@ import contextvars
 import torch
 
 from fprobe import tree
-from fprobe.model import attention
+from fprobe.model import attention, jvp_rules
 
 
 @contextlib.contextmanager
@@ -89,8 +89,8 @@ def _kept_in(args, kwargs, dtype: torch.dtype):
 
 def _silu(x, inplace=False):
     """x·σ(x) from primitive ops: torch's SiLU jvp calls ``silu_backward``, which has no forward-mode
-    derivative, so forward-over-forward (δH₂) through ``F.silu`` fails."""
-    return x * torch.sigmoid(x)
+    derivative, so forward-over-forward (δH₂) through ``F.silu`` fails (``jvp_rules.silu``)."""
+    return jvp_rules.silu(x)
 
 
 _PRIMITIVE = {torch.nn.functional.layer_norm: _layer_norm, torch.nn.functional.silu: _silu}

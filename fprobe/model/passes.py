@@ -15,7 +15,7 @@ from fprobe.model import attention, taylor
 from fprobe import distributed
 from fprobe import tree
 from fprobe.rollouts import Rollouts
-from fprobe.model.softmax import cheap_jvp
+from fprobe.model.jvp_rules import cheap_jvp
 from fprobe.model.tokens import TokenStats, token_stats
 
 DEFAULT_MICRO_BATCH = 16
@@ -57,8 +57,8 @@ def _dual_jvp(f, primals, tangents) -> tuple[TokenStats, TokenStats]:
     """``torch.func.jvp(f, (primals,), (tangents,))`` for ``f: params -> TokenStats``, computed with
     ``torch.autograd.forward_ad`` dual tensors: the same forward-mode formulas, bit for bit, without
     functorch's per-op dispatch (15-20% faster on CPU); forward over forward still needs ``torch.func``.
-    Inside, the attention softmax and the token statistics use cheap first-order jvp rules
-    (``fprobe.softmax``: the same values bit for bit, the same tangents to rounding)."""
+    Inside, the linear layers, SiLU, binary ops with one tangent, the attention softmax and the token statistics use
+    cheap first-order jvp rules (``fprobe.model.jvp_rules``: the same values bit for bit, the same tangents to rounding)."""
     with forward_ad.dual_level(), cheap_jvp():
         out = f({name: forward_ad.make_dual(p, tangents[name]) for name, p in primals.items()})
         pairs = [forward_ad.unpack_dual(x) for x in out]

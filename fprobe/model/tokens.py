@@ -4,12 +4,12 @@ from typing import NamedTuple
 
 import torch
 
-from fprobe.model import softmax
+from fprobe.model import vocab
 from fprobe.rollouts import Rollouts
 
-# Bytes of the float64 temporaries of one chunk of logits: the upcast logits, log π, π and π log π,
-# four [rows, V] float64 arrays (a backward pass recomputes three of them, while every activation of
-# the model is still held). 64 MiB is 256 rows at an 8k vocabulary, 13 at Qwen's 152k.
+# Bytes of the float64 work of one chunk of logits (``vocab.Workspace``: z − max z, exp(z − max z), their product
+# and an upcast tangent), four [rows, V] float64 arrays (a backward pass recomputes three of them, while every
+# activation of the model is still held). 64 MiB is 256 rows at an 8k vocabulary, 13 at Qwen's 152k.
 CHUNK_BYTES = 64 * 2**20
 
 
@@ -31,18 +31,27 @@ def chunk_rows(vocab_size: int, budget: int = CHUNK_BYTES) -> int:
 
 def chunked_statistics(logits: torch.Tensor, targets: torch.Tensor, chunk: int | None = None, with_entropy: bool = True,
                        rows: torch.Tensor | None = None):
-    """(ℓ, h) of [N, V] logits, upcast to float64 ``chunk`` rows at a time (never [N, V] float64 whole);
-    h is None without ``with_entropy``. ``chunk`` defaults to ``chunk_rows(V)``. With ``rows`` (indices into
-    ``logits``' first dimension, one per target) each chunk's rows are gathered from ``logits`` as it is
-    read, so no gathered copy of the logits exists beyond one chunk."""
+    """(ℓ, h) of [N, V] logits, upcast to float64 ``chunk`` rows at a time into one reused ``vocab.Workspace`` (never
+    [N, V] float64 whole); h is None without ``with_entropy``. ``chunk`` defaults to ``chunk_rows(V)``. With ``rows``
+    (indices into ``logits``' first dimension, one per target) each chunk reads its rows of ``logits`` in place where
+    they are consecutive and gathers them otherwise, so no gathered copy of the logits exists beyond one chunk."""
     chunk = chunk_rows(logits.shape[-1]) if chunk is None else chunk
-    blocks = logits.split(chunk) if rows is None else (logits.index_select(0, r) for r in rows.split(chunk))
+    space = vocab.workspace(min(chunk, len(targets)), logits.shape[-1], logits.device)
+    blocks = logits.split(chunk) if rows is None else _row_blocks(logits, rows, chunk)
     parts = [
-        softmax.logp_and_entropy(block, ys) if with_entropy else (softmax.logp(block, ys), None)
+        vocab.logp_and_entropy(block, ys, space) if with_entropy else (vocab.logp(block, ys, space), None)
         for block, ys in zip(blocks, targets.split(chunk))
     ]  # with a cheap jvp rule inside passes.jet
     logp = torch.cat([p[0] for p in parts])
     return logp, torch.cat([p[1] for p in parts]) if with_entropy else None
+
+
+def _row_blocks(logits: torch.Tensor, rows: torch.Tensor, chunk: int):
+    """``logits[rows]`` ``chunk`` rows at a time: a view where a chunk's rows are consecutive, else a gathered copy."""
+    for index, first in zip(rows.split(chunk), rows.cpu().split(chunk)):  # one transfer of the indices, not one per chunk
+        start, n = int(first[0]), len(first)
+        consecutive = int(first[-1]) - start == n - 1
+        yield logits[start:start + n] if consecutive else logits.index_select(0, index)
 
 
 def left_aligned(x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

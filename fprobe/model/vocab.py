@@ -1,0 +1,177 @@
+"""ℓ = log π(y) and h = −Σ_v π_v log π_v of a chunk of logits z ∈ [N, V], in float64, in each mode a pass needs.
+
+With z' = z − max_v z_v (ℓ and h do not change under a shift, so it is a constant to every derivative), e = exp z'
+and s = Σ_v e_v:  log π = z' − log s,  ℓ = z'_y − log s,  h = log s − Σ_v e_v z'_v / s, two non-negative terms
+(z' ≤ 0, s ≥ 1), so no cancellation. One exponential per entry, and the [N, V] float64 arrays z', e and e ⊙ z' are
+written into a ``Workspace`` that the caller reuses chunk after chunk: on a CPU, fresh 16–48 MiB arrays per chunk cost
+page faults that took as long as the arithmetic. Every sum over the vocabulary against a tangent a is one batched
+product of [e; e ⊙ z'] with a: ⟨π, a⟩ = ⟨e, a⟩/s and ⟨π log π, a⟩ = ⟨e z', a⟩/s − log s ⟨π, a⟩ (``_dots``).
+
+- no graph: the values (``logp_and_entropy``, ``logp``);
+- reverse mode (``_Recomputed``): the backward pass recomputes π from the saved logits as they came (float32,
+  say), so a gradient pass holds no [N, V] float64 array beyond the chunk being differentiated;
+- first-order forward mode inside ``jvp_rules.cheap_jvp()`` (``_FirstOrder``): μ̇ = ⟨π, ż⟩, ℓ̇ = ż_y − μ̇,
+  ḣ = −⟨π log π, ż⟩ − μ̇ h, from one product with ż;
+- a ``taylor.Jet`` of logits: the closed-form second-order jets (``_taylor_statistics``).
+"""
+
+from typing import NamedTuple
+
+import torch
+from torch.autograd import forward_ad
+
+from fprobe.model import jvp_rules, taylor
+
+
+class Workspace(NamedTuple):
+    """float64 buffers for up to ``rows`` rows of logits, reused by each chunk in turn: z', [e; e ⊙ z'] and an upcast
+    tangent. Four [rows, V] float64 arrays (``fprobe.model.tokens.chunk_rows`` sizes a chunk by them)."""
+
+    shifted: torch.Tensor  # [rows, V]
+    weights: torch.Tensor  # [rows, 2, V]
+    tangent: torch.Tensor  # [rows, V]
+
+
+def workspace(rows: int, vocab: int, device) -> Workspace:
+    empty = lambda *shape: torch.empty(shape, dtype=torch.float64, device=device)
+    return Workspace(empty(rows, vocab), empty(rows, 2, vocab), empty(rows, vocab))
+
+
+class _Exponentials(NamedTuple):
+    """Of a chunk of logits: z' = z − max z, weights [e; e ⊙ z'] ([N, 2, V]; [N, 1, V] for ℓ alone), log s and
+    the row sums of the weights (s and Σ e z')."""
+
+    shifted: torch.Tensor
+    weights: torch.Tensor
+    log_sum: torch.Tensor
+    sums: torch.Tensor
+
+
+def _exponentials(logits: torch.Tensor, space: Workspace | None = None, products: bool = True) -> _Exponentials:
+    """z', e (and e ⊙ z' with ``products``) of [N, V] logits in float64 — into ``space`` where given, else into fresh
+    tensors (for a pass that differentiates through this function: autograd and ``torch.func`` take no ``out=``)."""
+    n = len(logits)
+    into = (lambda name, *index: None) if space is None else (lambda name, *index: getattr(space, name)[(slice(0, n), *index)])
+    shift = logits.detach().amax(-1, keepdim=True).double()
+    shifted = torch.sub(logits, shift, out=into("shifted"))  # the upcast and the shift in one pass
+    e = torch.exp(shifted, out=into("weights", 0))
+    parts = (e, torch.mul(e, shifted, out=into("weights", 1))) if products else (e,)
+    weights = into("weights", slice(0, len(parts))) if space is not None else torch.stack(parts, 1)
+    sums = weights.sum(-1)
+    return _Exponentials(shifted, weights, sums[:, 0].log(), sums)
+
+
+def _values(ex: _Exponentials, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(ℓ, h) — h None for weights without e ⊙ z'."""
+    logp = ex.shifted.gather(-1, targets[:, None])[:, 0] - ex.log_sum
+    entropy = ex.log_sum - ex.sums[:, 1] / ex.sums[:, 0] if ex.sums.shape[1] > 1 else None
+    return logp, entropy
+
+
+def _dots(ex: _Exponentials, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(⟨π, a⟩, ⟨π log π, a⟩) for float64 [N, V] ``a``, by one batched product with [e; e ⊙ z'] (no [N, V] temporary)."""
+    d = torch.bmm(ex.weights, a[:, :, None])[:, :, 0] / ex.sums[:, :1]
+    return d[:, 0], d[:, 1] - ex.log_sum * d[:, 0]
+
+
+def _at(a: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return a.gather(-1, targets[:, None])[:, 0]
+
+
+class _Recomputed(torch.autograd.Function):
+    """(ℓ, h) — or ℓ alone — of a chunk of logits, for reverse mode: the backward pass recomputes π from the saved
+    logits instead of keeping [N, V] float64 arrays from the forward pass. ∂ℓ/∂z = e_y − π, ∂h/∂z = −π ⊙ (log π + h);
+    for ℓ alone the gradient is autograd's through ``_values``, bit for bit (e · (−g/s), then g added at y).
+    Written with differentiable ops (double backward works)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, with_entropy, space):
+        ctx.save_for_backward(logits, targets)
+        return _values(_exponentials(logits, space, with_entropy), targets)
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        logits, targets = ctx.saved_tensors
+        ex = _exponentials(logits, products=grad_entropy is not None)
+        weight = grad_logp[:, None]
+        if grad_entropy is not None:
+            entropy = _values(ex, targets)[1]
+            weight = weight + grad_entropy[:, None] * (ex.shifted - (ex.log_sum - entropy)[:, None])
+        grad = (ex.weights[:, 0] * (-weight / ex.sums[:, :1])).scatter_add(-1, targets[:, None], grad_logp[:, None])
+        return grad.to(logits.dtype), None, None, None
+
+
+class _FirstOrder(torch.autograd.Function):
+    """(ℓ, h) of a chunk of logits with the fused first-order jvp rule; forward-mode only (inside ``cheap_jvp``)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, space):
+        ex = _exponentials(logits, space)
+        ctx.save_for_forward(ex.shifted, ex.weights, ex.log_sum, ex.sums, targets)
+        ctx.space = space
+        return _values(ex, targets)
+
+    @staticmethod
+    def jvp(ctx, logits_t, *_):
+        ex, targets = _Exponentials(*ctx.saved_tensors[:4]), ctx.saved_tensors[4]
+        z_t = logits_t.double() if ctx.space is None else ctx.space.tangent[: len(logits_t)].copy_(logits_t)
+        mean_t, cross_t = _dots(ex, z_t)
+        return _at(z_t, targets) - mean_t, -cross_t - mean_t * _values(ex, targets)[1]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("fprobe.model.vocab's first-order rule is for forward mode only (cheap_jvp)")
+
+
+def _taylor_statistics(logits: taylor.Jet, targets: torch.Tensor, space: Workspace | None):
+    """Jets of (ℓ, h) of a jet of logits z, in closed form (L = log π, ⟨a, b⟩ = Σ_v a_v b_v):
+    μ̇ = ⟨π, ż⟩, σ² = ⟨π, ż²⟩ − μ̇², μ̈ = ⟨π, z̈⟩ + σ²;  ℓ̇ = ż_y − μ̇,  ℓ̈ = z̈_y − μ̈;
+    ḣ = −⟨πL, ż⟩ − μ̇ h,  ḧ = −(⟨πL, ż²⟩ − 2 μ̇ ⟨πL, ż⟩ − μ̇² h) − ⟨πL, z̈⟩ − μ̈ h − σ².
+    Values bit for bit those of the other modes."""
+    z0, z1, z2 = taylor.parts(logits)
+    ex = _exponentials(z0, space)
+    logp, entropy = _values(ex, targets)
+    z1 = None if z1 is None else z1.double() if space is None else space.tangent[: len(z1)].copy_(z1)
+    z2 = None if z2 is None else z2.double()
+    logp1 = entropy1 = logp2 = entropy2 = None
+    if z1 is not None:
+        square = z1 * z1
+        (mean1, cross1), (mean_square, cross_square) = _dots(ex, z1), _dots(ex, square)
+        variance = mean_square - mean1 * mean1
+        logp1, entropy1 = _at(z1, targets) - mean1, -cross1 - mean1 * entropy
+        mean2, cross2 = (0, 0) if z2 is None else _dots(ex, z2)
+        mean2 = mean2 + variance
+        entropy2 = -(cross_square - 2 * mean1 * cross1 - mean1 * mean1 * entropy) - mean2 * entropy - variance - cross2
+    elif z2 is not None:
+        mean2, cross2 = _dots(ex, z2)
+        entropy2 = -cross2 - mean2 * entropy
+    if z2 is not None or z1 is not None:
+        logp2 = -mean2 if z2 is None else _at(z2, targets) - mean2
+    return taylor.jet(logp, logp1, logp2), taylor.jet(entropy, entropy1, entropy2)
+
+
+def _traced(logits: torch.Tensor) -> bool:
+    """Whether a forward-mode transform follows ``logits`` (a ``torch.func`` wrapper, as in forward over forward, or a
+    dual tensor), whose ops take no ``out=`` buffer."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(logits) or forward_ad.unpack_dual(logits).tangent is not None
+
+
+def logp_and_entropy(logits: torch.Tensor, targets: torch.Tensor, space: Workspace | None = None):
+    """(ℓ, h) of [N, V] logits in float64: with the fused first-order jvp rule inside ``cheap_jvp()``, the closed-form
+    second-order rule on a ``taylor.Jet``, and a backward pass that recomputes from the logits when a gradient is
+    being taken. ``space``: buffers to reuse (``workspace``)."""
+    if isinstance(logits, taylor.Jet):
+        return _taylor_statistics(logits, targets, space)
+    if jvp_rules.cheap():
+        return _FirstOrder.apply(logits, targets, space)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _Recomputed.apply(logits, targets, True, space)
+    return _values(_exponentials(logits, None if _traced(logits) else space), targets)
+
+
+def logp(logits: torch.Tensor, targets: torch.Tensor, space: Workspace | None = None) -> torch.Tensor:
+    """ℓ = log π(target) of [N, V] logits in float64, the same values as ``logp_and_entropy``'s ℓ, without the
+    entropy's products (for passes that read ℓ only); memory-lean in reverse mode."""
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _Recomputed.apply(logits, targets, False, space)[0]
+    return _values(_exponentials(logits, None if _traced(logits) else space, products=False), targets)[0]
