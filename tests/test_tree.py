@@ -68,6 +68,21 @@ def test_vdot_of_float32_trees_keeps_float64_precision():
     assert float(tree.vdot(a, {"w": torch.ones(2, dtype=torch.float32)})) == 1.0 + 2.0**-30
 
 
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float64, torch.float32),
+                                    (torch.float64, torch.float64)])
+def test_dot64_over_several_chunks_is_the_exactly_rounded_dot_to_float64_precision(dtypes):
+    """Tensors of three chunks and a partial fourth (each chunk upcast into a reused buffer, or read in place when
+    float64): ⟨x, y⟩ and ‖x‖² against math.fsum of the exact float64 products."""
+    g = torch.Generator().manual_seed(0)
+    n = 3 * tree._CHUNK + 1234
+    x, y = (torch.randn(n, generator=g, dtype=torch.float64).to(d).reshape(-1, 2) for d in dtypes)
+    exact = lambda a, b: math.fsum((a.double() * b.double()).flatten().tolist())
+    for value, expected in ((tree.dot64(x, y), exact(x, y)), (tree.dot64(x, x), exact(x, x))):
+        assert value.dtype == torch.float64
+        assert abs(float(value) - expected) <= 1e-13 * max(1.0, abs(expected))
+    assert torch.equal(tree.dot64(x, y), tree.dot64(x.double(), y.double()))  # the upcast chunks are the float64 ones
+
+
 def test_empty_tree_reductions_are_float64_zeros():
     assert float(tree.vdot({}, {})) == 0.0 and tree.vdot({}, {}).dtype == torch.float64
     assert float(tree.norm({})) == 0.0 and tree.norm({}).dtype == torch.float64
