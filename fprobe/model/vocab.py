@@ -56,7 +56,7 @@ def _exponentials(logits: torch.Tensor, space: Workspace | None = None, products
     shifted = torch.sub(logits, shift, out=into("shifted"))  # the upcast and the shift in one pass
     e = torch.exp(shifted, out=into("weights", 0))
     parts = (e, torch.mul(e, shifted, out=into("weights", 1))) if products else (e,)
-    weights = into("weights", slice(0, len(parts))) if space is not None else torch.stack(parts, 1)
+    weights = into("weights", slice(0, len(parts))) if space is not None else torch.stack(parts, 1) if products else e[:, None]
     sums = weights.sum(-1)
     return _Exponentials(shifted, weights, sums[:, 0].log(), sums)
 
