@@ -335,6 +335,43 @@ def test_reverse_mode_statistics_recompute_from_the_logits_with_autograds_gradie
     assert torch.autograd.gradgradcheck(lambda z: vocab.logp_and_entropy(z, targets[:4] % 6), (small,))
 
 
+@pytest.mark.parametrize("mode", ["values", "reverse", "jvp", "taylor"])
+def test_a_logit_of_minus_infinity_is_a_token_of_probability_zero_in_every_mode(mode):
+    """A row whose logits rule some tokens out (−∞) has the entropy of its other tokens (π log π → 0, not 0·(−∞) = NaN)
+    and finite derivatives, in every mode; ℓ and h against log-softmax over the finite entries alone."""
+    from torch.autograd import forward_ad
+
+    from fprobe.model import taylor, vocab
+    from fprobe.model.jvp_rules import cheap_jvp
+
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 9, generator=g, dtype=torch.float64)
+    logits[0, [2, 5]] = float("-inf")
+    targets = torch.tensor([1, 3, 8])
+    finite = lambda row: logits[row][torch.isfinite(logits[row])]
+    expected_h = [float(-(torch.softmax(finite(r), -1) * torch.log_softmax(finite(r), -1)).sum()) for r in range(3)]
+    expected_l = [float(logits[r, targets[r]] - torch.logsumexp(finite(r), -1)) for r in range(3)]
+    tangent = torch.randn(3, 9, generator=g, dtype=torch.float64)
+    if mode == "values":
+        (logp, entropy), derivatives = vocab.logp_and_entropy(logits, targets), ()
+    elif mode == "reverse":
+        leaf = logits.clone().requires_grad_()
+        logp, entropy = vocab.logp_and_entropy(leaf, targets)
+        derivatives = torch.autograd.grad((logp + entropy).sum(), leaf)
+    elif mode == "jvp":
+        with torch.no_grad(), forward_ad.dual_level(), cheap_jvp():
+            logp, entropy = vocab.logp_and_entropy(forward_ad.make_dual(logits, tangent), targets)
+            derivatives = (forward_ad.unpack_dual(logp).tangent, forward_ad.unpack_dual(entropy).tangent)
+            logp, entropy = (forward_ad.unpack_dual(x).primal for x in (logp, entropy))
+    else:
+        jets = vocab.logp_and_entropy(taylor.Jet(logits, tangent, tangent), targets)
+        (logp, *d_logp), (entropy, *d_entropy) = (taylor.parts(j) for j in jets)
+        derivatives = (*d_logp, *d_entropy)
+    torch.testing.assert_close(entropy.detach(), torch.tensor(expected_h, dtype=torch.float64), rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(logp.detach(), torch.tensor(expected_l, dtype=torch.float64), rtol=1e-14, atol=1e-15)
+    assert all(bool(torch.isfinite(d).all()) for d in derivatives)
+
+
 # --- a model folder without weights
 
 

@@ -2,7 +2,8 @@
 
 With z' = z − max_v z_v (ℓ and h do not change under a shift, so it is a constant to every derivative), e = exp z'
 and s = Σ_v e_v:  log π = z' − log s,  ℓ = z'_y − log s,  h = log s − Σ_v e_v z'_v / s, two non-negative terms
-(z' ≤ 0, s ≥ 1), so no cancellation. One exponential per entry, and the [N, V] float64 arrays z', e and e ⊙ z' are
+(z' ≤ 0, s ≥ 1), so no cancellation; a logit of −∞ (a token the model rules out) counts as π = 0, π log π = 0.
+One exponential per entry, and the [N, V] float64 arrays z', e and e ⊙ z' are
 written into a ``Workspace`` that the caller reuses chunk after chunk: on a CPU, fresh 16–48 MiB arrays per chunk cost
 page faults that took as long as the arithmetic. Every sum over the vocabulary against a tangent a is one batched
 product of [e; e ⊙ z'] with a: ⟨π, a⟩ = ⟨e, a⟩/s and ⟨π log π, a⟩ = ⟨e z', a⟩/s − log s ⟨π, a⟩ (``_dots``).
@@ -37,6 +38,9 @@ def workspace(rows: int, vocab: int, device) -> Workspace:
     return Workspace(empty(rows, vocab), empty(rows, 2, vocab), empty(rows, vocab))
 
 
+_LOWEST = torch.finfo(torch.float64).min
+
+
 class _Exponentials(NamedTuple):
     """Of a chunk of logits: z' = z − max z, weights [e; e ⊙ z'] ([N, 2, V]; [N, 1, V] for ℓ alone), log s and
     the row sums of the weights (s and Σ e z')."""
@@ -54,6 +58,7 @@ def _exponentials(logits: torch.Tensor, space: Workspace | None = None, products
     into = (lambda name, *index: None) if space is None else (lambda name, *index: getattr(space, name)[(slice(0, n), *index)])
     shift = logits.detach().amax(-1, keepdim=True).double()
     shifted = torch.sub(logits, shift, out=into("shifted"))  # the upcast and the shift in one pass
+    shifted = torch.clamp_min(shifted, _LOWEST, out=into("shifted"))  # a −∞ logit: π = 0 and π log π = 0, not 0·(−∞)
     e = torch.exp(shifted, out=into("weights", 0))
     parts = (e, torch.mul(e, shifted, out=into("weights", 1))) if products else (e,)
     weights = into("weights", slice(0, len(parts))) if space is not None else torch.stack(parts, 1) if products else e[:, None]
