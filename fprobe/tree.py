@@ -113,10 +113,13 @@ def _float64_chunks(x: torch.Tensor):
         yield buffer[: len(chunk)].copy_(chunk)
 
 
+@torch.no_grad()
 def dot64(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """⟨x, y⟩ of two tensors accumulated in float64, 2¹⁶ entries at a time: no float64 copy of a whole tensor (at
     0.5B parameters two such copies of a gradient tree were 8 GB of fresh memory, a quarter of a step's time on a CPU).
     A reduction for reporting: not differentiable."""
+    if x.numel() != y.numel():
+        raise ValueError(f"dot64 of tensors of {x.numel()} and {y.numel()} entries")
     if y is x:  # ‖x‖²: each chunk upcast once
         parts = [torch.vdot(a, a) for a in _float64_chunks(x)]
     else:

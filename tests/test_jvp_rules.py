@@ -94,6 +94,35 @@ def test_the_affine_rule_leaves_autocast_and_scaled_addmm_to_torch():
     assert torch.equal(cheap_value, value) and torch.equal(cheap_tangent, tangent)
 
 
+ODD_AFFINE = {  # shapes torch broadcasts or allows, each with its tangents: the rule's, or torch's own where it stands aside
+    "bias only, 1-D input": (lambda x, w, b: torch.nn.functional.linear(x, w, b), (7,), (4, 7), (4,), "b"),
+    "bias only, one row": (lambda x, w, b: torch.nn.functional.linear(x, w, b), (1, 7), (4, 7), (4,), "b"),
+    "0-d bias": (lambda x, w, b: torch.nn.functional.linear(x, w, b), (3, 7), (4, 7), (), "b"),
+    "bias of one": (lambda x, w, b: torch.nn.functional.linear(x, w, b), (3, 7), (4, 7), (1,), "b"),
+    "addmm, column bias": (lambda x, w, b: torch.addmm(b, x, w), (5, 7), (7, 4), (5, 1), "b"),
+    "1-D weight": (lambda x, w, b: torch.nn.functional.linear(x, w), (3, 7), (7,), (), "x+w"),
+    "no input features": (lambda x, w, b: torch.nn.functional.linear(x, w, b), (3, 0), (4, 0), (4,), "x+b"),
+}
+
+
+@pytest.mark.parametrize("case", list(ODD_AFFINE))
+def test_an_affine_layer_of_any_shape_torch_allows_gets_torchs_tangent_and_shares_none(case):
+    """Bias-only tangents of biases torch broadcasts, a 1-D weight, no input features: torch's value and tangent; and the
+    result's tangent is never the bias's own (writing into one leaves the other as it was)."""
+    f, x_shape, w_shape, b_shape, tangents = ODD_AFFINE[case]
+    values = {"x": _random(*x_shape, seed=0), "w": _random(*w_shape, seed=1), "b": _random(*b_shape, seed=2)}
+    inputs = {k: (v, _random(*v.shape, seed=10 + i) if k in tangents.split("+") else None) for i, (k, v) in enumerate(values.items())}
+    (value, tangent, _), (cheap_value, cheap_tangent, _) = (_jvp(f, inputs, c) for c in (False, True))
+    assert torch.equal(cheap_value, value)
+    torch.testing.assert_close(cheap_tangent, tangent, rtol=1e-15, atol=1e-15)
+    with torch.no_grad(), forward_ad.dual_level(), cheap_jvp():
+        args = {k: v if t is None else forward_ad.make_dual(v, t.clone()) for k, (v, t) in inputs.items()}
+        out = f(**args)
+        forward_ad.unpack_dual(out).tangent.mul_(2)
+        for k, (_, t) in inputs.items():
+            assert t is None or torch.equal(forward_ad.unpack_dual(args[k]).tangent, t), f"{k}'s tangent changed"
+
+
 BINARY = {
     "a * c": operator.mul, "c * a": lambda a, c: c * a, "torch.mul": torch.mul, "Tensor.mul": lambda a, c: a.mul(c),
     "a / c": operator.truediv, "torch.div": torch.div,

@@ -323,13 +323,13 @@ def test_reverse_mode_statistics_recompute_from_the_logits_with_autograds_gradie
     logits = torch.randn(20, 50, generator=g, requires_grad=True)
     targets = torch.randint(0, 50, (20,), generator=g)
     w_logp, w_entropy = (torch.randn(20, generator=g, dtype=torch.float64) for _ in range(2))
-    plain = vocab._values(vocab._exponentials(logits), targets)  # autograd through the formulas themselves
+    plain = vocab._values(vocab._exponentials(logits, targets))  # autograd through the formulas themselves
     ours = vocab.logp_and_entropy(logits, targets)
     assert torch.equal(ours[0], plain[0]) and torch.equal(ours[1], plain[1])
     grad = lambda stats: torch.autograd.grad((w_logp * stats[0]).sum() + (w_entropy * stats[1]).sum(), logits)[0]
     torch.testing.assert_close(grad(ours), grad(plain), rtol=1e-6, atol=1e-9)  # float32 logits
     logp_grad = lambda value: torch.autograd.grad((w_logp * value).sum(), logits)[0]
-    plain_logp = vocab._values(vocab._exponentials(logits, products=False), targets)[0]
+    plain_logp = vocab._values(vocab._exponentials(logits, targets, products=False))[0]
     assert torch.equal(logp_grad(vocab.logp(logits, targets)), logp_grad(plain_logp)), "ℓ's gradient is autograd's, bit for bit"
     small = torch.randn(4, 6, generator=g, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda z: vocab.logp_and_entropy(z, targets[:4] % 6), (small,))
@@ -354,10 +354,10 @@ def test_a_logit_of_minus_infinity_is_a_token_of_probability_zero_in_every_mode(
     tangent = torch.randn(3, 9, generator=g, dtype=torch.float64)
     if mode == "values":
         (logp, entropy), derivatives = vocab.logp_and_entropy(logits, targets), ()
-    elif mode == "reverse":
+    elif mode == "reverse":  # upstream gradients larger than 1 must not overflow the floor's products into NaN
         leaf = logits.clone().requires_grad_()
         logp, entropy = vocab.logp_and_entropy(leaf, targets)
-        derivatives = torch.autograd.grad((logp + entropy).sum(), leaf)
+        derivatives = torch.autograd.grad((logp - 1000 * entropy).sum(), leaf)
     elif mode == "jvp":
         with torch.no_grad(), forward_ad.dual_level(), cheap_jvp():
             logp, entropy = vocab.logp_and_entropy(forward_ad.make_dual(logits, tangent), targets)
@@ -370,6 +370,26 @@ def test_a_logit_of_minus_infinity_is_a_token_of_probability_zero_in_every_mode(
     torch.testing.assert_close(entropy.detach(), torch.tensor(expected_h, dtype=torch.float64), rtol=1e-14, atol=1e-15)
     torch.testing.assert_close(logp.detach(), torch.tensor(expected_l, dtype=torch.float64), rtol=1e-14, atol=1e-15)
     assert all(bool(torch.isfinite(d).all()) for d in derivatives)
+
+
+def test_a_ruled_out_target_has_log_probability_minus_infinity_and_the_same_derivative_in_every_mode():
+    """ℓ of a target whose logit is −∞ is −∞, as log-softmax's (not the floor), and ∂ℓ/∂z_y = 1 − π_y = 1 in reverse
+    mode, in the first-order rule and in the Taylor jets alike; ℓ alone (``logp``) takes a Taylor jet too."""
+    from torch.autograd import forward_ad
+
+    from fprobe.model import taylor, vocab
+    from fprobe.model.jvp_rules import cheap_jvp
+
+    logits = torch.tensor([[0.5, float("-inf"), 1.0]], dtype=torch.float64)
+    targets, along = torch.tensor([1]), torch.tensor([[0.0, 1.0, 0.0]], dtype=torch.float64)
+    assert float(vocab.logp_and_entropy(logits, targets)[0]) == float("-inf") == float(vocab.logp(logits, targets))
+    leaf = logits.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(vocab.logp(leaf, targets).sum(), leaf)
+    with torch.no_grad(), forward_ad.dual_level(), cheap_jvp():
+        first = forward_ad.unpack_dual(vocab.logp_and_entropy(forward_ad.make_dual(logits, along), targets)[0]).tangent
+    jet = taylor.parts(vocab.logp(taylor.Jet(logits, along), targets))
+    assert float(grad[0, 1]) == float(first) == float(jet.first) == 1.0
+    assert float(jet.value) == float("-inf")
 
 
 # --- a model folder without weights

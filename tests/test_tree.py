@@ -83,6 +83,15 @@ def test_dot64_over_several_chunks_is_the_exactly_rounded_dot_to_float64_precisi
     assert torch.equal(tree.dot64(x, y), tree.dot64(x.double(), y.double()))  # the upcast chunks are the float64 ones
 
 
+def test_dot64_refuses_tensors_of_different_sizes_and_a_gradient():
+    """Chunks of two tensors of different sizes would be zipped silently, the longer one's tail dropped: an error instead;
+    the reduction is for reporting, so its result carries no graph (its chunk buffer is reused)."""
+    with pytest.raises(ValueError, match="65541 and 65536 entries"):
+        tree.dot64(torch.ones(tree._CHUNK + 5), torch.ones(tree._CHUNK))
+    x = torch.ones(2 * tree._CHUNK, requires_grad=True)
+    assert not tree.dot64(x, x).requires_grad
+
+
 def test_empty_tree_reductions_are_float64_zeros():
     assert float(tree.vdot({}, {})) == 0.0 and tree.vdot({}, {}).dtype == torch.float64
     assert float(tree.norm({})) == 0.0 and tree.norm({}).dtype == torch.float64

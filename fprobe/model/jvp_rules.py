@@ -47,7 +47,9 @@ class _Affine(torch.autograd.Function):
         ctx.save_for_forward(x, weight)
         ctx.linear = linear
         ctx.set_materialize_grads(False)  # an input without a tangent reaches ``jvp`` as None, not as zeros
-        return torch.nn.functional.linear(x, weight, bias) if linear else torch.addmm(bias, x, weight)
+        out = torch.nn.functional.linear(x, weight, bias) if linear else torch.addmm(bias, x, weight)
+        ctx.out_shape = out.shape
+        return out
 
     @staticmethod
     def jvp(ctx, x_t, weight_t, bias_t, _):
@@ -59,9 +61,9 @@ class _Affine(torch.autograd.Function):
             a, w = a.reshape(-1, a.shape[-1]), w.t() if ctx.linear else w
             out = torch.mm(a, w) if out is None else out.addmm_(a, w)  # no separate sum of the two products
         if out is not None:
-            out = out.view(*x.shape[:-1], out.shape[-1])
-        if bias_t is not None:
-            out = bias_t.expand(*x.shape[:-1], bias_t.shape[-1]).contiguous() if out is None else out.add_(bias_t)
+            out = out.view(ctx.out_shape)
+        if bias_t is not None:  # a copy, never the bias's own tangent; broadcast as torch broadcasts the bias
+            out = bias_t.expand(ctx.out_shape).clone() if out is None else out.add_(bias_t)
         return out
 
     @staticmethod
@@ -159,11 +161,14 @@ def _addmm_operands(input, mat1, mat2, *, beta=1, alpha=1, out=None):
 
 
 def _affine(func, args, kwargs):
-    """``F.linear(x, W, b)`` or ``torch.addmm(b, x, M)`` through ``_Affine``; None for a scaled ``addmm`` (beta, alpha)
-    and under autocast, whose casts torch's own rule follows."""
+    """``F.linear(x, W, b)`` or ``torch.addmm(b, x, M)`` through ``_Affine``; None (torch's own rule) for a scaled
+    ``addmm`` (beta, alpha), a 1-D weight, no input features, and under autocast, whose casts torch's rule follows."""
     linear = func is torch.nn.functional.linear
     operands = _linear_operands(*args, **kwargs) if linear else _addmm_operands(*args, **kwargs)
     if operands is None or torch.is_autocast_enabled(operands[0].device.type):
+        return None
+    x, weight, _ = operands
+    if x.dim() == 0 or weight.dim() != 2 or x.shape[-1] == 0:
         return None
     return _Affine.apply(*operands, linear)
 

@@ -2,7 +2,8 @@
 
 With z' = z − max_v z_v (ℓ and h do not change under a shift, so it is a constant to every derivative), e = exp z'
 and s = Σ_v e_v:  log π = z' − log s,  ℓ = z'_y − log s,  h = log s − Σ_v e_v z'_v / s, two non-negative terms
-(z' ≤ 0, s ≥ 1), so no cancellation; a logit of −∞ (a token the model rules out) counts as π = 0, π log π = 0.
+(z' ≤ 0, s ≥ 1), so no cancellation; a logit of −∞ (a token the model rules out) counts as π = 0, π log π = 0
+(z' is floored at −1000, where e is 0 anyway).
 One exponential per entry, and the [N, V] float64 arrays z', e and e ⊙ z' are
 written into a ``Workspace`` that the caller reuses chunk after chunk: on a CPU, fresh 16–48 MiB arrays per chunk cost
 page faults that took as long as the arithmetic. Every sum over the vocabulary against a tangent a is one batched
@@ -38,37 +39,42 @@ def workspace(rows: int, vocab: int, device) -> Workspace:
     return Workspace(empty(rows, vocab), empty(rows, 2, vocab), empty(rows, vocab))
 
 
-_LOWEST = torch.finfo(torch.float64).min
+# z' is clamped here: exp(−1000) = 0 in float64, so e and e ⊙ z' are the same, bit for bit, for every finite logit, and a
+# −∞ logit gives e = 0, e ⊙ z' = 0 (not 0·(−∞) = NaN) and finite products in a backward pass.
+_FLOOR = -1000.0
 
 
 class _Exponentials(NamedTuple):
-    """Of a chunk of logits: z' = z − max z, weights [e; e ⊙ z'] ([N, 2, V]; [N, 1, V] for ℓ alone), log s and
-    the row sums of the weights (s and Σ e z')."""
+    """Of a chunk of logits: z' = max(z − max z, ``_FLOOR``), weights [e; e ⊙ z'] ([N, 2, V]; [N, 1, V] for ℓ alone),
+    log s, the row sums of the weights (s and Σ e z'), and z_y − max z at the targets, not clamped (ℓ of a ruled-out
+    target is −∞, as log-softmax's)."""
 
     shifted: torch.Tensor
     weights: torch.Tensor
     log_sum: torch.Tensor
     sums: torch.Tensor
+    target: torch.Tensor
 
 
-def _exponentials(logits: torch.Tensor, space: Workspace | None = None, products: bool = True) -> _Exponentials:
+def _exponentials(logits: torch.Tensor, targets: torch.Tensor, space: Workspace | None = None, products: bool = True) -> _Exponentials:
     """z', e (and e ⊙ z' with ``products``) of [N, V] logits in float64 — into ``space`` where given, else into fresh
     tensors (for a pass that differentiates through this function: autograd and ``torch.func`` take no ``out=``)."""
     n = len(logits)
     into = (lambda name, *index: None) if space is None else (lambda name, *index: getattr(space, name)[(slice(0, n), *index)])
     shift = logits.detach().amax(-1, keepdim=True).double()
     shifted = torch.sub(logits, shift, out=into("shifted"))  # the upcast and the shift in one pass
-    shifted = torch.clamp_min(shifted, _LOWEST, out=into("shifted"))  # a −∞ logit: π = 0 and π log π = 0, not 0·(−∞)
+    target = shifted.gather(-1, targets[:, None])[:, 0]  # before the floor
+    shifted = torch.clamp_min(shifted, _FLOOR, out=into("shifted"))
     e = torch.exp(shifted, out=into("weights", 0))
     parts = (e, torch.mul(e, shifted, out=into("weights", 1))) if products else (e,)
     weights = into("weights", slice(0, len(parts))) if space is not None else torch.stack(parts, 1) if products else e[:, None]
     sums = weights.sum(-1)
-    return _Exponentials(shifted, weights, sums[:, 0].log(), sums)
+    return _Exponentials(shifted, weights, sums[:, 0].log(), sums, target)
 
 
-def _values(ex: _Exponentials, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _values(ex: _Exponentials) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(ℓ, h) — h None for weights without e ⊙ z'."""
-    logp = ex.shifted.gather(-1, targets[:, None])[:, 0] - ex.log_sum
+    logp = ex.target - ex.log_sum
     entropy = ex.log_sum - ex.sums[:, 1] / ex.sums[:, 0] if ex.sums.shape[1] > 1 else None
     return logp, entropy
 
@@ -92,15 +98,15 @@ class _Recomputed(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, with_entropy, space):
         ctx.save_for_backward(logits, targets)
-        return _values(_exponentials(logits, space, with_entropy), targets)
+        return _values(_exponentials(logits, targets, space, with_entropy))
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
         logits, targets = ctx.saved_tensors
-        ex = _exponentials(logits, products=grad_entropy is not None)
+        ex = _exponentials(logits, targets, products=grad_entropy is not None)
         weight = grad_logp[:, None]
         if grad_entropy is not None:
-            entropy = _values(ex, targets)[1]
+            entropy = _values(ex)[1]
             weight = weight + grad_entropy[:, None] * (ex.shifted - (ex.log_sum - entropy)[:, None])
         grad = (ex.weights[:, 0] * (-weight / ex.sums[:, :1])).scatter_add(-1, targets[:, None], grad_logp[:, None])
         return grad.to(logits.dtype), None, None, None
@@ -111,17 +117,18 @@ class _FirstOrder(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, space):
-        ex = _exponentials(logits, space)
-        ctx.save_for_forward(ex.shifted, ex.weights, ex.log_sum, ex.sums, targets)
+        ex = _exponentials(logits, targets, space)
+        ctx.save_for_forward(*ex, targets)
         ctx.space = space
-        return _values(ex, targets)
+        return _values(ex)
 
     @staticmethod
     def jvp(ctx, logits_t, *_):
-        ex, targets = _Exponentials(*ctx.saved_tensors[:4]), ctx.saved_tensors[4]
+        *saved, targets = ctx.saved_tensors
+        ex = _Exponentials(*saved)
         z_t = logits_t.double() if ctx.space is None else ctx.space.tangent[: len(logits_t)].copy_(logits_t)
         mean_t, cross_t = _dots(ex, z_t)
-        return _at(z_t, targets) - mean_t, -cross_t - mean_t * _values(ex, targets)[1]
+        return _at(z_t, targets) - mean_t, -cross_t - mean_t * _values(ex)[1]
 
     @staticmethod
     def backward(ctx, *grads):
@@ -134,8 +141,8 @@ def _taylor_statistics(logits: taylor.Jet, targets: torch.Tensor, space: Workspa
     ḣ = −⟨πL, ż⟩ − μ̇ h,  ḧ = −(⟨πL, ż²⟩ − 2 μ̇ ⟨πL, ż⟩ − μ̇² h) − ⟨πL, z̈⟩ − μ̈ h − σ².
     Values bit for bit those of the other modes."""
     z0, z1, z2 = taylor.parts(logits)
-    ex = _exponentials(z0, space)
-    logp, entropy = _values(ex, targets)
+    ex = _exponentials(z0, targets, space)
+    logp, entropy = _values(ex)
     z1 = None if z1 is None else z1.double() if space is None else space.tangent[: len(z1)].copy_(z1)
     z2 = None if z2 is None else z2.double()
     logp1 = entropy1 = logp2 = entropy2 = None
@@ -171,12 +178,14 @@ def logp_and_entropy(logits: torch.Tensor, targets: torch.Tensor, space: Workspa
         return _FirstOrder.apply(logits, targets, space)
     if torch.is_grad_enabled() and logits.requires_grad:
         return _Recomputed.apply(logits, targets, True, space)
-    return _values(_exponentials(logits, None if _traced(logits) else space), targets)
+    return _values(_exponentials(logits, targets, None if _traced(logits) else space))
 
 
 def logp(logits: torch.Tensor, targets: torch.Tensor, space: Workspace | None = None) -> torch.Tensor:
     """ℓ = log π(target) of [N, V] logits in float64, the same values as ``logp_and_entropy``'s ℓ, without the
     entropy's products (for passes that read ℓ only); memory-lean in reverse mode."""
+    if isinstance(logits, taylor.Jet):
+        return _taylor_statistics(logits, targets, space)[0]
     if torch.is_grad_enabled() and logits.requires_grad:
         return _Recomputed.apply(logits, targets, False, space)[0]
-    return _values(_exponentials(logits, None if _traced(logits) else space, products=False), targets)[0]
+    return _values(_exponentials(logits, targets, None if _traced(logits) else space, products=False))[0]
