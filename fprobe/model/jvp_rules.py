@@ -109,12 +109,9 @@ _RSUBTRACTS = {_T.__rsub__}
 _BINARY = _PRODUCTS | _MATMULS | _DIVIDES | _ADDS | _SUBTRACTS | _RSUBTRACTS
 
 
-def _tangent_of(x):
-    return forward_ad.unpack_dual(x).tangent if isinstance(x, torch.Tensor) else None
-
-
-def _primal_of(x):
-    return forward_ad.unpack_dual(x).primal if isinstance(x, torch.Tensor) else x
+def _unpacked(x) -> tuple:
+    """(primal, tangent or None) of a tensor; (x, None) for anything else."""
+    return tuple(forward_ad.unpack_dual(x)) if isinstance(x, torch.Tensor) else (x, None)
 
 
 def _binary(func, args):
@@ -124,19 +121,18 @@ def _binary(func, args):
     an elementwise product: ȧ·b + a·ḃ in one ``addcmul`` pass instead of two products and a sum (to rounding). The
     primal is ``func`` on the primals: the same values, bit for bit."""
     a, b = args
-    ta, tb = _tangent_of(a), _tangent_of(b)
+    (pa, ta), (pb, tb) = _unpacked(a), _unpacked(b)
     if ta is None and tb is None:
         return None
     if ta is not None and tb is not None:
         if func not in _PRODUCTS:
             return None
-        pa, pb = _primal_of(a), _primal_of(b)
         primal = func(pa, pb)
         return forward_ad.make_dual(primal, torch.addcmul(ta * pb, pa, tb).expand_as(primal))
     moving = 0 if ta is not None else 1
     if func in _DIVIDES and moving == 1:
         return None
-    primal = func(*(_primal_of(x) if i == moving else x for i, x in enumerate(args)))
+    primal = func(pa, b) if moving == 0 else func(a, pb)
     tangent = ta if moving == 0 else tb
     if func in _PRODUCTS or func in _MATMULS:
         tangent = func(tangent, b) if moving == 0 else func(a, tangent)

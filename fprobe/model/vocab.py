@@ -118,17 +118,18 @@ class _FirstOrder(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, space):
         ex = _exponentials(logits, targets, space)
-        ctx.save_for_forward(*ex, targets)
+        logp, entropy = _values(ex)
+        ctx.save_for_forward(*ex, entropy, targets)
         ctx.space = space
-        return _values(ex)
+        return logp, entropy
 
     @staticmethod
     def jvp(ctx, logits_t, *_):
-        *saved, targets = ctx.saved_tensors
+        *saved, entropy, targets = ctx.saved_tensors
         ex = _Exponentials(*saved)
         z_t = logits_t.double() if ctx.space is None else ctx.space.tangent[: len(logits_t)].copy_(logits_t)
         mean_t, cross_t = _dots(ex, z_t)
-        return _at(z_t, targets) - mean_t, -cross_t - mean_t * _values(ex)[1]
+        return _at(z_t, targets) - mean_t, -cross_t - mean_t * entropy
 
     @staticmethod
     def backward(ctx, *grads):
