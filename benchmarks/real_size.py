@@ -2,7 +2,8 @@
 its configuration (random weights, no download: hidden 896, 24 layers, 14 heads, 2 KV heads, MLP 4864,
 vocabulary 151936, tied embeddings), float32, full parameters and LoRA (rank 16 on q/v).
 
-Timed side by side in one run (``common.time_interleaved``: rounds in rotated order, medians):
+Timed side by side in one run (``common.time_interleaved``: rounds in rotated order, medians; on a CPU each ratio is
+the median of the rounds' own ratios of CPU time, printed with their range):
 - ``rl_step`` against a bare torch step — forward+backward of U on the model's own SDPA attention
   (log-probs in float32, as a trainer) plus ``torch.optim.AdamW.step`` in place (torch's default
   implementation, which fprobe's optimizer then follows: single-tensor on CPU, foreach on CUDA);
@@ -132,13 +133,21 @@ def time_mode(args, lora):
     if cpu:  # each call's CPU time split into the arithmetic's (user) and the kernel's (system: page faults of fresh memory)
         methods, split = _recording_cpu_split(methods)
     times = common.time_interleaved(methods, args.repeats, args.warmup, args.device, time.process_time if cpu else time.perf_counter)
-    pairs = (("rl_step", "bare step"), ("forward", "bare forward"), ("jvp", "bare forward"), ("jvp2", "jvp"))
-    ratios = {f"{a} / {b}": times[a] / times[b] for a, b in pairs if a in times and b in times}
-    if cpu:
-        user = {name: statistics.median(u for u, _ in calls[-args.repeats:]) for name, calls in split.items()}
-        times |= {f"{name} (system)": statistics.median(k for _, k in calls[-args.repeats:]) for name, calls in split.items()}
-        ratios |= {f"{a} / {b} (user)": common.ratio(user[a], user[b]) for a, b in pairs if a in user and b in user}
-    return dict(mode="lora" if lora else "full", times=times, ratios=ratios,
+    pairs = [(a, b) for a, b in (("rl_step", "bare step"), ("forward", "bare forward"), ("jvp", "bare forward"), ("jvp2", "jvp"))
+             if a in times and b in times]
+    ratios = {f"{a} / {b}": times[a] / times[b] for a, b in pairs}
+    spread = {}
+    if cpu:  # each ratio the median of the rounds' own ratios: a round's two calls ran minutes apart at most
+        rounds = {name: calls[-args.repeats:] for name, calls in split.items()}
+        per_round = lambda a, b, part: [part(x) / part(y) for x, y in zip(rounds[a], rounds[b]) if part(y)]  # ticks of 10 ms
+        for label, part in (("", sum), (" (user)", lambda call: call[0])):
+            for a, b in pairs:
+                values = per_round(a, b, part)
+                ratios[f"{a} / {b}{label}"] = statistics.median(values) if values else None
+                if values:
+                    spread[f"{a} / {b}{label}"] = (min(values), max(values))
+        times |= {f"{name} (system)": statistics.median(k for _, k in calls) for name, calls in rounds.items()}
+    return dict(mode="lora" if lora else "full", times=times, ratios=ratios, spread=spread,
                 trained=sum(p.numel() for p in policy.params.values()),
                 tree=sum(p.numel() * p.element_size() for p in policy.params.values()))
 
@@ -283,8 +292,10 @@ def print_times(records) -> None:
                        "time (median; CPU time of the one thread on a CPU, wall time on a GPU)"))
     ratio_names = list(records[0]["ratios"])
     print()
-    print(common.table(["mode", *ratio_names], [[r["mode"], *[common.fmt(r['ratios'][n], '.2f') for n in ratio_names]] for r in records],
-                       "ratios, measured side by side"))
+    shown = lambda r, n: common.fmt(r["ratios"][n], ".2f") + ("" if n not in r["spread"] else
+                                                               " ({:.2f}–{:.2f})".format(*r["spread"][n]))
+    print(common.table(["mode", *ratio_names], [[r["mode"], *[shown(r, n) for n in ratio_names]] for r in records],
+                       "ratios, measured side by side (CPU: the median of the rounds' own ratios, and their range)"))
 
 
 if __name__ == "__main__":

@@ -294,13 +294,15 @@ def test_attention_is_restored_when_a_call_fails(load_policy):
     assert policy.model.config._attn_implementation == found != "fprobe"
 
 
-def test_chunk_rows_fit_the_budget_of_four_float64_arrays():
-    from fprobe.model.tokens import CHUNK_BYTES, chunk_rows
+def test_chunk_rows_fit_the_budget_of_four_float64_arrays_of_the_device():
+    from fprobe.model.tokens import CHUNK_BYTES, CHUNK_BYTES_DEFAULT, chunk_rows
 
-    for vocab in (61, 8192, 151936):
-        rows = chunk_rows(vocab)
-        assert 4 * 8 * vocab * rows <= CHUNK_BYTES < 4 * 8 * vocab * (rows + 1)
-    assert chunk_rows(10**12) == 1
+    for device, budget in (("cpu", CHUNK_BYTES["cpu"]), ("meta", CHUNK_BYTES_DEFAULT), ("cpu", 10**6)):
+        for vocab in (61, 8192, 151936):
+            rows = chunk_rows(vocab, device, budget if budget == 10**6 else None)
+            assert (4 * 8 * vocab * rows <= budget or rows == 1) and budget < 4 * 8 * vocab * (rows + 1)
+        assert chunk_rows(10**12, device) == 1
+    assert chunk_rows(151936, "cpu") < chunk_rows(151936, "meta")  # a CPU's chunks stay nearer its caches
 
 
 def test_chunk_size_and_skipping_the_entropy_change_no_value(model_dir):

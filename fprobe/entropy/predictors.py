@@ -293,7 +293,7 @@ def collision_terms(policy, params, U: Rollouts, micro_batch=passes.DEFAULT_MICR
             aligned = lambda x: tokens.left_aligned(x.to(policy.device), attention_mask)
             logits = policy.apply(params, aligned(batch.input_ids), aligned(attention_mask))
             states = logits[:, :-1][aligned(batch.response_mask)[:, 1:]]
-            parts += [collision_term(rows) for rows in states.split(tokens.chunk_rows(states.shape[-1]))]
+            parts += [collision_term(rows) for rows in states.split(tokens.chunk_rows(states.shape[-1], states.device))]
     return torch.cat(parts).cpu() if parts else torch.zeros(0, dtype=torch.float64)
 
 

@@ -62,7 +62,8 @@ def _exponentials(logits: torch.Tensor, targets: torch.Tensor, space: Workspace 
     n = len(logits)
     into = (lambda name, *index: None) if space is None else (lambda name, *index: getattr(space, name)[(slice(0, n), *index)])
     shift = logits.detach().amax(-1, keepdim=True).double()
-    shifted = torch.sub(logits, shift, out=into("shifted"))  # the upcast and the shift in one pass
+    buffer = into("shifted")  # the upcast, then the shift in place: a float32 − float64 sub upcasts into a temporary first
+    shifted = (logits.to(torch.float64, copy=True) if buffer is None else buffer.copy_(logits)).sub_(shift)
     target = shifted.gather(-1, targets[:, None])[:, 0]  # before the floor
     shifted = torch.clamp_min(shifted, _FLOOR, out=into("shifted"))
     e = torch.exp(shifted, out=into("weights", 0))
