@@ -3,7 +3,7 @@ its configuration (random weights, no download: hidden 896, 24 layers, 14 heads,
 vocabulary 151936, tied embeddings), float32, full parameters and LoRA (rank 16 on q/v).
 
 Timed side by side in one run (``common.time_interleaved``: rounds in rotated order, medians; on a CPU each ratio is
-the median of the rounds' own ratios of CPU time, printed with their range):
+the median of the rounds' own ratios of CPU time, printed with their range, and "best" the ratio of the fastest calls):
 - ``rl_step`` against a bare torch step — forward+backward of U on the model's own SDPA attention
   (log-probs in float32, as a trainer) plus ``torch.optim.AdamW.step`` in place (torch's default
   implementation, which fprobe's optimizer then follows: single-tensor on CPU, foreach on CUDA);
@@ -18,6 +18,7 @@ Peak memory, each in a fresh process: the bare step, ``rl_step``, ``fprobe.probe
     python benchmarks/real_size.py --fprobe-root DIR           # another checkout of fprobe (before/after)
     python benchmarks/real_size.py --methods "bare step,rl_step" --no-memory   # a subset of the timed passes
     python benchmarks/real_size.py --thp                        # CPU memory on huge pages: few page faults, steadier times
+    python benchmarks/real_size.py --malloc-cache               # freed CPU memory kept in the process (no page faults)
     python benchmarks/real_size.py --quick                     # a tiny shape (smoke test, CI)
 """
 
@@ -35,6 +36,10 @@ if "--fprobe-root" in sys.argv:  # measure another checkout's fprobe with this s
     sys.path.insert(0, sys.argv[sys.argv.index("--fprobe-root") + 1])
 if "--thp" in sys.argv:  # torch's CPU allocator reads this once, at its first allocation
     os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
+if "--malloc-cache" in sys.argv:  # glibc reads its tunables at start: this script starts again with them
+    from benchmarks import common
+
+    common.restart_with_caching_malloc()
 
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, Qwen2Config  # noqa: E402
@@ -146,6 +151,8 @@ def time_mode(args, lora):
                 ratios[f"{a} / {b}{label}"] = statistics.median(values) if values else None
                 if values:
                     spread[f"{a} / {b}{label}"] = (min(values), max(values))
+        for a, b in pairs:  # noise on a shared machine only adds time: the fastest calls' ratio, as timeit's best of N
+            ratios[f"{a} / {b} (best)"] = common.ratio(min(map(sum, rounds[a])), min(map(sum, rounds[b])))
         times |= {f"{name} (system)": statistics.median(k for _, k in calls) for name, calls in rounds.items()}
     return dict(mode="lora" if lora else "full", times=times, ratios=ratios, spread=spread,
                 trained=sum(p.numel() for p in policy.params.values()),
@@ -236,6 +243,9 @@ def main(argv=None):
     p.add_argument("--fprobe-root", default=None, help="measure the fprobe package under this directory")
     p.add_argument("--thp", action="store_true", help="CPU tensors of 2 MiB and more on transparent huge pages "
                    "(torch's THP_MEM_ALLOC_ENABLE=1): far fewer page faults of fresh memory, for every method alike")
+    p.add_argument("--malloc-cache", action="store_true", help="timed passes on a glibc heap that keeps freed memory "
+                   f"({common.CACHING_MALLOC_ENV['GLIBC_TUNABLES']}), as a GPU's caching allocator does: no page faults "
+                   "of fresh memory (the memory runs keep their own allocator set-up)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     unknown = [m for m in (args.methods or "").split(",") if m and m not in TIMED_METHODS]
@@ -248,6 +258,7 @@ def main(argv=None):
     runner = None if args.no_memory else common.Isolated(inline=args.quick).start()
     device = torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else "cpu"
     thp = ", huge-page CPU allocations (THP_MEM_ALLOC_ENABLE=1)" if os.environ.get("THP_MEM_ALLOC_ENABLE") == "1" else ""
+    thp += ", a caching glibc heap (--malloc-cache)" if common.caching_malloc() else ""
     print(f"# fprobe at a real size — {device}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), float32{thp}; "
           f"fprobe from {Path(fprobe.__file__).parent}\n")
     print(f"shape {args.shape} {SHAPES[args.shape]}, |E| = {args.n_eval}, |U| = {args.n_update}, "

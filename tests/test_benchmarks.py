@@ -112,7 +112,16 @@ def test_real_size_times_only_the_methods_asked():
         with pytest.raises(SystemExit):
             real_size.main(["--quick", "--methods", "rl_step,jvp3"])
     assert set(record["times"]) == {"bare step", "rl_step", "bare step (system)", "rl_step (system)"}
-    assert set(record["ratios"]) == {"rl_step / bare step", "rl_step / bare step (user)"}  # CPU time, and its user share
+    assert set(record["ratios"]) == {"rl_step / bare step", "rl_step / bare step (user)", "rl_step / bare step (best)"}
+
+
+def test_real_size_restarts_itself_on_a_caching_heap():
+    """``--malloc-cache`` runs the script again with glibc's tunables set (read only at a process's start)."""
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "real_size.py"), "--quick", "--malloc-cache", "--no-memory",
+                          "--methods", "bare step,rl_step", "--modes", "full", "--warmup", "0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("# fprobe at a real size") == 1 and "a caching glibc heap" in out.stdout
 
 
 def test_decompose_cost_quick(quick_runs):
