@@ -248,21 +248,27 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "6553
 # fresh parameter-sized tensor is page faults again (at the 0.5B shape on this project's VM, ~40% of a bare training
 # step's CPU time was the kernel's). Serving every block from a heap that is never trimmed keeps freed memory in the
 # process, as torch's CUDA caching allocator (or jemalloc/tcmalloc in CPU training) does. glibc reads this at start.
-CACHING_MALLOC_ENV = {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"}
+CACHING_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 
 
 def caching_malloc() -> bool:
-    """Whether this process started with ``CACHING_MALLOC_ENV``."""
-    return all(os.environ.get(k) == v for k, v in CACHING_MALLOC_ENV.items())
+    """Whether this process started with ``CACHING_TUNABLES`` among glibc's tunables."""
+    return CACHING_TUNABLES in os.environ.get("GLIBC_TUNABLES", "")
+
+
+def _tunables_without_caching() -> str:
+    """``GLIBC_TUNABLES`` less ``CACHING_TUNABLES`` (the user's own tunables, if any)."""
+    return ":".join(t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t and t not in CACHING_TUNABLES.split(":"))
 
 
 def restart_with_caching_malloc() -> None:
-    """Re-execute this script with ``CACHING_MALLOC_ENV`` (unless it runs with it already)."""
+    """Re-execute this script, with the interpreter's own options, with ``CACHING_TUNABLES`` added to glibc's tunables
+    (unless it runs with them already)."""
     if caching_malloc():
         return
-    os.environ.update(CACHING_MALLOC_ENV)
+    os.environ["GLIBC_TUNABLES"] = ":".join(filter(None, (_tunables_without_caching(), CACHING_TUNABLES)))
     sys.stdout.flush()
-    os.execv(sys.executable, [sys.executable, *sys.argv])
+    os.execv(sys.executable, sys.orig_argv)
 
 
 class Isolated:
@@ -285,10 +291,9 @@ class Isolated:
         if not self.inline:
             from multiprocessing import forkserver
 
-            saved = {k: os.environ.get(k) for k in (*MALLOC_ENV, *CACHING_MALLOC_ENV)}
-            for k in CACHING_MALLOC_ENV:
-                os.environ.pop(k, None)
-            os.environ.update(MALLOC_ENV)  # read by glibc when the server starts; its children inherit it
+            saved = {k: os.environ.get(k) for k in (*MALLOC_ENV, "GLIBC_TUNABLES")}
+            os.environ.update(MALLOC_ENV, GLIBC_TUNABLES=_tunables_without_caching())  # read by glibc when the server
+            # starts; its children inherit it
             try:
                 forkserver.ensure_running()
             finally:

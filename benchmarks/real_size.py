@@ -29,14 +29,17 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import benchmarks  # noqa: E402  this script's helpers (benchmarks.common), also where the checkout below has its own
 if "--fprobe-root" in sys.argv:  # measure another checkout's fprobe with this script
     sys.path.insert(0, sys.argv[sys.argv.index("--fprobe-root") + 1])
 if "--thp" in sys.argv:  # torch's CPU allocator reads this once, at its first allocation
     os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
-if "--malloc-cache" in sys.argv:  # glibc reads its tunables at start: this script starts again with them
+if "--malloc-cache" in sys.argv and __name__ == "__main__":  # glibc reads its tunables at start: this script starts
+    # again with them (not where a memory run's process imports it again, as __mp_main__ with the same argv)
     from benchmarks import common
 
     common.restart_with_caching_malloc()
@@ -144,31 +147,38 @@ def time_mode(args, lora):
     spread = {}
     if cpu:  # each ratio the median of the rounds' own ratios: a round's two calls ran minutes apart at most
         rounds = {name: calls[-args.repeats:] for name, calls in split.items()}
-        per_round = lambda a, b, part: [part(x) / part(y) for x, y in zip(rounds[a], rounds[b]) if part(y)]  # ticks of 10 ms
-        for label, part in (("", sum), (" (user)", lambda call: call[0])):
+        per_round = lambda a, b, part: [part(x) / part(y) for x, y in zip(rounds[a], rounds[b]) if part(y)]
+        total, user = (lambda call: call.total), (lambda call: call.user)
+        for label, part in (("", total), (" (user)", user)):  # user: os.times' ticks of 10 ms
             for a, b in pairs:
                 values = per_round(a, b, part)
                 ratios[f"{a} / {b}{label}"] = statistics.median(values) if values else None
                 if values:
                     spread[f"{a} / {b}{label}"] = (min(values), max(values))
         for a, b in pairs:  # noise on a shared machine only adds time: the fastest calls' ratio, as timeit's best of N
-            ratios[f"{a} / {b} (best)"] = common.ratio(min(map(sum, rounds[a])), min(map(sum, rounds[b])))
-        times |= {f"{name} (system)": statistics.median(k for _, k in calls) for name, calls in rounds.items()}
+            ratios[f"{a} / {b} (best)"] = common.ratio(min(map(total, rounds[a])), min(map(total, rounds[b])))
+        times |= {f"{name} (system)": statistics.median(call.system for call in calls) for name, calls in rounds.items()}
     return dict(mode="lora" if lora else "full", times=times, ratios=ratios, spread=spread,
                 trained=sum(p.numel() for p in policy.params.values()),
                 tree=sum(p.numel() * p.element_size() for p in policy.params.values()))
 
 
-def _recording_cpu_split(methods: dict) -> tuple[dict, dict[str, list[tuple[float, float]]]]:
-    """``methods`` wrapped to record each call's (user, system) CPU time of this process, and the lists they fill."""
+class CPUTime(NamedTuple):
+    total: float  # this process's CPU time (``time.process_time``)
+    user: float  # its user and system shares (``os.times``, in ticks of 10 ms)
+    system: float
+
+
+def _recording_cpu_split(methods: dict) -> tuple[dict, dict[str, list[CPUTime]]]:
+    """``methods`` wrapped to record each call's ``CPUTime``, and the lists they fill."""
     split = {name: [] for name in methods}
 
     def recording(name, fn):
         def call():
-            before = os.times()
+            before, start = os.times(), time.process_time()
             fn()
-            after = os.times()
-            split[name].append((after.user - before.user, after.system - before.system))
+            total, after = time.process_time() - start, os.times()
+            split[name].append(CPUTime(total, after.user - before.user, after.system - before.system))
         return call
 
     return {name: recording(name, fn) for name, fn in methods.items()}, split
@@ -244,7 +254,7 @@ def main(argv=None):
     p.add_argument("--thp", action="store_true", help="CPU tensors of 2 MiB and more on transparent huge pages "
                    "(torch's THP_MEM_ALLOC_ENABLE=1): far fewer page faults of fresh memory, for every method alike")
     p.add_argument("--malloc-cache", action="store_true", help="timed passes on a glibc heap that keeps freed memory "
-                   f"({common.CACHING_MALLOC_ENV['GLIBC_TUNABLES']}), as a GPU's caching allocator does: no page faults "
+                   f"(GLIBC_TUNABLES={common.CACHING_TUNABLES}), as a GPU's caching allocator does: no page faults "
                    "of fresh memory (the memory runs keep their own allocator set-up)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)

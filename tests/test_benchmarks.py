@@ -124,6 +124,49 @@ def test_real_size_restarts_itself_on_a_caching_heap():
     assert out.stdout.count("# fprobe at a real size") == 1 and "a caching glibc heap" in out.stdout
 
 
+def test_the_caching_heap_keeps_the_users_own_glibc_tunables(monkeypatch):
+    """``--malloc-cache`` adds its tunables to any the user set (and the interpreter's options survive the restart);
+    the memory server gets the user's alone."""
+    from benchmarks import common
+
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.check=0")
+    monkeypatch.setattr(os, "execv", mock.Mock())
+    common.restart_with_caching_malloc()
+    os.execv.assert_called_once_with(sys.executable, sys.orig_argv)
+    assert os.environ["GLIBC_TUNABLES"] == "glibc.malloc.check=0:" + common.CACHING_TUNABLES and common.caching_malloc()
+    assert common._tunables_without_caching() == "glibc.malloc.check=0"
+    common.restart_with_caching_malloc()  # already on the caching heap: no second restart
+    assert os.execv.call_count == 1
+
+
+def test_real_size_restarts_only_as_the_main_script(monkeypatch):
+    """A memory run's process (forked from a server whose environment has no caching heap) imports the script again,
+    as ``__mp_main__`` with the parent's argv: ``--malloc-cache`` must not re-execute it there (each memory run became
+    a whole benchmark run, whose memory runs did the same, without end)."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", [str(BENCHMARKS / "real_size.py"), "--malloc-cache"])
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.check=0")  # not the caching heap's, as in the memory server
+    monkeypatch.setattr(os, "execv", mock.Mock(side_effect=AssertionError("re-executed")))
+    runpy.run_path(str(BENCHMARKS / "real_size.py"), run_name="__mp_main__")  # as multiprocessing's children import it
+    os.execv.assert_not_called()
+
+
+def test_real_size_measures_another_checkouts_fprobe_with_its_own_helpers(tmp_path):
+    """``--fprobe-root`` on a checkout (a worktree of an earlier commit, with its own benchmarks/) takes that checkout's
+    fprobe and this script's ``benchmarks.common`` (an earlier one lacks what this script calls)."""
+    (tmp_path / "fprobe").symlink_to(ROOT / "fprobe")
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "__init__.py").write_text("")
+    (tmp_path / "benchmarks" / "common.py").write_text("raise ImportError('an earlier checkout')\n")
+    script = (f"import runpy, sys; sys.argv = ['real_size.py', '--fprobe-root', {str(tmp_path)!r}]; "
+              f"g = runpy.run_path({str(BENCHMARKS / 'real_size.py')!r}, run_name='imported'); "
+              "print(g['fprobe'].__file__); print(g['common'].__file__)")
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [str(tmp_path / "fprobe" / "__init__.py"), str(BENCHMARKS / "common.py")]
+
+
 def test_decompose_cost_quick(quick_runs):
     stdout, result = result_of(quick_runs, "decompose_cost")
     assert result["relative_residual"] < 1e-10, "the per-sequence parts must sum to δH₁"

@@ -299,7 +299,7 @@ def test_chunk_rows_fit_the_budget_of_four_float64_arrays_of_the_device():
 
     for device, budget in (("cpu", CHUNK_BYTES["cpu"]), ("meta", CHUNK_BYTES_DEFAULT), ("cpu", 10**6)):
         for vocab in (61, 8192, 151936):
-            rows = chunk_rows(vocab, device, budget if budget == 10**6 else None)
+            rows = chunk_rows(vocab, device, budget=budget if budget == 10**6 else None)
             assert (4 * 8 * vocab * rows <= budget or rows == 1) and budget < 4 * 8 * vocab * (rows + 1)
         assert chunk_rows(10**12, device) == 1
     assert chunk_rows(151936, "cpu") < chunk_rows(151936, "meta")  # a CPU's chunks stay nearer its caches

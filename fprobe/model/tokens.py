@@ -26,7 +26,7 @@ class TokenStats(NamedTuple):
     entropy: torch.Tensor | None
 
 
-def chunk_rows(vocab_size: int, device: torch.device | str = "cpu", budget: int | None = None) -> int:
+def chunk_rows(vocab_size: int, device: torch.device | str = "cpu", *, budget: int | None = None) -> int:
     """Rows of logits per chunk so that the chunk's four [rows, V] float64 temporaries fit ``budget`` bytes (by default
     ``CHUNK_BYTES`` of the device's type)."""
     budget = CHUNK_BYTES.get(torch.device(device).type, CHUNK_BYTES_DEFAULT) if budget is None else budget
