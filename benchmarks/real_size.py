@@ -145,7 +145,7 @@ def time_mode(args, lora):
              if a in times and b in times]
     ratios = {f"{a} / {b}": times[a] / times[b] for a, b in pairs}
     spread = {}
-    if cpu:  # each ratio the median of the rounds' own ratios: a round's two calls ran minutes apart at most
+    if cpu:  # each ratio the median of the rounds' own ratios: a round's calls run back to back, so drift cancels
         rounds = {name: calls[-args.repeats:] for name, calls in split.items()}
         per_round = lambda a, b, part: [part(x) / part(y) for x, y in zip(rounds[a], rounds[b]) if part(y)]
         total, user = (lambda call: call.total), (lambda call: call.user)
@@ -164,6 +164,8 @@ def time_mode(args, lora):
 
 
 class CPUTime(NamedTuple):
+    """One call's CPU time of this process, in seconds."""
+
     total: float  # this process's CPU time (``time.process_time``)
     user: float  # its user and system shares (``os.times``, in ticks of 10 ms)
     system: float
