@@ -143,7 +143,7 @@ def time_mode(args, lora):
     times = common.time_interleaved(methods, args.repeats, args.warmup, args.device, time.process_time if cpu else time.perf_counter)
     pairs = [(a, b) for a, b in (("rl_step", "bare step"), ("forward", "bare forward"), ("jvp", "bare forward"), ("jvp2", "jvp"))
              if a in times and b in times]
-    ratios = {f"{a} / {b}": times[a] / times[b] for a, b in pairs}
+    ratios = {} if cpu else {f"{a} / {b}": times[a] / times[b] for a, b in pairs}
     spread = {}
     if cpu:  # each ratio the median of the rounds' own ratios: a round's calls run back to back, so drift cancels
         rounds = {name: calls[-args.repeats:] for name, calls in split.items()}

@@ -86,6 +86,11 @@ def _dots(ex: _Exponentials, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return d[:, 0], d[:, 1] - ex.log_sum * d[:, 0]
 
 
+def _tangent64(z: torch.Tensor, space: Workspace | None) -> torch.Tensor:
+    """A tangent of a chunk of logits in float64: into ``space``'s tangent buffer where given."""
+    return z.double() if space is None else space.tangent[: len(z)].copy_(z)
+
+
 def _at(a: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return a.gather(-1, targets[:, None])[:, 0]
 
@@ -128,7 +133,7 @@ class _FirstOrder(torch.autograd.Function):
     def jvp(ctx, logits_t, *_):
         *saved, entropy, targets = ctx.saved_tensors
         ex = _Exponentials(*saved)
-        z_t = logits_t.double() if ctx.space is None else ctx.space.tangent[: len(logits_t)].copy_(logits_t)
+        z_t = _tangent64(logits_t, ctx.space)
         mean_t, cross_t = _dots(ex, z_t)
         return _at(z_t, targets) - mean_t, -cross_t - mean_t * entropy
 
@@ -145,7 +150,7 @@ def _taylor_statistics(logits: taylor.Jet, targets: torch.Tensor, space: Workspa
     z0, z1, z2 = taylor.parts(logits)
     ex = _exponentials(z0, targets, space)
     logp, entropy = _values(ex)
-    z1 = None if z1 is None else z1.double() if space is None else space.tangent[: len(z1)].copy_(z1)
+    z1 = None if z1 is None else _tangent64(z1, space)
     z2 = None if z2 is None else z2.double()
     logp1 = entropy1 = logp2 = entropy2 = None
     if z1 is not None:
