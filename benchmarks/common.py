@@ -407,17 +407,35 @@ def write_json(path: str | None, payload) -> None:
         os.replace(tmp, path)
 
 
+def first_kept_position(mb) -> int:
+    """The first position whose logits predict a response token (the last prompt column, 0 for none): a trainer keeps
+    the logits from there on (TRL: ``logits_to_keep`` = completion width + 1), as fprobe's passes do."""
+    predicting = mb.response_mask[:, 1:].any(0).nonzero()
+    return int(predicting[0, 0]) if len(predicting) else 0
+
+
+def trainer_logits(model, mb, device) -> tuple[torch.Tensor, int]:
+    """(logits from ``first_kept_position(mb)`` on, that position): the model's forward of a micro-batch as a trainer
+    runs it — its own attention, the LM head on the kept positions alone (``logits_to_keep``)."""
+    ids, attn = mb.input_ids.to(device), mb.attention_mask.to(device)
+    start = first_kept_position(mb)
+    position_ids = fprobe.model.policy.position_ids_from_mask(attn)
+    out = model(ids, attention_mask=attn, position_ids=position_ids, use_cache=False, logits_to_keep=ids.shape[1] - start)
+    return out.logits, start
+
+
 def bare_step(model, U, micro_batch, lr: float):
-    """One dr_grpo training step the plain way: loss.backward() per micro-batch, AdamW.step() in place."""
+    """One dr_grpo training step the plain way, as a trainer takes it: log-probs of the response tokens from the kept
+    logits (``trainer_logits``) in float32, loss.backward() per micro-batch, AdamW.step() in place."""
     device = next(model.parameters()).device
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.01)
     normaliser = len(U) * U.max_response_length
     for mb in U.micro_batches(micro_batch):
-        ids, attn = mb.input_ids.to(device), mb.attention_mask.to(device)
-        logits = model(ids, attention_mask=attn, position_ids=fprobe.model.policy.position_ids_from_mask(attn), use_cache=False).logits
-        logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
-        weights = mb.advantages.to(device, torch.float32)[:, None] * mb.response_mask[:, 1:].to(device)
+        logits, start = trainer_logits(model, mb, device)
+        targets = mb.input_ids[:, start + 1:].to(device)
+        logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, targets[..., None])[..., 0]
+        weights = mb.advantages.to(device, torch.float32)[:, None] * mb.response_mask[:, start + 1:].to(device)
         (-(weights * logp).sum() / normaliser).backward()
         del logits, logp
     optimizer.step()

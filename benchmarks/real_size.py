@@ -4,10 +4,12 @@ vocabulary 151936, tied embeddings), float32, full parameters and LoRA (rank 16 
 
 Timed side by side in one run (``common.time_interleaved``: rounds in rotated order, medians; on a CPU each ratio is
 the median of the rounds' own ratios of CPU time, printed with their range, and "best" the ratio of the fastest calls):
-- ``rl_step`` against a bare torch step — forward+backward of U on the model's own SDPA attention
-  (log-probs in float32, as a trainer) plus ``torch.optim.AdamW.step`` in place (torch's default
-  implementation, which fprobe's optimizer then follows: single-tensor on CPU, foreach on CUDA);
-- δH₁'s jvp on E and δH₂'s second-order pass (``passes.jet(order=2)``) against a bare forward of E (``model(ids).logits``, no grad);
+- ``rl_step`` against a bare torch step — forward+backward of U on the model's own SDPA attention, the LM head on the
+  response positions alone (``logits_to_keep``, as TRL's trainer; log-probs in float32), plus
+  ``torch.optim.AdamW.step`` in place (torch's default implementation, which fprobe's optimizer then follows:
+  single-tensor on CPU, foreach on CUDA);
+- δH₁'s jvp on E and δH₂'s second-order pass (``passes.jet(order=2)``) against a bare forward of E (the model's logits
+  at the response positions, as a trainer's; no grad);
 - fprobe's forward (ΔH_true's pass) against the same bare forward.
 Peak memory, each in a fresh process: the bare step, ``rl_step``, ``fprobe.probe`` and its
 ``contributions()``, against a bare step plus one parameter tree (the Δθ a probe must hold).
@@ -50,7 +52,6 @@ from transformers import AutoModelForCausalLM, Qwen2Config  # noqa: E402
 import fprobe  # noqa: E402
 from benchmarks import common  # noqa: E402
 from fprobe.model import passes  # noqa: E402
-from fprobe.model.policy import position_ids_from_mask  # noqa: E402
 
 SHAPES = {  # hidden, layers, heads, KV heads, MLP, vocabulary
     "1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
@@ -99,12 +100,11 @@ def adamw():
 
 
 def bare_forward(model, E, micro_batch):
-    """The model's logits over E, no graph (the trainer's forward on its own attention)."""
+    """The model's logits over E at the kept positions, no graph (a trainer's forward: ``common.trainer_logits``)."""
     device = next(model.parameters()).device
     with torch.no_grad():
         for mb in E.micro_batches(micro_batch):
-            ids, attn = mb.input_ids.to(device), mb.attention_mask.to(device)
-            model(ids, attention_mask=attn, position_ids=position_ids_from_mask(attn), use_cache=False)
+            common.trainer_logits(model, mb, device)
 
 
 def setup_of(args, lora):

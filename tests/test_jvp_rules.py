@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
 import fprobe
-from fprobe.model.jvp_rules import cheap_jvp, silu
+from fprobe.model.jvp_rules import cheap_jvp, routed, silu
 
 
 class _Ops(TorchDispatchMode):
@@ -33,14 +33,16 @@ class _Ops(TorchDispatchMode):
         return sum(self.counts.get(f"aten.{n}", 0) for n in ("mm", "addmm", "addmm_", "bmm"))
 
 
-def _jvp(f, inputs: dict, cheap: bool, count: bool = True):
+def _jvp(f, inputs: dict, cheap: bool, count: bool = True, route: bool = True):
     """(value, tangent, ops) of ``f(**inputs)``, inputs given as (value, tangent or None), with or without the rules
-    (``count=False``: no op counts — torch 2.13 crashes counting a scaled ``addmm``'s zero-tensor kernels)."""
+    (``count=False``: no op counts — torch 2.13 crashes counting a scaled ``addmm``'s zero-tensor kernels). ``route``:
+    ``f``'s ops go through the rules as ``Numerics`` routes a model's (``route=False`` for ``Policy.apply``, whose
+    ``Numerics`` routes them itself, as in ``passes.jet``)."""
     with torch.no_grad(), forward_ad.dual_level():
         args = {k: value if t is None else forward_ad.make_dual(value, t) for k, (value, t) in inputs.items()}
         with _Ops() if count else contextlib.nullcontext() as ops:
             if cheap:
-                with cheap_jvp():
+                with cheap_jvp(), routed() if route else contextlib.nullcontext():
                     out = f(**args)
             else:
                 out = f(**args)
@@ -115,7 +117,7 @@ def test_an_affine_layer_of_any_shape_torch_allows_gets_torchs_tangent_and_share
     (value, tangent, _), (cheap_value, cheap_tangent, _) = (_jvp(f, inputs, c) for c in (False, True))
     assert torch.equal(cheap_value, value)
     torch.testing.assert_close(cheap_tangent, tangent, rtol=1e-15, atol=1e-15)
-    with torch.no_grad(), forward_ad.dual_level(), cheap_jvp():
+    with torch.no_grad(), forward_ad.dual_level(), cheap_jvp(), routed():
         args = {k: v if t is None else forward_ad.make_dual(v, t.clone()) for k, (v, t) in inputs.items()}
         out = f(**args)
         forward_ad.unpack_dual(out).tangent.mul_(2)
@@ -160,7 +162,7 @@ def test_a_binary_op_with_one_tangent_is_torchs_bit_for_bit_without_zero_tensors
 def test_a_sum_with_one_tangent_does_not_share_its_tangent():
     """The tangent of a + c is a copy of ȧ, as torch's: writing into one tangent in place leaves the other as it was."""
     a, a_t, c = _random(3, 4, seed=0), _random(3, 4, seed=1), _random(3, 4, seed=2)
-    with torch.no_grad(), forward_ad.dual_level(), cheap_jvp():
+    with torch.no_grad(), forward_ad.dual_level(), cheap_jvp(), routed():
         total = forward_ad.make_dual(a, a_t.clone()) + c
         forward_ad.unpack_dual(total).tangent.mul_(0)
         assert torch.equal(forward_ad.unpack_dual(total).tangent, torch.zeros_like(a))
@@ -212,7 +214,7 @@ def test_a_jvp_through_a_model_forms_no_zero_tensor(arch, lora):
     batch = make_batch(n=3, width=10, seed=1)
     params = policy.params
     inputs = {name: (p, _random(*p.shape, seed=i)) for i, (name, p) in enumerate(params.items())}
-    value, tangent, ops = _jvp(lambda **p: policy.apply(p, batch.input_ids, batch.attention_mask), inputs, cheap=True)
+    value, tangent, ops = _jvp(lambda **p: policy.apply(p, batch.input_ids, batch.attention_mask), inputs, cheap=True, route=False)
     assert "aten._efficientzerotensor" not in ops.counts
     assert torch.equal(value, policy.apply(params, batch.input_ids, batch.attention_mask).detach())
     assert tangent is not None and bool(tangent.abs().sum() > 0)

@@ -3,7 +3,7 @@
 Torch's own rules are right but, at a real size, spend as much time as the matrix products on work they need not
 do. Inside ``cheap_jvp()`` fprobe uses instead:
 
-- ``F.linear`` (every linear layer, routed by a torch-function mode):  ẏ = ẋ Wᵀ + x Ẇᵀ + ḃ with only the terms
+- ``F.linear`` (every linear layer, routed by ``call``):  ẏ = ẋ Wᵀ + x Ẇᵀ + ḃ with only the terms
   whose tangent exists — torch's rule multiplies a zero tangent for a frozen weight (LoRA), two tangent products
   where one is due — and the second product accumulated into the first (``addmm_``: no separate sum);
 - a product, matrix product, quotient, sum or difference with one tangent (a rotary table, an attention scale, a
@@ -169,31 +169,42 @@ def _affine(func, args, kwargs):
     return _Affine.apply(*operands, linear)
 
 
-class _CheapRules(torch.overrides.TorchFunctionMode):
-    """Routes ``F.linear`` and ``torch.addmm`` to ``_Affine`` (its forward is the op itself: the same values, bit for
-    bit; ``_affine``), and forms the jvp of a product, quotient, sum or difference itself where that is cheaper
-    (``_binary``)."""
+def call(func, args=(), kwargs=None):
+    """``func(*args, **kwargs)`` with the cheap rules: ``F.linear`` and ``torch.addmm`` through ``_Affine`` (its forward
+    is the op itself: the same values, bit for bit; ``_affine``), and the jvp of a product, quotient, sum or difference
+    formed here where that is cheaper (``_binary``). ``fprobe.model.numerics.Numerics`` routes every op of the model
+    here inside ``cheap_jvp()``: one Python dispatch per op, not one per mode."""
+    kwargs = kwargs or {}
+    if func in _AFFINE:
+        affine = _affine(func, args, kwargs)
+        if affine is not None:
+            return affine
+    if func in _BINARY and len(args) == 2 and not kwargs:
+        out = _binary(func, args)
+        if out is not None:
+            return out
+    return func(*args, **kwargs)
+
+
+class _Rules(torch.overrides.TorchFunctionMode):
+    """``call`` as a mode, for code that runs inside another mode's handler (``Numerics``' primitive layer norm)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _AFFINE:
-            affine = _affine(func, args, kwargs)
-            if affine is not None:
-                return affine
-        if func in _BINARY and len(args) == 2 and not kwargs:
-            out = _binary(func, args)
-            if out is not None:
-                return out
-        return func(*args, **kwargs)
+        return call(func, args, kwargs)
+
+
+def routed():
+    """Within: every op through ``call`` while the cheap rules are on (``cheap()``); nothing otherwise."""
+    return _Rules() if _CHEAP.get() else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
 def cheap_jvp():
-    """Within: the cheap first-order jvp rules (module docstring; not valid for jvp of jvp, nor for reverse mode)."""
+    """Within: the cheap first-order jvp rules (module docstring; not valid for jvp of jvp, nor for reverse mode). The
+    model's ops reach them through ``Numerics`` (``call``), the vocabulary statistics through ``cheap()``."""
     token = _CHEAP.set(True)
     try:
-        with _CheapRules():
-            yield
+        yield
     finally:
         _CHEAP.reset(token)
 

@@ -162,9 +162,12 @@ class Numerics(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if _is_attribute_read(func):  # .shape, .dtype, …: nothing to cast, route or perturb
+            return func(*args, **kwargs)
         dtype = self.dtype
         if func in _PRIMITIVE and not attention.in_reverse_mode():
-            out = _PRIMITIVE[func](*args, **kwargs)
+            with jvp_rules.routed():  # the primitive ops' own jvp: the cheap rules where they are on
+                out = _PRIMITIVE[func](*args, **kwargs)
         elif func in _CASTS and _casts_down(func, args, kwargs, dtype):
             out = args[0]
         else:
@@ -174,11 +177,11 @@ class Numerics(torch.overrides.TorchFunctionMode):
                 args = tuple(upcast(a, dtype) for a in args)
             if func is torch.nn.functional.linear and args[0].dim() > 2 and not args[0].is_contiguous():
                 args = (args[0].contiguous(), *args[1:])
-            out = func(*args, **kwargs)
+            out = jvp_rules.call(func, args, kwargs) if jvp_rules.cheap() else func(*args, **kwargs)
             if func in _LOOKUPS:
                 out = upcast(out, dtype)
         rounding = _ROUNDING.get()
-        return out if rounding is None or _is_attribute_read(func) else _perturbed(out, rounding, dtype)
+        return out if rounding is None else _perturbed(out, rounding, dtype)
 
 
 @contextlib.contextmanager
