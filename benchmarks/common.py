@@ -424,20 +424,24 @@ def trainer_logits(model, mb, device) -> tuple[torch.Tensor, int]:
     return out.logits, start
 
 
+def trainer_loss(model, mb, device, normaliser: float) -> torch.Tensor:
+    """A micro-batch's dr_grpo loss −Σ A_i ℓ_ik / ``normaliser`` as a trainer forms it: log-probs of the response tokens
+    from the kept logits (``trainer_logits``) in float32."""
+    logits, start = trainer_logits(model, mb, device)
+    targets = mb.input_ids[:, start + 1:].to(device)
+    logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, targets[..., None])[..., 0]
+    weights = mb.advantages.to(device, torch.float32)[:, None] * mb.response_mask[:, start + 1:].to(device)
+    return -(weights * logp).sum() / normaliser
+
+
 def bare_step(model, U, micro_batch, lr: float):
-    """One dr_grpo training step the plain way, as a trainer takes it: log-probs of the response tokens from the kept
-    logits (``trainer_logits``) in float32, loss.backward() per micro-batch, AdamW.step() in place."""
+    """One dr_grpo training step the plain way: ``trainer_loss(...).backward()`` per micro-batch, AdamW.step() in place."""
     device = next(model.parameters()).device
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.01)
     normaliser = len(U) * U.max_response_length
     for mb in U.micro_batches(micro_batch):
-        logits, start = trainer_logits(model, mb, device)
-        targets = mb.input_ids[:, start + 1:].to(device)
-        logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, targets[..., None])[..., 0]
-        weights = mb.advantages.to(device, torch.float32)[:, None] * mb.response_mask[:, start + 1:].to(device)
-        (-(weights * logp).sum() / normaliser).backward()
-        del logits, logp
+        trainer_loss(model, mb, device, normaliser).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return optimizer

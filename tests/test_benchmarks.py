@@ -115,6 +115,33 @@ def test_real_size_times_only_the_methods_asked():
     assert set(record["ratios"]) == {"rl_step / bare step", "rl_step / bare step (user)", "rl_step / bare step (best)"}
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_the_bare_passes_keep_the_logits_a_trainer_keeps(arch):
+    """The bare forward and step run the LM head on the response positions alone (``logits_to_keep`` = response + 1,
+    as TRL's trainer and fprobe's passes): the whole forward's logits there, and the loss of the whole logits (to float32 rounding: a sum over fewer
+    positions)."""
+    import torch
+
+    common = importlib.import_module("benchmarks.common")
+    model = common.build_model(arch, "1m", torch.float64)
+    U = common.make_rollouts(4, 6, common.VOCAB["1m"], prompt=5, seed=3)
+    assert common.first_kept_position(U) == 4  # the last prompt column predicts the first response token
+    with torch.no_grad():
+        whole = model(U.input_ids, attention_mask=U.attention_mask,
+                      position_ids=fprobe_positions(U.attention_mask), use_cache=False).logits
+        kept, start = common.trainer_logits(model, U, "cpu")
+        assert start == 4 and torch.equal(kept, whole[:, start:])
+        logp = torch.log_softmax(whole[:, :-1].float(), -1).gather(-1, U.input_ids[:, 1:, None])[..., 0]
+        loss = -(U.advantages.float()[:, None] * U.response_mask[:, 1:] * logp).sum() / 7
+        torch.testing.assert_close(common.trainer_loss(model, U, "cpu", 7), loss, rtol=1e-6, atol=0)  # float32 sums
+
+
+def fprobe_positions(attention_mask):
+    from fprobe.model.policy import position_ids_from_mask
+
+    return position_ids_from_mask(attention_mask)
+
+
 def test_real_size_restarts_itself_on_a_caching_heap():
     """``--malloc-cache`` runs the script again with glibc's tunables set (read only at a process's start)."""
     out = subprocess.run([sys.executable, str(BENCHMARKS / "real_size.py"), "--quick", "--malloc-cache", "--no-memory",

@@ -171,7 +171,7 @@ def test_a_sum_with_one_tangent_does_not_share_its_tangent():
 
 
 def test_a_quotient_by_a_tangent_and_a_product_of_two_are_right():
-    """c / x is not linear in x: torch's rule, bit for bit. x·y with both tangents: ẋ·y + x·ẏ in one ``addcmul`` pass,
+    """c / x is not linear in x: torch's rule, bit for bit. x·y with both tangents: ẋ·y + x·ẏ in one ``addcmul_`` pass,
     torch's tangent to rounding (a broadcast factor included)."""
     x, x_t = _random(4, 5, seed=0) + 3, _random(4, 5, seed=1)
     y, y_t = _random(5, seed=2), _random(5, seed=3)
@@ -183,7 +183,7 @@ def test_a_quotient_by_a_tangent_and_a_product_of_two_are_right():
     assert torch.equal(cheap_value, value)
     torch.testing.assert_close(cheap_tangent, x_t * y + x * y_t, rtol=1e-15, atol=1e-15)
     torch.testing.assert_close(cheap_tangent, tangent, rtol=1e-15, atol=1e-15)
-    assert ops.counts.get("aten.addcmul") == 1 and ops.counts.get("aten.add", 0) == 0
+    assert ops.counts.get("aten.addcmul_") == 1 and ops.counts.get("aten.add", 0) == 0  # in place, into ẋ·y
 
 
 def test_silu_is_x_sigmoid_x_with_its_derivative_in_one_pass():
