@@ -199,6 +199,21 @@ def test_silu_is_x_sigmoid_x_with_its_derivative_in_one_pass():
     assert ops.counts.get("aten.silu_backward") == 1 and ops.counts.get("aten.sigmoid_backward", 0) == 0
 
 
+def test_silu_in_a_plain_forward_is_x_sigmoid_x_written_into_sigmas_array():
+    """Without a graph or a transform, silu(x) is x·σ(x) bit for bit, the product written into σ's array (one fresh
+    activation), x untouched; with a graph it stays out of place, with autograd's derivative."""
+    x = 4 * _random(6, 7, seed=0)
+    before = x.clone()
+    with torch.no_grad(), _Ops() as ops:
+        y = silu(x)
+    assert torch.equal(y, x * torch.sigmoid(x)) and torch.equal(x, before)
+    assert ops.counts.get("aten.mul_") == 1 and "aten.mul" not in ops.counts
+    leaf = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(silu(leaf).sum(), leaf)
+    sigma = torch.sigmoid(x)
+    torch.testing.assert_close(grad, sigma * (1 + x * (1 - sigma)), rtol=1e-14, atol=1e-15)
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "llama", "gpt2"])
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_a_jvp_through_a_model_forms_no_zero_tensor(arch, lora):

@@ -91,9 +91,20 @@ class _SiLU(torch.autograd.Function):
         raise RuntimeError("fprobe's cheap SiLU rule is for first-order forward mode only (cheap_jvp)")
 
 
+def traced(x: torch.Tensor) -> bool:
+    """Whether a forward-mode transform follows ``x`` (a ``torch.func`` wrapper, as in forward over forward, or a dual
+    tensor), whose ops take no ``out=`` buffer and must not write into an operand."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(x) or forward_ad.unpack_dual(x).tangent is not None
+
+
 def silu(x: torch.Tensor) -> torch.Tensor:
-    """x·σ(x) from primitive ops (forward over forward through it is exact), with the fused jvp rule inside ``cheap_jvp()``."""
-    return _SiLU.apply(x) if _CHEAP.get() else x * torch.sigmoid(x)
+    """x·σ(x) from primitive ops (forward over forward through it is exact), with the fused jvp rule inside
+    ``cheap_jvp()``; a plain forward (no graph, no transform, no jet) writes the product into σ's own array."""
+    if _CHEAP.get():
+        return _SiLU.apply(x)
+    if type(x) is torch.Tensor and not torch.is_grad_enabled() and not traced(x):
+        return torch.sigmoid(x).mul_(x)
+    return x * torch.sigmoid(x)
 
 
 # Binary ops whose jvp fprobe forms itself (``_binary``). torch's formula (e.g. ẋ·c + ċ·x) puts a

@@ -20,7 +20,6 @@ product of [e; e ⊙ z'] with a: ⟨π, a⟩ = ⟨e, a⟩/s and ⟨π log π, a�
 from typing import NamedTuple
 
 import torch
-from torch.autograd import forward_ad
 
 from fprobe.model import jvp_rules, taylor
 
@@ -169,12 +168,6 @@ def _taylor_statistics(logits: taylor.Jet, targets: torch.Tensor, space: Workspa
     return taylor.jet(logp, logp1, logp2), taylor.jet(entropy, entropy1, entropy2)
 
 
-def _traced(logits: torch.Tensor) -> bool:
-    """Whether a forward-mode transform follows ``logits`` (a ``torch.func`` wrapper, as in forward over forward, or a
-    dual tensor), whose ops take no ``out=`` buffer."""
-    return torch._C._functorch.is_functorch_wrapped_tensor(logits) or forward_ad.unpack_dual(logits).tangent is not None
-
-
 def logp_and_entropy(logits: torch.Tensor, targets: torch.Tensor, space: Workspace | None = None):
     """(ℓ, h) of [N, V] logits in float64: with the fused first-order jvp rule inside ``cheap_jvp()``, the closed-form
     second-order rule on a ``taylor.Jet``, and a backward pass that recomputes from the logits when a gradient is
@@ -185,7 +178,7 @@ def logp_and_entropy(logits: torch.Tensor, targets: torch.Tensor, space: Workspa
         return _FirstOrder.apply(logits, targets, space)
     if torch.is_grad_enabled() and logits.requires_grad:
         return _Recomputed.apply(logits, targets, True, space)
-    return _values(_exponentials(logits, targets, None if _traced(logits) else space))
+    return _values(_exponentials(logits, targets, None if jvp_rules.traced(logits) else space))
 
 
 def logp(logits: torch.Tensor, targets: torch.Tensor, space: Workspace | None = None) -> torch.Tensor:
@@ -195,4 +188,4 @@ def logp(logits: torch.Tensor, targets: torch.Tensor, space: Workspace | None = 
         return _taylor_statistics(logits, targets, space)[0]
     if torch.is_grad_enabled() and logits.requires_grad:
         return _Recomputed.apply(logits, targets, False, space)[0]
-    return _values(_exponentials(logits, targets, None if _traced(logits) else space, products=False))[0]
+    return _values(_exponentials(logits, targets, None if jvp_rules.traced(logits) else space, products=False))[0]
