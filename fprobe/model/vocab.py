@@ -80,8 +80,9 @@ def _values(ex: _Exponentials) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def _dots(ex: _Exponentials, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(⟨π, a⟩, ⟨π log π, a⟩) for float64 [N, V] ``a``, by one batched product with [e; e ⊙ z'] (no [N, V] temporary)."""
-    d = torch.bmm(ex.weights, a[:, :, None])[:, :, 0] / ex.sums[:, :1]
+    """(⟨π, a⟩, ⟨π log π, a⟩) for float64 [N, V] ``a``, by one batched product with [e; e ⊙ z'] (no [N, V] temporary),
+    taken as a [1, V] × [V, 2] product per row: on a CPU half the time of [2, V] × [V, 1], a matrix-vector product."""
+    d = torch.bmm(a[:, None, :], ex.weights.transpose(1, 2))[:, 0, :] / ex.sums[:, :1]
     return d[:, 0], d[:, 1] - ex.log_sum * d[:, 0]
 
 
