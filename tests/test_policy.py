@@ -374,6 +374,24 @@ def test_a_logit_of_minus_infinity_is_a_token_of_probability_zero_in_every_mode(
     assert all(bool(torch.isfinite(d).all()) for d in derivatives)
 
 
+def test_the_first_order_rule_is_for_forward_mode_without_a_graph():
+    """Inside ``cheap_jvp`` the statistics of logits without a tangent are the plain values, bit for bit; logits that a
+    graph follows are refused with an error that says why (the rule writes into reused buffers and forms no backward)."""
+    from torch.autograd import forward_ad
+
+    from fprobe.model import vocab
+    from fprobe.model.jvp_rules import cheap_jvp
+
+    logits = torch.randn(3, 11, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    targets = torch.tensor([0, 4, 10])
+    plain = vocab.logp_and_entropy(logits, targets)
+    with torch.no_grad(), forward_ad.dual_level(), cheap_jvp():
+        got = vocab.logp_and_entropy(logits, targets)
+    assert all(torch.equal(a, b) and forward_ad.unpack_dual(a).tangent is None for a, b in zip(got, plain))
+    with forward_ad.dual_level(), cheap_jvp(), pytest.raises(RuntimeError, match="forward mode only"):
+        vocab.logp_and_entropy(logits.clone().requires_grad_(), targets)
+
+
 def test_a_ruled_out_target_has_log_probability_minus_infinity_and_the_same_derivative_in_every_mode():
     """ℓ of a target whose logit is −∞ is −∞, as log-softmax's (not the floor), and ∂ℓ/∂z_y = 1 − π_y = 1 in reverse
     mode, in the first-order rule and in the Taylor jets alike; ℓ alone (``logp``) takes a Taylor jet too."""

@@ -15,7 +15,7 @@ do. Inside ``cheap_jvp()`` fprobe uses instead:
   recomputes exp(x − max));
 - ``silu`` (x·σ(x), as ``fprobe.model.numerics`` writes SiLU):  one fused ``silu_backward`` pass for the tangent
   instead of four;
-- the token statistics of a chunk of logits: ``fprobe.model.vocab`` (its ``_FirstOrder`` rule).
+- the token statistics of a chunk of logits: ``fprobe.model.vocab`` (its ``_first_order`` rule).
 
 Values are torch's own ops, bit for bit; tangents are torch's bit for bit where one operand carries a tangent and
 to rounding where the rules fuse two terms; reverse-mode gradients of ``softmax`` are autograd's

@@ -12,7 +12,7 @@ product of [e; e ⊙ z'] with a: ⟨π, a⟩ = ⟨e, a⟩/s and ⟨π log π, a�
 - no graph: the values (``logp_and_entropy``, ``logp``);
 - reverse mode (``_Recomputed``): the backward pass recomputes π from the saved logits as they came (float32,
   say), so a gradient pass holds no [N, V] float64 array beyond the chunk being differentiated;
-- first-order forward mode inside ``jvp_rules.cheap_jvp()`` (``_FirstOrder``): μ̇ = ⟨π, ż⟩, ℓ̇ = ż_y − μ̇,
+- first-order forward mode inside ``jvp_rules.cheap_jvp()`` (``_first_order``): μ̇ = ⟨π, ż⟩, ℓ̇ = ż_y − μ̇,
   ḣ = −⟨π log π, ż⟩ − μ̇ h, from one product with ż;
 - a ``taylor.Jet`` of logits: the closed-form second-order jets (``_taylor_statistics``).
 """
@@ -20,6 +20,7 @@ product of [e; e ⊙ z'] with a: ⟨π, a⟩ = ⟨e, a⟩/s and ⟨π log π, a�
 from typing import NamedTuple
 
 import torch
+from torch.autograd import forward_ad
 
 from fprobe.model import jvp_rules, taylor
 
@@ -118,28 +119,19 @@ class _Recomputed(torch.autograd.Function):
         return grad.to(logits.dtype), None, None, None
 
 
-class _FirstOrder(torch.autograd.Function):
-    """(ℓ, h) of a chunk of logits with the fused first-order jvp rule; forward-mode only (inside ``cheap_jvp``)."""
-
-    @staticmethod
-    def forward(ctx, logits, targets, space):
-        ex = _exponentials(logits, targets, space)
-        logp, entropy = _values(ex)
-        ctx.save_for_forward(*ex, entropy, targets)
-        ctx.space = space
+def _first_order(logits: torch.Tensor, targets: torch.Tensor, space: Workspace | None):
+    """(ℓ, h) of a chunk of (dual) logits with the fused first-order jvp rule, forward mode only (inside ``cheap_jvp``):
+    the values of the primal, and ℓ̇ = ż_y − μ̇, ḣ = −⟨π log π, ż⟩ − μ̇ h from one product with ż, made dual here."""
+    z, z_t = forward_ad.unpack_dual(logits)
+    if torch.is_grad_enabled() and z.requires_grad:
+        raise RuntimeError("fprobe.model.vocab's first-order rule is for forward mode only (cheap_jvp, no graph)")
+    ex = _exponentials(z, targets, space)
+    logp, entropy = _values(ex)
+    if z_t is None:
         return logp, entropy
-
-    @staticmethod
-    def jvp(ctx, logits_t, *_):
-        *saved, entropy, targets = ctx.saved_tensors
-        ex = _Exponentials(*saved)
-        z_t = _tangent64(logits_t, ctx.space)
-        mean_t, cross_t = _dots(ex, z_t)
-        return _at(z_t, targets) - mean_t, -cross_t - mean_t * entropy
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError("fprobe.model.vocab's first-order rule is for forward mode only (cheap_jvp)")
+    z_t = _tangent64(z_t, space)
+    mean_t, cross_t = _dots(ex, z_t)
+    return forward_ad.make_dual(logp, _at(z_t, targets) - mean_t), forward_ad.make_dual(entropy, -cross_t - mean_t * entropy)
 
 
 def _taylor_statistics(logits: taylor.Jet, targets: torch.Tensor, space: Workspace | None):
@@ -176,7 +168,7 @@ def logp_and_entropy(logits: torch.Tensor, targets: torch.Tensor, space: Workspa
     if isinstance(logits, taylor.Jet):
         return _taylor_statistics(logits, targets, space)
     if jvp_rules.cheap():
-        return _FirstOrder.apply(logits, targets, space)
+        return _first_order(logits, targets, space)
     if torch.is_grad_enabled() and logits.requires_grad:
         return _Recomputed.apply(logits, targets, True, space)
     return _values(_exponentials(logits, targets, None if jvp_rules.traced(logits) else space))
