@@ -337,6 +337,35 @@ def test_reverse_mode_statistics_recompute_from_the_logits_with_autograds_gradie
     assert torch.autograd.gradgradcheck(lambda z: vocab.logp_and_entropy(z, targets[:4] % 6), (small,))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_entropy", [True, False], ids=["logp+entropy", "logp"])
+def test_a_chunked_backward_that_reuses_one_workspace_gives_each_chunk_its_own_gradient(dtype, with_entropy):
+    """The reverse-mode backward recomputes every chunk into the one reused workspace (chunks of 2 rows here, the
+    rows gathered): the gradient of Σ α ℓ + β h is that of each chunk alone without a workspace, bit for bit, and
+    autograd's through the formulas themselves to rounding."""
+    from fprobe.model import tokens, vocab
+
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(9, 17, generator=g, dtype=dtype, requires_grad=True)
+    rows = torch.tensor([0, 1, 2, 4, 5, 7, 8])
+    targets = torch.randint(0, 17, (7,), generator=g)
+    alpha, beta = (torch.randn(7, generator=g, dtype=torch.float64) for _ in range(2))
+    objective = lambda logp, entropy: (alpha * logp).sum() + (0 if entropy is None else (beta * entropy).sum())
+    stats = tokens.chunked_statistics(logits[rows], targets, 2, with_entropy)
+    (ours,) = torch.autograd.grad(objective(*stats), logits)
+    reference = torch.zeros_like(logits)
+    for block in rows.split(2):
+        leaf = logits.detach()[block].requires_grad_()
+        index = torch.searchsorted(rows, block)
+        alone = vocab._Recomputed.apply(leaf, targets[index], with_entropy, None)
+        value = (alpha[index] * alone[0]).sum() + ((beta[index] * alone[1]).sum() if with_entropy else 0)
+        reference[block] = torch.autograd.grad(value, leaf)[0]
+    assert torch.equal(ours, reference)
+    plain = vocab._values(vocab._exponentials(logits[rows], targets, products=with_entropy))
+    (formulas,) = torch.autograd.grad(objective(*plain), logits)
+    torch.testing.assert_close(ours, formulas, rtol=1e-6 if dtype == torch.float32 else 1e-13, atol=1e-15)
+
+
 @pytest.mark.parametrize("mode", ["values", "reverse", "jvp", "taylor"])
 def test_a_logit_of_minus_infinity_is_a_token_of_probability_zero_in_every_mode(mode):
     """A row whose logits rule some tokens out (−∞) has the entropy of its other tokens (π log π → 0, not 0·(−∞) = NaN)

@@ -99,24 +99,30 @@ def _at(a: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 class _Recomputed(torch.autograd.Function):
     """(ℓ, h) — or ℓ alone — of a chunk of logits, for reverse mode: the backward pass recomputes π from the saved
     logits instead of keeping [N, V] float64 arrays from the forward pass. ∂ℓ/∂z = e_y − π, ∂h/∂z = −π ⊙ (log π + h);
-    for ℓ alone the gradient is autograd's through ``_values``, bit for bit (e · (−g/s), then g added at y).
-    Written with differentiable ops (double backward works)."""
+    for ℓ alone the gradient is autograd's through ``_values``, bit for bit (e · (−g/s), then g added at y). The
+    backward recomputes into the forward's ``Workspace`` (fresh arrays per chunk cost page faults that took longer
+    than the arithmetic), or, where it is itself differentiated (double backward), with differentiable ops."""
 
     @staticmethod
     def forward(ctx, logits, targets, with_entropy, space):
         ctx.save_for_backward(logits, targets)
+        ctx.space = space
         return _values(_exponentials(logits, targets, space, with_entropy))
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
         logits, targets = ctx.saved_tensors
-        ex = _exponentials(logits, targets, products=grad_entropy is not None)
-        weight = grad_logp[:, None]
-        if grad_entropy is not None:
-            entropy = _values(ex)[1]
-            weight = weight + grad_entropy[:, None] * (ex.shifted - (ex.log_sum - entropy)[:, None])
-        grad = (ex.weights[:, 0] * (-weight / ex.sums[:, :1])).scatter_add(-1, targets[:, None], grad_logp[:, None])
-        return grad.to(logits.dtype), None, None, None
+        space = None if torch.is_grad_enabled() else ctx.space
+        ex = _exponentials(logits, targets, space, products=grad_entropy is not None)
+        buffer = None if space is None else space.tangent[: len(logits)]
+        if grad_entropy is None:
+            scale = -grad_logp[:, None] / ex.sums[:, :1]
+        else:  # −(g_ℓ + g_h (z' − log s + h)) / s, each step into the buffer
+            centred = torch.sub(ex.shifted, (ex.log_sum - _values(ex)[1])[:, None], out=buffer)
+            weight = torch.add(torch.mul(centred, grad_entropy[:, None], out=buffer), grad_logp[:, None], out=buffer)
+            scale = torch.div(torch.neg(weight, out=buffer), ex.sums[:, :1], out=buffer)
+        grad = torch.mul(scale, ex.weights[:, 0], out=buffer).scatter_add_(-1, targets[:, None], grad_logp[:, None])
+        return grad.to(logits.dtype, copy=True), None, None, None
 
 
 def _first_order(logits: torch.Tensor, targets: torch.Tensor, space: Workspace | None):
