@@ -85,12 +85,13 @@ def token_stats(policy, params, batch: Rollouts, with_entropy: bool = True) -> T
     start = _first_predicting_position(predicting)  # no logits before it: the LM head skips the prompts' shared part
     logits = policy.apply(params, ids, aligned(attention_mask), keep_last=ids.shape[1] - start)
     predicting = predicting[:, start:]
+    width = logits.shape[1]
+    rows = (torch.arange(len(ids), device=device)[:, None] * width + torch.arange(width - 1, device=device))[predicting]
     if torch.is_grad_enabled() and logits.requires_grad:  # reverse mode: the backward of a gather per chunk
-        # would write a whole [B·L, V] gradient per chunk, so the predicting rows are gathered once
-        logp, entropy = chunked_statistics(logits[:, :-1][predicting], targets, policy.chunk_size, with_entropy)
+        # would write a whole [B·L, V] gradient per chunk, so the predicting rows are gathered once (its backward: one
+        # [B·L, V] gradient, the rows added in; a boolean index of a slice wrote and copied two)
+        logp, entropy = chunked_statistics(logits.flatten(0, 1).index_select(0, rows), targets, policy.chunk_size, with_entropy)
     else:
-        width = logits.shape[1]
-        rows = (torch.arange(len(ids), device=device)[:, None] * width + torch.arange(width - 1, device=device))[predicting]
         logp, entropy = chunked_statistics(logits.flatten(0, 1), targets, policy.chunk_size, with_entropy, rows)
     mask = batch.response_mask.to(device)
     return TokenStats(scatter_rows(logp, mask), None if entropy is None else scatter_rows(entropy, mask))
