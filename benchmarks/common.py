@@ -414,11 +414,12 @@ def first_kept_position(mb) -> int:
     return int(predicting[0, 0]) if len(predicting) else 0
 
 
-def trainer_logits(model, mb, device) -> tuple[torch.Tensor, int]:
+def trainer_logits(model, mb, device, whole: bool = False) -> tuple[torch.Tensor, int]:
     """(logits from ``first_kept_position(mb)`` on, that position): the model's forward of a micro-batch as a trainer
-    runs it — its own attention, the LM head on the kept positions alone (``logits_to_keep``)."""
+    runs it — its own attention, the LM head on the kept positions alone (``logits_to_keep``); with ``whole`` the
+    logits of every position (from 0)."""
     ids, attn = mb.input_ids.to(device), mb.attention_mask.to(device)
-    start = first_kept_position(mb)
+    start = 0 if whole else first_kept_position(mb)
     position_ids = fprobe.model.policy.position_ids_from_mask(attn)
     out = model(ids, attention_mask=attn, position_ids=position_ids, use_cache=False, logits_to_keep=ids.shape[1] - start)
     return out.logits, start

@@ -10,7 +10,9 @@ the median of the rounds' own ratios of CPU time, printed with their range, and 
   single-tensor on CPU, foreach on CUDA);
 - δH₁'s jvp on E and δH₂'s second-order pass (``passes.jet(order=2)``) against a bare forward of E (the model's logits
   at the response positions, as a trainer's; no grad);
-- fprobe's forward (ΔH_true's pass) against the same bare forward.
+- fprobe's forward (ΔH_true's pass) against the same bare forward;
+- the jvp also against a "whole bare forward", ``model(ids).logits`` at every position (the yardstick the issue's
+  targets were first measured against: it runs the LM head on the prompts too).
 Peak memory, each in a fresh process: the bare step, ``rl_step``, ``fprobe.probe`` and its
 ``contributions()``, against a bare step plus one parameter tree (the Δθ a probe must hold).
 
@@ -65,7 +67,7 @@ SHAPES = {  # hidden, layers, heads, KV heads, MLP, vocabulary
 }
 LR = 1e-5
 SWEEP = (0.25 * LR, 0.5 * LR, 2 * LR, 4 * LR)  # the memory run's sweep
-TIMED_METHODS = ("bare step", "rl_step", "bare forward", "forward", "jvp", "jvp2")
+TIMED_METHODS = ("bare step", "rl_step", "bare forward", "whole bare forward", "forward", "jvp", "jvp2")
 MEMORY_METHODS = ("bare step", "rl_step", "probe", "second_order", "sweep", "contributions")
 
 
@@ -99,12 +101,13 @@ def adamw():
     return fprobe.optim.adamw(lr=LR, weight_decay=0.01, **extra)
 
 
-def bare_forward(model, E, micro_batch):
-    """The model's logits over E at the kept positions, no graph (a trainer's forward: ``common.trainer_logits``)."""
+def bare_forward(model, E, micro_batch, whole: bool = False):
+    """The model's logits over E at the kept positions, no graph (a trainer's forward: ``common.trainer_logits``); with
+    ``whole`` at every position (``model(ids).logits``: the yardstick the issue first measured against)."""
     device = next(model.parameters()).device
     with torch.no_grad():
         for mb in E.micro_batches(micro_batch):
-            common.trainer_logits(model, mb, device)
+            common.trainer_logits(model, mb, device, whole)
 
 
 def setup_of(args, lora):
@@ -130,6 +133,7 @@ def time_mode(args, lora):
         "bare step": lambda: common.bare_step(policy.model, U, mb, LR),
         "rl_step": lambda: fprobe.rl_step(policy, policy.params, opt, opt.init(policy.params), U, micro_batch=mb),
         "bare forward": lambda: bare_forward(policy.model, E, mb),
+        "whole bare forward": lambda: bare_forward(policy.model, E, mb, whole=True),
         "forward": lambda: passes.forward(policy, policy.params, E, mb),
         "jvp": lambda: passes.jet(policy, policy.params, delta, E, 1, mb),
     }
@@ -141,8 +145,8 @@ def time_mode(args, lora):
     if cpu:  # each call's CPU time split into the arithmetic's (user) and the kernel's (system: page faults of fresh memory)
         methods, split = _recording_cpu_split(methods)
     times = common.time_interleaved(methods, args.repeats, args.warmup, args.device, time.process_time if cpu else time.perf_counter)
-    pairs = [(a, b) for a, b in (("rl_step", "bare step"), ("forward", "bare forward"), ("jvp", "bare forward"), ("jvp2", "jvp"))
-             if a in times and b in times]
+    pairs = [(a, b) for a, b in (("rl_step", "bare step"), ("forward", "bare forward"), ("jvp", "bare forward"),
+                                 ("jvp", "whole bare forward"), ("jvp2", "jvp")) if a in times and b in times]
     ratios = {} if cpu else {f"{a} / {b}": times[a] / times[b] for a, b in pairs}
     spread = {}
     if cpu:  # each ratio the median of the rounds' own ratios: a round's calls run back to back, so drift cancels

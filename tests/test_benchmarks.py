@@ -131,6 +131,8 @@ def test_the_bare_passes_keep_the_logits_a_trainer_keeps(arch):
                       position_ids=fprobe_positions(U.attention_mask), use_cache=False).logits
         kept, start = common.trainer_logits(model, U, "cpu")
         assert start == 4 and torch.equal(kept, whole[:, start:])
+        every, first = common.trainer_logits(model, U, "cpu", whole=True)  # the first yardstick
+        assert first == 0 and torch.equal(every, whole)
         logp = torch.log_softmax(whole[:, :-1].float(), -1).gather(-1, U.input_ids[:, 1:, None])[..., 0]
         loss = -(U.advantages.float()[:, None] * U.response_mask[:, 1:] * logp).sum() / 7
         torch.testing.assert_close(common.trainer_loss(model, U, "cpu", 7), loss, rtol=1e-6, atol=0)  # float32 sums
