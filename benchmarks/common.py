@@ -410,8 +410,7 @@ def write_json(path: str | None, payload) -> None:
 def first_kept_position(mb) -> int:
     """The first position whose logits predict a response token (the last prompt column, 0 for none): a trainer keeps
     the logits from there on (TRL: ``logits_to_keep`` = completion width + 1), as fprobe's passes do."""
-    predicting = mb.response_mask[:, 1:].any(0).nonzero()
-    return int(predicting[0, 0]) if len(predicting) else 0
+    return fprobe.model.tokens.first_predicting_position(mb.response_mask[:, 1:])
 
 
 def trainer_logits(model, mb, device, whole: bool = False) -> tuple[torch.Tensor, int]:

@@ -467,7 +467,7 @@ def test_the_lm_head_runs_from_the_first_predicting_position_on(load_policy, arc
     hook = policy.model.get_output_embeddings().register_forward_pre_hook(lambda m, args: widths.append(args[0].shape[1]))
     try:
         sliced = fprobe.token_stats(policy, policy.params, E)
-        monkeypatch.setattr(tokens, "_first_predicting_position", lambda predicting: 0)
+        monkeypatch.setattr(tokens, "first_predicting_position", lambda predicting: 0)
         whole = fprobe.token_stats(policy, policy.params, E)
     finally:
         hook.remove()

@@ -82,7 +82,7 @@ def token_stats(policy, params, batch: Rollouts, with_entropy: bool = True) -> T
     ids, response = aligned(batch.input_ids), aligned(batch.response_mask)
     predicting = response[:, 1:]
     targets = ids[:, 1:][predicting]
-    start = _first_predicting_position(predicting)  # no logits before it: the LM head skips the prompts' shared part
+    start = first_predicting_position(predicting)  # no logits before it: the LM head skips the prompts' shared part
     logits = policy.apply(params, ids, aligned(attention_mask), keep_last=ids.shape[1] - start)
     predicting = predicting[:, start:]
     width = logits.shape[1]
@@ -97,7 +97,7 @@ def token_stats(policy, params, batch: Rollouts, with_entropy: bool = True) -> T
     return TokenStats(scatter_rows(logp, mask), None if entropy is None else scatter_rows(entropy, mask))
 
 
-def _first_predicting_position(predicting: torch.Tensor) -> int:
+def first_predicting_position(predicting: torch.Tensor) -> int:
     """The first position (column) at which any row predicts a response token (0 for none)."""
     columns = predicting.any(0).nonzero()
     return int(columns[0, 0]) if len(columns) else 0
